@@ -1,0 +1,681 @@
+//! `proxy.toml`: serde structs with a default for every key, strict parsing (an unknown key is an
+//! error that names it), and one `validate()` pass that turns raw values into a checked [`Config`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem, always naming the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub sip: Sip,
+    pub upstream: Upstream,
+    pub protection: Protection,
+    pub lists: Lists,
+    pub register: Register,
+    pub invite: Invite,
+    pub scanners: Scanners,
+    pub patterns: Patterns,
+    pub flood: Flood,
+    pub anomaly: Anomaly,
+    pub tftp: Tftp,
+    pub admin: Admin,
+    pub state: State,
+    pub notify: Notify,
+    pub geoip: Geoip,
+    pub cluster: Cluster,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sip {
+    pub listen_udp: Vec<SocketAddr>,
+    pub listen_tcp: Vec<SocketAddr>,
+    /// Host advertised in Via, Record-Route and Path; empty: the listen address.
+    pub public_address: String,
+    pub max_message_bytes: usize,
+    /// Bound on live TCP connections from phones, in total and per source address: a slow-loris
+    /// attacker can open connections far faster than phones need them.
+    pub max_connections: usize,
+    pub max_connections_per_ip: usize,
+    /// A TCP connection with no complete message for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub tcp_idle_timeout: Duration,
+    /// A message whose first byte arrived this long ago and is still incomplete closes the
+    /// connection (byte-at-a-time headers).
+    #[serde(with = "humantime_serde")]
+    pub tcp_message_timeout: Duration,
+}
+
+impl Default for Sip {
+    fn default() -> Self {
+        Self {
+            listen_udp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
+            listen_tcp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
+            public_address: String::new(),
+            max_message_bytes: 16384,
+            max_connections: 4096,
+            max_connections_per_ip: 64,
+            tcp_idle_timeout: Duration::from_secs(900),
+            tcp_message_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    Udp,
+    Tcp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IncomingMode {
+    Path,
+    Contact,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Upstream {
+    /// ip:port, host:port or a SIP URI.
+    pub address: String,
+    pub transport: TransportKind,
+    pub incoming: IncomingMode,
+}
+
+impl Default for Upstream {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1:5080".into(),
+            transport: TransportKind::Udp,
+            incoming: IncomingMode::Path,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Enforce,
+    Observe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockedReply {
+    #[serde(rename = "drop")]
+    Drop,
+    #[serde(rename = "403")]
+    Forbidden,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Protection {
+    pub mode: Mode,
+    pub ipv6_prefix: u8,
+    pub blocked_reply: BlockedReply,
+    /// Cap on the sources each detector tracks at once; the least recently seen are forgotten
+    /// first, so a flood from millions of addresses costs bounded memory.
+    pub tracked_sources: usize,
+    /// Cap on the block table; when full, the block closest to expiry gives way.
+    pub max_blocks: usize,
+    /// Each repeat block of the same source lasts this many times longer than the previous one.
+    pub escalation: u32,
+    /// Upper bound for an escalated block.
+    #[serde(with = "humantime_serde")]
+    pub max_block_time: Duration,
+    /// Strikes are forgotten after this long without a new block.
+    #[serde(with = "humantime_serde")]
+    pub strike_memory: Duration,
+}
+
+impl Default for Protection {
+    fn default() -> Self {
+        Self {
+            mode: Mode::Enforce,
+            ipv6_prefix: 64,
+            blocked_reply: BlockedReply::Drop,
+            tracked_sources: 100_000,
+            max_blocks: 100_000,
+            escalation: 2,
+            max_block_time: Duration::from_secs(7 * 86400),
+            strike_memory: Duration::from_secs(7 * 86400),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Lists {
+    pub whitelist: Vec<IpNet>,
+    pub blacklist: Vec<IpNet>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Register {
+    pub hit_count: u32,
+    #[serde(with = "humantime_serde")]
+    pub monit_period: Duration,
+    #[serde(with = "humantime_serde")]
+    pub block_time: Duration,
+    pub block_threshold: u32,
+    /// An address from which a device registered successfully within this window has "good
+    /// history": another device's failures there block only the offending (address, port).
+    #[serde(with = "humantime_serde")]
+    pub good_history: Duration,
+}
+
+impl Default for Register {
+    fn default() -> Self {
+        Self {
+            hit_count: 5,
+            monit_period: Duration::from_secs(60),
+            block_time: Duration::from_secs(3600),
+            block_threshold: 3,
+            good_history: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InviteAction {
+    Reject,
+    Drop,
+    Block,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Invite {
+    pub rate_limit: u32,
+    pub burst: u32,
+    pub action: InviteAction,
+    pub notify: bool,
+    #[serde(with = "humantime_serde")]
+    pub block_time: Duration,
+}
+
+impl Default for Invite {
+    fn default() -> Self {
+        Self {
+            rate_limit: 10,
+            burst: 20,
+            action: InviteAction::Reject,
+            notify: true,
+            block_time: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scanners {
+    pub user_agents: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub block_time: Duration,
+}
+
+impl Default for Scanners {
+    fn default() -> Self {
+        Self {
+            user_agents: [
+                "friendly-scanner",
+                "sipvicious",
+                "sipcli",
+                "sip-scan",
+                "VaxSIPUserAgent",
+                "iWar",
+                "sundayddr",
+                "smap",
+            ]
+            .map(String::from)
+            .to_vec(),
+            block_time: Duration::from_secs(86400),
+        }
+    }
+}
+
+/// Behaviour of scanners that lie about their User-Agent.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Patterns {
+    /// Distinct extensions answered 401/403/404 from one source within `monit_period` that make
+    /// an enumeration (svwar).
+    pub enumeration_users: u32,
+    /// OPTIONS requests from one source within `monit_period` that make a sweep.
+    pub options_sweep: u32,
+    /// Distinct accounts failing authentication from one source within `monit_period`.
+    pub accounts_per_source: u32,
+    /// Distinct sources failing on one account within `monit_period`: the account is under
+    /// attack and only sources that registered it successfully may keep trying.
+    pub sources_per_account: u32,
+    #[serde(with = "humantime_serde")]
+    pub monit_period: Duration,
+    #[serde(with = "humantime_serde")]
+    pub block_time: Duration,
+}
+
+impl Default for Patterns {
+    fn default() -> Self {
+        Self {
+            enumeration_users: 10,
+            options_sweep: 30,
+            accounts_per_source: 5,
+            sources_per_account: 5,
+            monit_period: Duration::from_secs(60),
+            block_time: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Flood {
+    pub packets_per_second: u32,
+    #[serde(with = "humantime_serde")]
+    pub block_time: Duration,
+}
+
+impl Default for Flood {
+    fn default() -> Self {
+        Self {
+            packets_per_second: 200,
+            block_time: Duration::from_secs(600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Anomaly {
+    pub threshold: u32,
+    #[serde(with = "humantime_serde")]
+    pub monit_period: Duration,
+    #[serde(with = "humantime_serde")]
+    pub block_time: Duration,
+}
+
+impl Default for Anomaly {
+    fn default() -> Self {
+        Self {
+            threshold: 5,
+            monit_period: Duration::from_secs(60),
+            block_time: Duration::from_secs(3600),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tftp {
+    pub enabled: bool,
+    pub listen: SocketAddr,
+    pub upstream: SocketAddr,
+    pub hit_count: u32,
+    pub limited_rate: u32,
+    #[serde(with = "humantime_serde")]
+    pub block_time: Duration,
+    /// "File not found" answers (or distinct file names) per source per minute that make a
+    /// file-name guessing attack.
+    pub not_found_limit: u32,
+    /// Concurrent transfers per source and in total.
+    pub max_transfers_per_ip: usize,
+    pub max_transfers: usize,
+}
+
+impl Default for Tftp {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            listen: SocketAddr::from(([0, 0, 0, 0], 69)),
+            upstream: SocketAddr::from(([127, 0, 0, 1], 6969)),
+            hit_count: 100,
+            limited_rate: 10,
+            block_time: Duration::from_secs(3600),
+            not_found_limit: 20,
+            max_transfers_per_ip: 8,
+            max_transfers: 512,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Admin {
+    pub listen: SocketAddr,
+    pub token: String,
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            token: String::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct State {
+    pub path: String,
+}
+
+impl Default for State {
+    fn default() -> Self {
+        Self {
+            path: "sipwarden.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Notify {
+    pub webhook: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Geoip {
+    pub database: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    pub redis_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// text | json
+    pub format: LogFormat,
+    /// tracing filter used when RUST_LOG is not set.
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Where the PBX is, as written in `upstream.address`, before name resolution.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTarget {
+    pub host: String,
+    /// `None` when not given: SRV lookup for a host name, 5060 for an IP.
+    pub port: Option<u16>,
+    pub transport: TransportKind,
+}
+
+impl UpstreamTarget {
+    /// The literal address, when the host is an IP.
+    pub fn literal(&self) -> Option<SocketAddr> {
+        let ip: IpAddr = self.host.parse().ok()?;
+        Some(SocketAddr::new(ip, self.port.unwrap_or(5060)))
+    }
+}
+
+/// Parse `ip:port`, `[v6]:port`, `host:port`, `host` or `sip:host[:port][;transport=tcp]`.
+pub fn parse_upstream(s: &str, default_transport: TransportKind) -> Result<UpstreamTarget, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("must not be empty".into());
+    }
+    let mut transport = default_transport;
+    let rest = if let Some(r) = s.strip_prefix("sip:").or_else(|| s.strip_prefix("SIP:")) {
+        let mut parts = r.split(';');
+        let hostport = parts.next().unwrap_or("");
+        for p in parts {
+            if let Some(t) = p.strip_prefix("transport=") {
+                transport = match t.to_ascii_lowercase().as_str() {
+                    "udp" => TransportKind::Udp,
+                    "tcp" => TransportKind::Tcp,
+                    other => return Err(format!("unsupported transport {other:?}")),
+                };
+            }
+        }
+        hostport.rsplit('@').next().unwrap_or(hostport)
+    } else {
+        s
+    };
+    if let Ok(sa) = rest.parse::<SocketAddr>() {
+        return Ok(UpstreamTarget {
+            host: sa.ip().to_string(),
+            port: Some(sa.port()),
+            transport,
+        });
+    }
+    if let Ok(ip) = rest.trim_matches(['[', ']']).parse::<IpAddr>() {
+        return Ok(UpstreamTarget {
+            host: ip.to_string(),
+            port: None,
+            transport,
+        });
+    }
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            Some(p.parse::<u16>().map_err(|_| format!("bad port {p:?}"))?),
+        ),
+        None => (rest, None),
+    };
+    let valid_host = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+    if !valid_host {
+        return Err(format!("bad host {host:?}"));
+    }
+    Ok(UpstreamTarget {
+        host: host.to_string(),
+        port,
+        transport,
+    })
+}
+
+impl Config {
+    /// Parse TOML text strictly; the error names the offending key.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| invalid("(syntax)", e.to_string()))?;
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let msg = inner.message().to_string();
+            invalid(if key == "." { "(top level)" } else { &key }, msg)
+        })?;
+        cfg.validate()
+    }
+
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::from_toml(&text)
+    }
+
+    /// The checks serde cannot do: ranges, cross-key rules, non-empty lists.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let c = &self;
+        if c.sip.listen_udp.is_empty() && c.sip.listen_tcp.is_empty() {
+            return Err(invalid(
+                "sip.listen_udp",
+                "no SIP listener: set listen_udp or listen_tcp",
+            ));
+        }
+        if !(512..=65535).contains(&c.sip.max_message_bytes) {
+            return Err(invalid("sip.max_message_bytes", "must be 512..=65535"));
+        }
+        nonzero("sip.max_connections", c.sip.max_connections as u64)?;
+        nonzero(
+            "sip.max_connections_per_ip",
+            c.sip.max_connections_per_ip as u64,
+        )?;
+        positive("sip.tcp_idle_timeout", c.sip.tcp_idle_timeout)?;
+        positive("sip.tcp_message_timeout", c.sip.tcp_message_timeout)?;
+        if !c.sip.public_address.is_empty() {
+            let h = &c.sip.public_address;
+            let ok = h.parse::<IpAddr>().is_ok()
+                || h.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+            if !ok {
+                return Err(invalid(
+                    "sip.public_address",
+                    "must be an IP address or host name",
+                ));
+            }
+        }
+        parse_upstream(&c.upstream.address, c.upstream.transport)
+            .map_err(|m| invalid("upstream.address", m))?;
+        if !(1..=128).contains(&c.protection.ipv6_prefix) {
+            return Err(invalid("protection.ipv6_prefix", "must be 1..=128"));
+        }
+        nonzero(
+            "protection.tracked_sources",
+            c.protection.tracked_sources as u64,
+        )?;
+        nonzero("protection.max_blocks", c.protection.max_blocks as u64)?;
+        nonzero("protection.escalation", c.protection.escalation as u64)?;
+        nonzero("register.hit_count", c.register.hit_count as u64)?;
+        positive("register.monit_period", c.register.monit_period)?;
+        positive("register.block_time", c.register.block_time)?;
+        nonzero("invite.rate_limit", c.invite.rate_limit as u64)?;
+        nonzero("invite.burst", c.invite.burst as u64)?;
+        positive("invite.block_time", c.invite.block_time)?;
+        positive("scanners.block_time", c.scanners.block_time)?;
+        if c.scanners.user_agents.iter().any(|u| u.trim().is_empty()) {
+            return Err(invalid("scanners.user_agents", "empty pattern"));
+        }
+        nonzero(
+            "patterns.enumeration_users",
+            c.patterns.enumeration_users as u64,
+        )?;
+        nonzero("patterns.options_sweep", c.patterns.options_sweep as u64)?;
+        nonzero(
+            "patterns.accounts_per_source",
+            c.patterns.accounts_per_source as u64,
+        )?;
+        nonzero(
+            "patterns.sources_per_account",
+            c.patterns.sources_per_account as u64,
+        )?;
+        positive("patterns.monit_period", c.patterns.monit_period)?;
+        positive("patterns.block_time", c.patterns.block_time)?;
+        nonzero(
+            "flood.packets_per_second",
+            c.flood.packets_per_second as u64,
+        )?;
+        positive("flood.block_time", c.flood.block_time)?;
+        nonzero("anomaly.threshold", c.anomaly.threshold as u64)?;
+        positive("anomaly.monit_period", c.anomaly.monit_period)?;
+        positive("anomaly.block_time", c.anomaly.block_time)?;
+        nonzero("tftp.hit_count", c.tftp.hit_count as u64)?;
+        nonzero("tftp.limited_rate", c.tftp.limited_rate as u64)?;
+        positive("tftp.block_time", c.tftp.block_time)?;
+        nonzero("tftp.not_found_limit", c.tftp.not_found_limit as u64)?;
+        nonzero(
+            "tftp.max_transfers_per_ip",
+            c.tftp.max_transfers_per_ip as u64,
+        )?;
+        nonzero("tftp.max_transfers", c.tftp.max_transfers as u64)?;
+        if !c.admin.listen.ip().is_loopback() && c.admin.token.is_empty() {
+            return Err(invalid(
+                "admin.token",
+                "required when admin.listen is not a loopback address",
+            ));
+        }
+        if c.state.path.is_empty() {
+            return Err(invalid("state.path", "must not be empty"));
+        }
+        if !c.notify.webhook.is_empty()
+            && !(c.notify.webhook.starts_with("http://")
+                || c.notify.webhook.starts_with("https://"))
+        {
+            return Err(invalid(
+                "notify.webhook",
+                "must be an http:// or https:// URL",
+            ));
+        }
+        if !c.cluster.redis_url.is_empty()
+            && !(c.cluster.redis_url.starts_with("redis://")
+                || c.cluster.redis_url.starts_with("rediss://"))
+        {
+            return Err(invalid("cluster.redis_url", "must be a redis:// URL"));
+        }
+        tracing_subscriber::EnvFilter::try_new(&c.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        Ok(self)
+    }
+
+    /// The effective configuration as TOML, for `sipwarden check`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+
+    pub fn upstream_target(&self) -> UpstreamTarget {
+        // validate() has checked this parses; fall back to the default rather than panic.
+        parse_upstream(&self.upstream.address, self.upstream.transport).unwrap_or(UpstreamTarget {
+            host: "127.0.0.1".into(),
+            port: Some(5080),
+            transport: self.upstream.transport,
+        })
+    }
+}
+
+fn nonzero(key: &str, v: u64) -> Result<(), ConfigError> {
+    if v == 0 {
+        return Err(invalid(key, "must be greater than 0"));
+    }
+    Ok(())
+}
+
+fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        return Err(invalid(key, "must be a positive duration like \"90s\""));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,19 @@
+//! sipwarden: a SIP security proxy that stands in front of a PBX, forwards clean traffic both
+//! ways and blocks attackers itself.
+//!
+//! # Layout
+//! - [`config`]: `proxy.toml`, strictly parsed and validated once.
+//! - [`wire`]: the SIP wire format: zero-copy scan, framing, splice edits. No I/O.
+//! - [`proxy`]: stateless RFC 3261 §16.11 routing decisions (Via, Record-Route, Path, flows).
+//! - [`engine`]: the protection decisions, sans-I/O: one verdict per packet.
+//! - [`blocks`]: the block table, white- and blacklists, state events.
+//! - [`net`]: sockets: UDP, TCP, TFTP relay, upstream resolution.
+//! - [`admin`]: HTTP API, dashboard, metrics, CLI client.
+#![forbid(unsafe_code)]
+#![deny(rust_2018_idioms)]
+
+pub mod blocks;
+pub mod clock;
+pub mod config;
+pub mod util;
+pub mod wire;

@@ -1,0 +1,155 @@
+//! The SIP wire format, ours on purpose: a zero-copy scan of messages into byte ranges, the value
+//! grammars the proxy needs (Via, URIs, name-addr lists), TCP framing, and an editor that splices
+//! changes into the original bytes. No I/O and no clock here.
+
+pub mod edit;
+pub mod frame;
+pub mod header;
+pub mod reply;
+pub mod scan;
+pub mod uri;
+pub mod via;
+
+pub use edit::Edits;
+pub use header::HeaderName;
+pub use scan::{parse, Framing, Message, Method, ParseError, StartLine};
+
+/// A byte range into a message buffer. `u32` keeps the header table small.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Span {
+    pub start: u32,
+    pub end: u32,
+}
+
+impl Span {
+    pub fn new(start: usize, end: usize) -> Self {
+        Span {
+            start: start as u32,
+            end: end as u32,
+        }
+    }
+
+    pub fn of<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        buf.get(self.start as usize..self.end as usize)
+            .unwrap_or(b"")
+    }
+
+    pub fn len(&self) -> usize {
+        (self.end - self.start) as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.end <= self.start
+    }
+
+    pub fn range(&self) -> std::ops::Range<usize> {
+        self.start as usize..self.end as usize
+    }
+
+    /// Shift a span computed on a sub-slice that started at `base`.
+    pub fn offset(self, base: usize) -> Span {
+        Span::new(self.start as usize + base, self.end as usize + base)
+    }
+}
+
+/// Linear white space, folded line breaks included.
+pub fn is_lws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+/// Trim LWS from both ends of `buf[s..e]`.
+pub fn trim(buf: &[u8], mut s: usize, mut e: usize) -> (usize, usize) {
+    while s < e && is_lws(buf[s]) {
+        s += 1;
+    }
+    while e > s && is_lws(buf[e - 1]) {
+        e -= 1;
+    }
+    (s, e)
+}
+
+/// Split a header value at top-level commas (outside quotes and angle brackets), yielding
+/// trimmed spans relative to `base` (the value's offset in the message).
+pub fn split_commas(value: &[u8], base: usize) -> impl Iterator<Item = Span> + '_ {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        while pos < value.len() {
+            let start = pos;
+            let (mut quoted, mut angle, mut escaped) = (false, false, false);
+            while pos < value.len() {
+                let b = value[pos];
+                if quoted {
+                    if escaped {
+                        escaped = false;
+                    } else if b == b'\\' {
+                        escaped = true;
+                    } else if b == b'"' {
+                        quoted = false;
+                    }
+                } else if b == b'"' {
+                    quoted = true;
+                } else if b == b'<' {
+                    angle = true;
+                } else if b == b'>' {
+                    angle = false;
+                } else if b == b',' && !angle {
+                    break;
+                }
+                pos += 1;
+            }
+            let end = pos;
+            pos += 1; // skip the comma
+            let (s, e) = trim(value, start, end);
+            if e > s {
+                return Some(Span::new(base + s, base + e));
+            }
+        }
+        None
+    })
+}
+
+/// Iterate `;name[=value]` parameters in `buf[s..e]`, yielding (name, value) spans; the value span
+/// is empty (start == end == name end) when there is no `=`.
+pub fn params(buf: &[u8], s: usize, e: usize) -> impl Iterator<Item = (Span, Option<Span>)> + '_ {
+    let mut pos = s;
+    std::iter::from_fn(move || {
+        while pos < e {
+            if buf[pos] != b';' {
+                pos += 1;
+                continue;
+            }
+            let ps = pos + 1;
+            let mut pe = ps;
+            let mut quoted = false;
+            while pe < e && (quoted || buf[pe] != b';') {
+                if buf[pe] == b'"' {
+                    quoted = !quoted;
+                }
+                pe += 1;
+            }
+            pos = pe;
+            let (ns, ne) = trim(buf, ps, pe);
+            if ns == ne {
+                continue;
+            }
+            return Some(match memchr::memchr(b'=', &buf[ns..ne]) {
+                Some(i) => {
+                    let (n0, n1) = trim(buf, ns, ns + i);
+                    let (v0, v1) = trim(buf, ns + i + 1, ne);
+                    (Span::new(n0, n1), Some(Span::new(v0, v1)))
+                }
+                None => (Span::new(ns, ne), None),
+            });
+        }
+        None
+    })
+}
+
+/// Parse a decimal u16 port.
+pub fn parse_port(b: &[u8]) -> Option<u16> {
+    if b.is_empty() || b.len() > 5 || !b.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = b.iter().fold(0u32, |a, d| a * 10 + (d - b'0') as u32);
+    u16::try_from(n).ok()
+}
