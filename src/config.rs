@@ -628,19 +628,15 @@ impl Config {
         if c.state.path.is_empty() {
             return Err(invalid("state.path", "must not be empty"));
         }
-        if !c.notify.webhook.is_empty()
-            && !(c.notify.webhook.starts_with("http://")
-                || c.notify.webhook.starts_with("https://"))
-        {
+        let w = &c.notify.webhook;
+        if !(w.is_empty() || w.starts_with("http://") || w.starts_with("https://")) {
             return Err(invalid(
                 "notify.webhook",
                 "must be an http:// or https:// URL",
             ));
         }
-        if !c.cluster.redis_url.is_empty()
-            && !(c.cluster.redis_url.starts_with("redis://")
-                || c.cluster.redis_url.starts_with("rediss://"))
-        {
+        let r = &c.cluster.redis_url;
+        if !(r.is_empty() || r.starts_with("redis://") || r.starts_with("rediss://")) {
             return Err(invalid("cluster.redis_url", "must be a redis:// URL"));
         }
         tracing_subscriber::EnvFilter::try_new(&c.log.level)

@@ -13,7 +13,15 @@
 #![deny(rust_2018_idioms)]
 
 pub mod blocks;
+pub mod cli;
 pub mod clock;
 pub mod config;
+pub mod engine;
+pub mod net;
+pub mod node;
+pub mod proxy;
+pub mod server;
+pub mod state;
+pub mod stats;
 pub mod util;
 pub mod wire;

@@ -3,7 +3,7 @@
 //! and notifications consume.
 
 mod lists;
-mod table;
+pub mod table;
 
 pub use lists::{ListEntry, ListKind, Lists};
 pub use table::{Block, BlockTable, Hit};

@@ -1,0 +1,821 @@
+//! The protection engine, sans-I/O: every decision is a function of (time, source, message,
+//! state). The socket layer asks [`Engine::precheck`] before parsing, [`Engine::on_request`]
+//! after, and reports the PBX's answers through [`Engine::on_answer`]. Changes to durable state
+//! queue [`Event`]s that the caller drains.
+//!
+//! Verdict order, cheapest first: trusted upstream, block table (O(1), before any parse),
+//! whitelist, static blacklist, packet flood; after parse: anomalies, scanner User-Agent,
+//! account protection, OPTIONS sweep, INVITE rate.
+
+pub mod anomaly;
+pub mod invite;
+pub mod register;
+pub mod scanner;
+pub mod track;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::Quota;
+use ipnet::IpNet;
+use lru::LruCache;
+
+use crate::blocks::{
+    canonical_ip, source_net, table::clip, Block, BlockKey, BlockTable, BlockType, Event,
+    ListEntry, ListKind, Lists, UnblockReason,
+};
+use crate::clock::Millis;
+use crate::config::{Config, InviteAction, Mode};
+use crate::util::printable;
+use crate::wire::{HeaderName, Message, Method, ParseError};
+
+pub use anomaly::Anomaly;
+use invite::{InviteCheck, InviteGuard};
+use register::{Answer, AuthTracker};
+use scanner::ScannerMatcher;
+use track::{nonzero, EngineClock, Limiters, Window};
+
+/// Before parsing: what to do with a packet from this source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pre {
+    /// The upstream PBX: never inspected, never blocked.
+    Trusted,
+    /// Whitelisted: forwarded without protection checks.
+    Whitelisted,
+    /// Drop (or answer 403 when `reply_403`), without parsing.
+    Blocked { kind: BlockType, reply_403: bool },
+    /// Parse and inspect.
+    Inspect,
+}
+
+/// After parsing a request from a phone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Forward,
+    Reply {
+        code: u16,
+        reason: &'static str,
+        retry_after: Option<u32>,
+    },
+    Drop(crate::stats::DropReason),
+}
+
+/// A detector's finding: who to block, why, for how long.
+#[derive(Debug, Clone)]
+pub struct Detection {
+    pub key: BlockKey,
+    pub kind: BlockType,
+    pub reason: String,
+    pub duration: Duration,
+    pub evidence: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Strike {
+    count: u32,
+    last: Millis,
+}
+
+pub struct Engine {
+    cfg: Config,
+    clock: EngineClock,
+    table: BlockTable,
+    lists: Lists,
+    upstream: Vec<IpAddr>,
+    strikes: LruCache<IpNet, Strike>,
+    scanners: ScannerMatcher,
+    flood: Limiters<IpNet>,
+    invites: InviteGuard,
+    auth: AuthTracker,
+    anomalies: LruCache<IpNet, (Window, Vec<String>)>,
+    options: LruCache<IpNet, Window>,
+    events: Vec<Event>,
+}
+
+fn flood_quota(cfg: &Config) -> Quota {
+    let pps = NonZeroU32::new(cfg.flood.packets_per_second).unwrap_or(NonZeroU32::MIN);
+    Quota::per_second(pps).allow_burst(pps)
+}
+
+impl Engine {
+    pub fn new(cfg: &Config, now: Millis) -> Engine {
+        let clock = EngineClock::default();
+        clock.set(now);
+        let cap = cfg.protection.tracked_sources;
+        let mut e = Engine {
+            cfg: cfg.clone(),
+            table: BlockTable::new(cfg.protection.max_blocks),
+            lists: Lists::default(),
+            upstream: Vec::new(),
+            strikes: LruCache::new(nonzero(cap)),
+            scanners: ScannerMatcher::new(&cfg.scanners.user_agents),
+            flood: Limiters::new(cap, flood_quota(cfg), clock.clone()),
+            invites: InviteGuard::new(cap, &cfg.invite, clock.clone()),
+            auth: AuthTracker::new(cap),
+            anomalies: LruCache::new(nonzero(cap)),
+            options: LruCache::new(nonzero(cap)),
+            events: Vec::new(),
+            clock,
+        };
+        e.lists
+            .replace_config(ListKind::Whitelist, &cfg.lists.whitelist, now);
+        e.lists
+            .replace_config(ListKind::Blacklist, &cfg.lists.blacklist, now);
+        e
+    }
+
+    /// Apply a reloaded config: thresholds, lists from the file and scanner patterns change;
+    /// blocks, strikes and run-time list entries stay.
+    pub fn reconfigure(&mut self, cfg: &Config, now: Millis) {
+        self.clock.set(now);
+        let cap = cfg.protection.tracked_sources;
+        self.table.set_max(cfg.protection.max_blocks);
+        self.strikes.resize(nonzero(cap));
+        self.scanners = ScannerMatcher::new(&cfg.scanners.user_agents);
+        self.flood.reconfigure(cap, flood_quota(cfg));
+        self.invites.reconfigure(cap, &cfg.invite);
+        self.auth.resize(cap);
+        self.anomalies.resize(nonzero(cap));
+        self.options.resize(nonzero(cap));
+        for kind in [ListKind::Whitelist, ListKind::Blacklist] {
+            let nets = match kind {
+                ListKind::Whitelist => &cfg.lists.whitelist,
+                ListKind::Blacklist => &cfg.lists.blacklist,
+            };
+            let (added, removed) = self.lists.replace_config(kind, nets, now);
+            for net in removed {
+                self.events.push(Event::ListRemoved { list: kind, net });
+            }
+            for net in added {
+                let entry = ListEntry {
+                    comment: String::new(),
+                    added_at: now,
+                    source: "config".into(),
+                };
+                if kind == ListKind::Whitelist {
+                    self.unblock_covered(net, UnblockReason::Whitelisted);
+                }
+                self.events.push(Event::ListAdded {
+                    list: kind,
+                    net,
+                    entry,
+                });
+            }
+        }
+        self.cfg = cfg.clone();
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The PBX's addresses (after name resolution): requests from them are trusted.
+    pub fn set_upstream(&mut self, ips: Vec<IpAddr>) {
+        self.upstream = ips.into_iter().map(canonical_ip).collect();
+    }
+
+    pub fn is_upstream(&self, ip: IpAddr) -> bool {
+        let ip = canonical_ip(ip);
+        self.upstream.contains(&ip)
+    }
+
+    fn observe(&self) -> bool {
+        self.cfg.protection.mode == Mode::Observe
+    }
+
+    // ---- the packet path --------------------------------------------------------------
+
+    /// Before parsing. O(1) for a blocked source: one hash lookup, no parse, no allocation.
+    pub fn precheck(&mut self, now: Millis, src: SocketAddr) -> Pre {
+        if self.is_upstream(src.ip()) {
+            return Pre::Trusted;
+        }
+        let reply_403 = self.cfg.protection.blocked_reply == crate::config::BlockedReply::Forbidden;
+        if let Some(hit) = self.table.check(now, src, self.cfg.protection.ipv6_prefix) {
+            return Pre::Blocked {
+                kind: hit.kind,
+                reply_403,
+            };
+        }
+        if self.lists.is_whitelisted(src.ip()) {
+            return Pre::Whitelisted;
+        }
+        if self.lists.blacklisted(src.ip()).is_some() && !self.observe() {
+            return Pre::Blocked {
+                kind: BlockType::Blacklist,
+                reply_403,
+            };
+        }
+        self.clock.set(now);
+        let net = source_net(src.ip(), self.cfg.protection.ipv6_prefix);
+        if !self.flood.check(net) {
+            let pps = self.cfg.flood.packets_per_second;
+            let d = Detection {
+                key: BlockKey::whole(net),
+                kind: BlockType::Flood,
+                reason: format!("more than {pps} packets per second"),
+                duration: self.cfg.flood.block_time,
+                evidence: vec![format!("packet rate over {pps}/s")],
+            };
+            if self.block(now, d, "") && !self.observe() {
+                return Pre::Blocked {
+                    kind: BlockType::Flood,
+                    reply_403: false,
+                };
+            }
+        }
+        Pre::Inspect
+    }
+
+    /// A packet that could not be parsed, or a parsed one with an anomaly: score the source.
+    pub fn on_anomaly(&mut self, now: Millis, src: SocketAddr, what: Anomaly, sample: &[u8]) {
+        self.clock.set(now);
+        let net = source_net(src.ip(), self.cfg.protection.ipv6_prefix);
+        let period = self.cfg.anomaly.monit_period.as_millis() as Millis;
+        let (w, ev) = self
+            .anomalies
+            .get_or_insert_mut(net, || (Window::default(), Vec::new()));
+        let score = w.add(now, period, what.weight());
+        if ev.len() >= 3 {
+            ev.remove(0);
+        }
+        let first_line = sample.split(|b| *b == b'\n').next().unwrap_or(b"");
+        ev.push(clip(&format!(
+            "{}: {}",
+            what.describe(),
+            printable(first_line, 80)
+        )));
+        if score >= self.cfg.anomaly.threshold {
+            let evidence = ev.clone();
+            let d = Detection {
+                key: BlockKey::whole(net),
+                kind: BlockType::Anomaly,
+                reason: format!(
+                    "protocol anomalies scored {score} within {} (last: {})",
+                    humantime::format_duration(self.cfg.anomaly.monit_period),
+                    what.describe()
+                ),
+                duration: self.cfg.anomaly.block_time,
+                evidence,
+            };
+            self.block(now, d, "");
+        }
+    }
+
+    /// Convenience for the socket layer: a parse error is an anomaly.
+    pub fn on_malformed(&mut self, now: Millis, src: SocketAddr, err: ParseError, sample: &[u8]) {
+        let what = match err {
+            ParseError::NotSip => Anomaly::NotSip,
+            e => Anomaly::Malformed(e),
+        };
+        self.on_anomaly(now, src, what, sample);
+    }
+
+    /// A parsed request from a phone (not trusted, not whitelisted).
+    pub fn on_request(&mut self, now: Millis, src: SocketAddr, msg: &Message<'_>) -> Verdict {
+        use crate::stats::DropReason as D;
+        self.clock.set(now);
+        let net = source_net(src.ip(), self.cfg.protection.ipv6_prefix);
+        let ua = msg.user_agent();
+        let observe = self.observe();
+
+        if let Some(a) = anomaly::check_request(msg) {
+            self.on_anomaly(now, src, a, msg.buf);
+            if a.is_fatal() && a != Anomaly::MaxForwardsExhausted && !observe {
+                return Verdict::Drop(D::Anomaly);
+            }
+        }
+
+        if let Some(pattern) = self.scanners.find(ua) {
+            let d = Detection {
+                key: BlockKey::whole(net),
+                kind: BlockType::Scanner,
+                reason: format!("User-Agent matches scanner pattern {pattern:?}"),
+                duration: self.cfg.scanners.block_time,
+                evidence: vec![request_evidence(msg)],
+            };
+            self.block(now, d, &printable(ua, 80));
+            if !observe {
+                return Verdict::Drop(D::Scanner);
+            }
+        }
+
+        let method = msg.method().unwrap_or(Method::Other);
+        if msg.has_credentials() && matches!(method, Method::Register | Method::Invite) {
+            self.auth.saw_credentials(now, net);
+        }
+
+        if method == Method::Register {
+            let user = to_user(msg);
+            if self.auth.refuse(now, net, user) && !observe {
+                return Verdict::Reply {
+                    code: 403,
+                    reason: "Forbidden",
+                    retry_after: None,
+                };
+            }
+        }
+
+        if method == Method::Options {
+            let period = self.cfg.patterns.monit_period.as_millis() as Millis;
+            let n = self
+                .options
+                .get_or_insert_mut(net, Window::default)
+                .add(now, period, 1);
+            if n >= self.cfg.patterns.options_sweep {
+                let d = Detection {
+                    key: BlockKey::whole(net),
+                    kind: BlockType::Scan,
+                    reason: format!(
+                        "OPTIONS sweep: {n} OPTIONS within {}",
+                        humantime::format_duration(self.cfg.patterns.monit_period)
+                    ),
+                    duration: self.cfg.patterns.block_time,
+                    evidence: vec![request_evidence(msg)],
+                };
+                self.block(now, d, &printable(ua, 80));
+                if !observe {
+                    return Verdict::Drop(D::Pattern);
+                }
+            }
+        }
+
+        if method == Method::Invite {
+            if let InviteCheck::Excess { new_episode } = self.invites.check(now, net) {
+                let rate = self.cfg.invite.rate_limit;
+                if new_episode && self.cfg.invite.notify {
+                    self.events.push(Event::Alert {
+                        kind: BlockType::Invite,
+                        source: net.to_string(),
+                        message: format!(
+                            "INVITE flood from {net}: over {rate}/s (burst {}), action {:?}",
+                            self.cfg.invite.burst, self.cfg.invite.action
+                        ),
+                    });
+                }
+                if observe {
+                    return Verdict::Forward;
+                }
+                return match self.cfg.invite.action {
+                    InviteAction::Reject => Verdict::Reply {
+                        code: 503,
+                        reason: "Service Unavailable",
+                        retry_after: Some(5),
+                    },
+                    InviteAction::Drop => Verdict::Drop(D::InviteRate),
+                    InviteAction::Block => {
+                        let d = Detection {
+                            key: BlockKey::whole(net),
+                            kind: BlockType::Invite,
+                            reason: format!("INVITE flood: over {rate}/s"),
+                            duration: self.cfg.invite.block_time,
+                            evidence: vec![request_evidence(msg)],
+                        };
+                        self.block(now, d, &printable(ua, 80));
+                        Verdict::Drop(D::InviteRate)
+                    }
+                };
+            }
+        }
+        Verdict::Forward
+    }
+
+    /// A final response from the PBX to a phone's request, with what the proxy remembered of
+    /// the request (whether it carried credentials).
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_answer(
+        &mut self,
+        now: Millis,
+        phone: SocketAddr,
+        msg: &Message<'_>,
+        had_credentials: bool,
+    ) {
+        let Some(code) = msg.status() else { return };
+        if code < 200 || self.is_upstream(phone.ip()) || self.lists.is_whitelisted(phone.ip()) {
+            return;
+        }
+        let Some((cseq, method)) = msg.cseq() else {
+            return;
+        };
+        self.clock.set(now);
+        let user = to_user(msg);
+        let answer = Answer {
+            phone,
+            method,
+            code,
+            user,
+            had_credentials,
+            call_id: msg.call_id(),
+            cseq,
+            evidence: clip(&format!(
+                "{} {} for {} -> {} {}",
+                printable(method, 12),
+                if had_credentials {
+                    "with credentials"
+                } else {
+                    ""
+                },
+                printable(user, 40),
+                code,
+                printable(reason_of(msg), 40),
+            )),
+        };
+        let (detection, alert) = self.auth.on_answer(now, &self.cfg, &answer);
+        if let Some(message) = alert {
+            self.events.push(Event::Alert {
+                kind: BlockType::Register,
+                source: phone.ip().to_string(),
+                message,
+            });
+        }
+        if let Some(d) = detection {
+            let net = d.key.net;
+            let port = d.key.port;
+            if self.block(now, d, "") {
+                match port {
+                    Some(p) => self.auth.reset_port(net, p),
+                    None => self.auth.reset(net),
+                }
+            }
+        }
+    }
+
+    /// Let the caller record the device (User-Agent) seen from a source for a block made from
+    /// a response (responses carry the PBX's Server header, not the phone's UA).
+    pub fn note_device(&mut self, key: &BlockKey, device: &str) {
+        if let Some(b) = self.table.get_mut(key) {
+            if b.device.is_empty() {
+                b.device = device.to_string();
+            }
+        }
+    }
+
+    // ---- blocks ---------------------------------------------------------------------------
+
+    /// Make (or refresh) a block. Returns true when a new block was made. Never blocks the
+    /// upstream or a whitelisted source. Repeat blocks of the same source last longer; after
+    /// `register.block_threshold` dynamic blocks the source joins the static blacklist.
+    pub fn block(&mut self, now: Millis, d: Detection, device: &str) -> bool {
+        if self.is_upstream(d.key.net.addr()) || self.lists.whitelist_covers(d.key.net) {
+            return false;
+        }
+        let enforced = !self.observe();
+        if let Some(b) = self.table.get_mut(&d.key) {
+            if !b.is_expired(now) && (b.enforced || !enforced) {
+                for e in d.evidence {
+                    push_evidence(&mut b.evidence, e);
+                }
+                b.hits += 1;
+                return false;
+            }
+        }
+        let p = &self.cfg.protection;
+        let strike = {
+            let s = self.strikes.get_or_insert_mut(d.key.net, Strike::default);
+            if s.count > 0 && now.saturating_sub(s.last) > p.strike_memory.as_millis() as Millis {
+                s.count = 0;
+            }
+            if enforced {
+                s.count += 1;
+                s.last = now;
+            }
+            *s
+        };
+        let factor = (p.escalation as u64).saturating_pow(strike.count.saturating_sub(1).min(30));
+        let duration = d
+            .duration
+            .saturating_mul(factor.min(u32::MAX as u64) as u32)
+            .min(p.max_block_time.max(d.duration));
+        let threshold = self.cfg.register.block_threshold;
+        let to_blacklist =
+            enforced && threshold > 0 && strike.count >= threshold && d.key.port.is_none();
+        let mut block = Block {
+            key: d.key,
+            kind: d.kind,
+            device: device.to_string(),
+            reason: d.reason,
+            blocked_at: now,
+            expires_at: Some(now.saturating_add(duration.as_millis() as Millis)),
+            strikes: strike.count.max(1),
+            hits: 1,
+            evidence: Vec::new(),
+            enforced,
+        };
+        for e in d.evidence {
+            push_evidence(&mut block.evidence, e);
+        }
+        if to_blacklist {
+            block.expires_at = None;
+            block.reason = format!(
+                "{} ({} blocks: now on the static blacklist)",
+                block.reason, strike.count
+            );
+            let entry = ListEntry {
+                comment: format!("auto: {} blocks, last {}", strike.count, block.kind),
+                added_at: now,
+                source: "auto".into(),
+            };
+            self.lists
+                .add(ListKind::Blacklist, d.key.net, entry.clone());
+            self.events.push(Event::ListAdded {
+                list: ListKind::Blacklist,
+                net: d.key.net,
+                entry,
+            });
+        }
+        if let Some(ev) = self.table.insert(block.clone()) {
+            if ev.key == block.key {
+                // The table is full of permanent blocks: nothing was stored.
+                return false;
+            }
+            self.events.push(Event::Unblocked {
+                key: ev.key,
+                kind: ev.kind,
+                why: UnblockReason::Evicted,
+            });
+        }
+        self.events.push(Event::Strikes {
+            net: d.key.net,
+            strikes: strike.count,
+            last: strike.last,
+        });
+        self.events.push(Event::Blocked(block));
+        true
+    }
+
+    /// A manual block from the operator.
+    pub fn manual_block(
+        &mut self,
+        now: Millis,
+        key: BlockKey,
+        duration: Option<Duration>,
+        reason: &str,
+    ) -> Result<Block, String> {
+        if self.is_upstream(key.net.addr()) {
+            return Err(format!(
+                "{} is the upstream PBX and cannot be blocked",
+                key.ip_text()
+            ));
+        }
+        if self.lists.whitelist_covers(key.net) {
+            return Err(format!(
+                "{} is whitelisted; remove it from the whitelist first",
+                key.ip_text()
+            ));
+        }
+        let block = Block {
+            key,
+            kind: BlockType::Manual,
+            device: String::new(),
+            reason: if reason.is_empty() {
+                "blocked by the operator".into()
+            } else {
+                clip(reason)
+            },
+            blocked_at: now,
+            expires_at: duration.map(|d| now.saturating_add(d.as_millis() as Millis)),
+            strikes: self.strikes.peek(&key.net).map_or(0, |s| s.count),
+            hits: 0,
+            evidence: Vec::new(),
+            enforced: true,
+        };
+        if let Some(ev) = self.table.insert(block.clone()) {
+            if ev.key == block.key {
+                return Err("the block table is full of permanent blocks".into());
+            }
+            self.events.push(Event::Unblocked {
+                key: ev.key,
+                kind: ev.kind,
+                why: UnblockReason::Evicted,
+            });
+        }
+        self.events.push(Event::Blocked(block.clone()));
+        Ok(block)
+    }
+
+    /// Remove blocks on `net` (all its port blocks too when `port` is None). Returns them.
+    pub fn unblock(&mut self, net: IpNet, port: Option<u16>) -> Vec<Block> {
+        let removed = match port {
+            Some(p) => self
+                .table
+                .remove(&BlockKey::with_port(net, p))
+                .into_iter()
+                .collect(),
+            None => self.table.remove_net(net),
+        };
+        for b in &removed {
+            self.auth.reset(b.key.net);
+            self.events.push(Event::Unblocked {
+                key: b.key,
+                kind: b.kind,
+                why: UnblockReason::Manual,
+            });
+        }
+        removed
+    }
+
+    fn unblock_covered(&mut self, net: IpNet, why: UnblockReason) {
+        for b in self.table.remove_net(net) {
+            self.events.push(Event::Unblocked {
+                key: b.key,
+                kind: b.kind,
+                why,
+            });
+        }
+    }
+
+    /// Expire blocks whose time is up. Call about once a second.
+    pub fn tick(&mut self, now: Millis) {
+        self.clock.set(now);
+        for b in self.table.expire(now) {
+            self.events.push(Event::Unblocked {
+                key: b.key,
+                kind: b.kind,
+                why: UnblockReason::Expired,
+            });
+        }
+    }
+
+    pub fn blocks(&self) -> impl Iterator<Item = &Block> {
+        self.table.iter()
+    }
+
+    pub fn block_table(&self) -> &BlockTable {
+        &self.table
+    }
+
+    /// Is this source blocked (for the TFTP relay and other guards sharing the table)?
+    pub fn is_blocked(&mut self, now: Millis, src: SocketAddr) -> bool {
+        self.table
+            .check(now, src, self.cfg.protection.ipv6_prefix)
+            .is_some()
+            || (self.lists.blacklisted(src.ip()).is_some() && !self.observe())
+    }
+
+    pub fn is_whitelisted(&self, ip: IpAddr) -> bool {
+        self.lists.is_whitelisted(ip) || self.is_upstream(ip)
+    }
+
+    // ---- lists ---------------------------------------------------------------------------
+
+    pub fn lists(&self) -> &Lists {
+        &self.lists
+    }
+
+    pub fn list_add(
+        &mut self,
+        now: Millis,
+        list: ListKind,
+        net: IpNet,
+        comment: &str,
+        source: &str,
+    ) -> ListEntry {
+        let net = net.trunc();
+        let entry = ListEntry {
+            comment: clip(comment),
+            added_at: now,
+            source: source.to_string(),
+        };
+        self.lists.add(list, net, entry.clone());
+        if list == ListKind::Whitelist {
+            self.unblock_covered(net, UnblockReason::Whitelisted);
+        }
+        self.events.push(Event::ListAdded {
+            list,
+            net,
+            entry: entry.clone(),
+        });
+        entry
+    }
+
+    pub fn list_remove(&mut self, list: ListKind, net: IpNet) -> bool {
+        let net = net.trunc();
+        let removed = self.lists.remove(list, net).is_some();
+        if removed {
+            self.events.push(Event::ListRemoved { list, net });
+            if list == ListKind::Blacklist {
+                // A source that was auto-blacklisted keeps a permanent table entry: drop it too.
+                for b in self.table.remove_net(net) {
+                    if b.expires_at.is_some() {
+                        self.table.insert(b);
+                    } else {
+                        self.events.push(Event::Unblocked {
+                            key: b.key,
+                            kind: b.kind,
+                            why: UnblockReason::Manual,
+                        });
+                    }
+                }
+            }
+        }
+        removed
+    }
+
+    // ---- state exchange ---------------------------------------------------------------------
+
+    /// Take the queued state changes, oldest first.
+    pub fn take_events(&mut self) -> Vec<Event> {
+        std::mem::take(&mut self.events)
+    }
+
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
+    /// Load state saved earlier (at start) or learnt from another node, without queuing events
+    /// for it again. Expired blocks are skipped; whitelisted ones too.
+    pub fn restore(&mut self, now: Millis, ev: Event) {
+        match ev {
+            Event::Blocked(b) => {
+                if !b.is_expired(now)
+                    && !self.lists.whitelist_covers(b.key.net)
+                    && !self.is_upstream(b.key.net.addr())
+                {
+                    self.table.insert(b);
+                }
+            }
+            Event::Unblocked { key, .. } => {
+                self.table.remove(&key);
+            }
+            Event::ListAdded { list, net, entry } => {
+                self.lists.add(list, net, entry);
+                if list == ListKind::Whitelist {
+                    for b in self.table.remove_net(net) {
+                        drop(b);
+                    }
+                }
+            }
+            Event::ListRemoved { list, net } => {
+                self.lists.remove(list, net);
+            }
+            Event::Strikes { net, strikes, last } => {
+                let s = self.strikes.get_or_insert_mut(net, Strike::default);
+                if last >= s.last {
+                    *s = Strike {
+                        count: strikes,
+                        last,
+                    };
+                }
+            }
+            Event::Alert { .. } => {}
+        }
+    }
+
+    /// The strike memory, for persistence snapshots.
+    pub fn strikes(&self) -> impl Iterator<Item = (IpNet, u32, Millis)> + '_ {
+        self.strikes.iter().map(|(n, s)| (*n, s.count, s.last))
+    }
+
+    /// Entries held by the detectors (for the memory-bound soak and metrics).
+    pub fn tracked(&self) -> usize {
+        self.flood.len()
+            + self.invites.tracked()
+            + self.auth.tracked()
+            + self.anomalies.len()
+            + self.options.len()
+            + self.strikes.len()
+    }
+}
+
+fn push_evidence(ev: &mut Vec<String>, line: String) {
+    if ev.len() >= crate::blocks::table::EVIDENCE_LINES {
+        ev.remove(0);
+    }
+    ev.push(line);
+}
+
+/// The user part of the To URI (the account a REGISTER is for).
+pub fn to_user<'a>(msg: &Message<'a>) -> &'a [u8] {
+    let b = msg.buf;
+    msg.header(HeaderName::To)
+        .and_then(|h| crate::wire::uri::NameAddr::parse(b, h.value))
+        .and_then(|na| crate::wire::uri::Uri::parse(b, na.uri))
+        .map_or(&b""[..], |u| u.user(b))
+}
+
+fn reason_of<'a>(msg: &Message<'a>) -> &'a [u8] {
+    match msg.start {
+        crate::wire::StartLine::Response { reason, .. } => reason.of(msg.buf),
+        _ => b"",
+    }
+}
+
+/// One line of evidence for a request: request line and User-Agent.
+pub fn request_evidence(msg: &Message<'_>) -> String {
+    let line = msg.start_line.of(msg.buf);
+    let line = line.strip_suffix(b"\r\n").unwrap_or(line);
+    let ua = msg.user_agent();
+    if ua.is_empty() {
+        clip(&printable(line, 100))
+    } else {
+        clip(&format!(
+            "{} UA={}",
+            printable(line, 100),
+            printable(ua, 50)
+        ))
+    }
+}

@@ -1,0 +1,199 @@
+//! The packet path, for UDP datagrams and TCP-framed messages alike: pre-check (no parse),
+//! parse, verdict, route, send.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::RwLock;
+
+use super::Transports;
+use crate::engine::{anomaly, Pre, Verdict};
+use crate::node::Node;
+use crate::proxy::{Action, Flow, Inbound, Router};
+use crate::stats::{DropReason, Transport};
+use crate::wire::{parse, Edits, Framing};
+
+/// Everything the packet path shares between sockets.
+pub struct Shared {
+    pub node: Arc<Node>,
+    pub router: RwLock<Router>,
+    pub transports: Transports,
+    pub max_message_bytes: usize,
+}
+
+/// Per-task scratch space, reused for every packet: the clean path allocates nothing once
+/// these have grown to the size of the largest message seen.
+#[derive(Default)]
+pub struct Scratch {
+    edits: Edits,
+    out: Vec<u8>,
+}
+
+impl Shared {
+    /// Handle one whole message (a datagram, or a message cut from a TCP stream).
+    pub async fn handle(self: &Arc<Self>, inb: Inbound, bytes: &[u8], scratch: &mut Scratch) {
+        let t0 = Instant::now();
+        let stats = &self.node.stats;
+        stats.packet_in(inb.transport);
+        if inb.transport == Transport::Udp && anomaly::is_keepalive(bytes) {
+            stats
+                .keepalives
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+        let now = self.node.now();
+        let pre = self.node.with_engine(|e| e.precheck(now, inb.src));
+        if let Pre::Blocked { kind, reply_403 } = pre {
+            stats.drop(if kind == crate::blocks::BlockType::Blacklist {
+                DropReason::Blacklisted
+            } else {
+                DropReason::Blocked
+            });
+            if reply_403 {
+                self.reply_forbidden(inb, bytes, scratch).await;
+            }
+            return;
+        }
+        let inspect = pre == Pre::Inspect;
+        if bytes.len() > self.max_message_bytes {
+            if inspect {
+                self.node.with_engine(|e| {
+                    e.on_malformed(now, inb.src, crate::wire::ParseError::Oversized, bytes)
+                });
+            }
+            stats.drop(DropReason::Malformed);
+            return;
+        }
+        let framing = match inb.transport {
+            Transport::Udp => Framing::Datagram,
+            Transport::Tcp => Framing::Stream,
+        };
+        let msg = match parse(bytes, framing) {
+            Ok(m) => m,
+            Err(err) => {
+                if inspect {
+                    self.node
+                        .with_engine(|e| e.on_malformed(now, inb.src, err, bytes));
+                } else {
+                    tracing::debug!(src = %inb.src, %err, "unparseable message from a trusted source");
+                }
+                stats.drop(DropReason::Malformed);
+                return;
+            }
+        };
+        let from_upstream = pre == Pre::Trusted;
+        let Scratch { edits, out } = scratch;
+        let action = if msg.is_request() {
+            if inspect {
+                match self.node.with_engine(|e| e.on_request(now, inb.src, &msg)) {
+                    Verdict::Forward => {}
+                    Verdict::Drop(r) => {
+                        stats.drop(r);
+                        return;
+                    }
+                    Verdict::Reply {
+                        code,
+                        reason,
+                        retry_after,
+                    } => {
+                        let extra =
+                            retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
+                        let a = self
+                            .router
+                            .read()
+                            .reply(&inb, &msg, code, reason, &extra, out);
+                        self.send(a, out, false).await;
+                        if code == 503 {
+                            stats.drop(DropReason::InviteRate);
+                        }
+                        return;
+                    }
+                }
+            }
+            self.router
+                .read()
+                .route_request(&inb, &msg, from_upstream, edits, out)
+        } else {
+            if inspect {
+                if let Some(a) = anomaly::check_response(&msg) {
+                    self.node
+                        .with_engine(|e| e.on_anomaly(now, inb.src, a, bytes));
+                    stats.drop(DropReason::Anomaly);
+                    return;
+                }
+            }
+            let (action, info) =
+                self.router
+                    .read()
+                    .route_response(&inb, &msg, from_upstream, edits, out);
+            if let Some(info) = info {
+                if msg.status().is_some_and(|c| c >= 200) {
+                    self.node
+                        .with_engine(|e| e.on_answer(now, info.phone, &msg, info.had_credentials));
+                }
+            }
+            action
+        };
+        let request = msg.is_request();
+        if self.send(action, out, request).await {
+            stats.latency(t0.elapsed().as_micros() as u64);
+        }
+    }
+
+    /// Send an action's output. Returns true when a forward went out.
+    async fn send(self: &Arc<Self>, action: Action, out: &[u8], request: bool) -> bool {
+        let stats = &self.node.stats;
+        match action {
+            Action::Drop(r) => {
+                stats.drop(r);
+                false
+            }
+            Action::Reply { to } => {
+                if self.transports.send(to, out).await.is_ok() {
+                    stats
+                        .replies_sent
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                false
+            }
+            Action::Forward { to } => match self.send_to(to, out).await {
+                Ok(()) => {
+                    stats.forwarded(request);
+                    true
+                }
+                Err(r) => {
+                    stats.drop(r);
+                    false
+                }
+            },
+        }
+    }
+
+    /// Send, opening a TCP connection to the upstream on demand.
+    async fn send_to(self: &Arc<Self>, to: Flow, out: &[u8]) -> Result<(), DropReason> {
+        let upstream = self.router.read().upstream();
+        match self.transports.send(to, out).await {
+            Err(DropReason::NoRoute) if to.transport == Transport::Tcp && to == upstream => {
+                super::tcp::connect_upstream(self, to.addr).await?;
+                self.transports.send(to, out).await
+            }
+            r => r,
+        }
+    }
+
+    async fn reply_forbidden(self: &Arc<Self>, inb: Inbound, bytes: &[u8], scratch: &mut Scratch) {
+        let framing = match inb.transport {
+            Transport::Udp => Framing::Datagram,
+            Transport::Tcp => Framing::Stream,
+        };
+        if let Ok(msg) = parse(bytes, framing) {
+            if msg.is_request() {
+                let a =
+                    self.router
+                        .read()
+                        .reply(&inb, &msg, 403, "Forbidden", "", &mut scratch.out);
+                self.send(a, &scratch.out, false).await;
+            }
+        }
+    }
+}

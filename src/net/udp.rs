@@ -1,0 +1,41 @@
+//! UDP listener: a few receive loops per socket share it, each with its own buffers.
+
+use std::sync::Arc;
+
+use tokio::net::UdpSocket;
+
+use super::handler::{Scratch, Shared};
+use crate::proxy::Inbound;
+use crate::stats::Transport;
+
+/// Receive datagrams until `shutdown` resolves.
+pub async fn serve(
+    sock: Arc<UdpSocket>,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    // One byte more than the limit, to tell an oversized datagram from one that fits exactly.
+    let mut buf = vec![0u8; shared.max_message_bytes.max(65_535) + 1];
+    let mut scratch = Scratch::default();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            r = sock.recv_from(&mut buf) => match r {
+                Ok((n, src)) => {
+                    let inb = Inbound { transport: Transport::Udp, src: canonical(src) };
+                    shared.handle(inb, &buf[..n], &mut scratch).await;
+                }
+                Err(e) => {
+                    // ICMP port unreachable surfaces here on some systems; keep serving.
+                    tracing::debug!(error = %e, "udp receive error");
+                }
+            }
+        }
+    }
+}
+
+/// IPv4-mapped addresses from dual-stack sockets become plain IPv4.
+pub fn canonical(a: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(crate::blocks::canonical_ip(a.ip()), a.port())
+}

@@ -1,0 +1,131 @@
+//! One running sipwarden: the engine behind a lock, the counters, the config, and the channel
+//! that carries state changes to the state task (persistence, cluster, notifications, logs).
+
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::blocks::Event;
+use crate::clock::{Clock, Millis};
+use crate::config::Config;
+use crate::engine::Engine;
+use crate::stats::Stats;
+
+/// Queued state changes waiting for the state task. Bounded: an attacker who makes blocks
+/// faster than the disk takes them loses persistence of some (never their enforcement, which is
+/// in memory); `Stats::events_dropped` counts them.
+pub const EVENT_QUEUE: usize = 65_536;
+
+/// A batch of events, with an acknowledgement sent once they are durable.
+pub struct Batch {
+    pub events: Vec<Event>,
+    pub ack: Option<oneshot::Sender<()>>,
+}
+
+pub struct Node {
+    config: RwLock<Arc<Config>>,
+    engine: Mutex<Engine>,
+    pub stats: Stats,
+    pub clock: Clock,
+    events: mpsc::Sender<Batch>,
+}
+
+impl Node {
+    /// A node and the receiving end of its state-change channel (for the state task).
+    pub fn new(cfg: Config) -> (Arc<Node>, mpsc::Receiver<Batch>) {
+        let clock = Clock::new();
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
+        let engine = Engine::new(&cfg, clock.now());
+        let node = Node {
+            config: RwLock::new(Arc::new(cfg)),
+            engine: Mutex::new(engine),
+            stats: Stats::default(),
+            clock,
+            events: tx,
+        };
+        (Arc::new(node), rx)
+    }
+
+    pub fn now(&self) -> Millis {
+        self.clock.now()
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.config.read().clone()
+    }
+
+    /// Swap in a validated config; the engine keeps its state.
+    pub fn reconfigure(&self, cfg: Config) {
+        let now = self.now();
+        self.with_engine(|e| e.reconfigure(&cfg, now));
+        *self.config.write() = Arc::new(cfg);
+    }
+
+    /// Run `f` on the engine, then hand any state changes it made to the state task without
+    /// waiting. For the packet path.
+    pub fn with_engine<R>(&self, f: impl FnOnce(&mut Engine) -> R) -> R {
+        let (r, events) = {
+            let mut e = self.engine.lock();
+            let r = f(&mut e);
+            let ev = if e.has_events() {
+                e.take_events()
+            } else {
+                Vec::new()
+            };
+            (r, ev)
+        };
+        if !events.is_empty() {
+            let n = events.len() as u64;
+            if self.events.try_send(Batch { events, ack: None }).is_err() {
+                self.stats
+                    .events_dropped
+                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    /// Run `f` on the engine and wait until the state changes it made are durable. For the
+    /// admin API: a 200 means the change survives a crash.
+    pub async fn with_engine_durable<R>(&self, f: impl FnOnce(&mut Engine) -> R) -> R {
+        let (r, events) = {
+            let mut e = self.engine.lock();
+            let r = f(&mut e);
+            (r, e.take_events())
+        };
+        if events.is_empty() {
+            return r;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self
+            .events
+            .send(Batch {
+                events,
+                ack: Some(tx),
+            })
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+        r
+    }
+
+    /// Wait until every state change queued so far is durable.
+    pub async fn flush(&self) {
+        let (tx, rx) = oneshot::channel();
+        let batch = Batch {
+            events: Vec::new(),
+            ack: Some(tx),
+        };
+        if self.events.send(batch).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// Read-only access to the engine (block table, lists) for the admin surface.
+    pub fn inspect<R>(&self, f: impl FnOnce(&Engine) -> R) -> R {
+        f(&self.engine.lock())
+    }
+}

@@ -1,0 +1,111 @@
+//! Our entries in Route, Record-Route and Path.
+
+use super::{flow, Flow, Router};
+use crate::stats::Transport;
+use crate::wire::uri::{NameAddr, Uri};
+use crate::wire::{split_commas, Edits, HeaderName, Message, Span};
+
+#[derive(Debug, Default)]
+pub struct Popped {
+    pub count: usize,
+    /// The flow named by the first popped entry that carried a token.
+    pub flow: Option<Flow>,
+}
+
+/// Pop the consecutive Route entries at the top that are ours (§16.4 loose routing).
+pub fn pop_ours(r: &Router, msg: &Message<'_>, edits: &mut Edits) -> Popped {
+    let buf = msg.buf;
+    let mut popped = Popped::default();
+    for h in msg.all(HeaderName::Route) {
+        let mut remaining_at = None;
+        for el in split_commas(h.value.of(buf), h.value.start as usize) {
+            let uri = NameAddr::parse(buf, el).and_then(|n| Uri::parse(buf, n.uri));
+            let Some(u) = uri else {
+                remaining_at = Some(el.start);
+                break;
+            };
+            let token = flow::decode(&r.cfg.key, u.user(buf));
+            if token.is_none() && !r.is_ours(u.host.of(buf), u.port) {
+                remaining_at = Some(el.start);
+                break;
+            }
+            popped.count += 1;
+            popped.flow = popped.flow.or(token);
+        }
+        match remaining_at {
+            None => edits.delete(h.line),
+            Some(at) => {
+                if at > h.value.start {
+                    edits.delete(Span::new(h.value.start as usize, at as usize));
+                }
+                return popped;
+            }
+        }
+    }
+    popped
+}
+
+fn transport_param(t: Transport) -> &'static str {
+    match t {
+        Transport::Udp => "",
+        Transport::Tcp => ";transport=tcp",
+    }
+}
+
+/// Record-Route with the phone's flow token; two entries when the two sides differ (RFC 3261
+/// §16.6 step 4, "double Record-Route"): the top one faces the next hop.
+pub fn record_route(
+    r: &Router,
+    msg: &Message<'_>,
+    in_t: Transport,
+    out_t: Transport,
+    phone: &Flow,
+    edits: &mut Edits,
+) {
+    let at = msg
+        .header(HeaderName::RecordRoute)
+        .map_or(msg.headers_end, |h| h.line.start as usize);
+    let token = flow::to_string(&r.cfg.key, phone);
+    let out_adv = r.advertised(out_t);
+    let in_adv = r.advertised(in_t);
+    edits.insert_fmt(
+        at,
+        format_args!(
+            "Record-Route: <sip:{token}@{}:{}{};lr>\r\n",
+            out_adv.host,
+            out_adv.port,
+            transport_param(out_t)
+        ),
+    );
+    if out_adv != in_adv || in_t != out_t {
+        edits.insert_fmt(
+            at,
+            format_args!(
+                "Record-Route: <sip:{token}@{}:{}{};lr>\r\n",
+                in_adv.host,
+                in_adv.port,
+                transport_param(in_t)
+            ),
+        );
+    }
+}
+
+/// Path (RFC 3327) on a phone's REGISTER: the PBX will route requests for this binding through
+/// us, and the token names the phone's real transport address.
+pub fn add_path(r: &Router, msg: &Message<'_>, phone: &Flow, edits: &mut Edits) {
+    let at = msg
+        .header(HeaderName::Path)
+        .map_or(msg.headers_end, |h| h.line.start as usize);
+    let up = r.upstream.transport;
+    let adv = r.advertised(up);
+    let token = flow::to_string(&r.cfg.key, phone);
+    edits.insert_fmt(
+        at,
+        format_args!(
+            "Path: <sip:{token}@{}:{}{};lr;ob>\r\n",
+            adv.host,
+            adv.port,
+            transport_param(up)
+        ),
+    );
+}
