@@ -185,13 +185,50 @@ fn upstream_flow(cfg: &Config, addr: SocketAddr) -> Flow {
 /// A request to reload the config file, answered with the outcome.
 pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
 
+/// A started node: its tasks run until [`Running::shutdown`].
+pub struct Running {
+    pub node: Arc<Node>,
+    /// Sends reload requests (what SIGHUP and the admin API use).
+    pub reload: mpsc::Sender<ReloadRequest>,
+    stop_tx: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    state_task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Graceful shutdown: stop accepting, let tasks finish, flush state.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        let _ = self.stop_tx.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        // Flush: acknowledged after everything queued before it is durable.
+        self.node.flush().await;
+        self.state_task.abort();
+    }
+}
+
 /// Run a node until `shutdown` resolves. `config_path` enables reload (SIGHUP, API).
 pub async fn run(
     cfg: Config,
     config_path: Option<PathBuf>,
     bound: Bound,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    shutdown: impl Future<Output = ()>,
 ) -> Result<Arc<Node>, ServerError> {
+    let running = start(cfg, config_path, bound).await?;
+    shutdown.await;
+    let node = running.node.clone();
+    running.shutdown().await;
+    Ok(node)
+}
+
+/// Start every task of a node on already-bound sockets.
+pub async fn start(
+    cfg: Config,
+    config_path: Option<PathBuf>,
+    bound: Bound,
+) -> Result<Running, ServerError> {
     let (node, events_rx) = Node::new(cfg.clone());
     let state_task = tokio::spawn(crate::state::run(events_rx, node.clone()));
 
@@ -352,19 +389,15 @@ pub async fn run(
             }
         }));
     }
-    let _ = (&bound.admin, &bound.tftp, &reload_tx);
+    let _ = (&bound.admin, &bound.tftp);
 
-    shutdown.await;
-    tracing::info!("shutting down");
-    let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
-    }
-    // Flush: an empty durable batch is acknowledged after everything queued before it.
-    node.flush().await;
-    drop(shared);
-    state_task.abort();
-    Ok(node)
+    Ok(Running {
+        node,
+        reload: reload_tx,
+        stop_tx,
+        tasks,
+        state_task,
+    })
 }
 
 /// Load, validate and apply the config file. Listener addresses need a restart; everything

@@ -93,6 +93,9 @@ pub struct Engine {
     auth: AuthTracker,
     anomalies: LruCache<IpNet, (Window, Vec<String>)>,
     options: LruCache<IpNet, Window>,
+    /// The last User-Agent seen from each source, for the block table's Device column when a
+    /// block comes from the PBX's answers (which carry the PBX's Server header, not the UA).
+    devices: LruCache<IpNet, Box<str>>,
     events: Vec<Event>,
 }
 
@@ -118,6 +121,7 @@ impl Engine {
             auth: AuthTracker::new(cap),
             anomalies: LruCache::new(nonzero(cap)),
             options: LruCache::new(nonzero(cap)),
+            devices: LruCache::new(nonzero(cap / 4 + 1)),
             events: Vec::new(),
             clock,
         };
@@ -141,6 +145,7 @@ impl Engine {
         self.auth.resize(cap);
         self.anomalies.resize(nonzero(cap));
         self.options.resize(nonzero(cap));
+        self.devices.resize(nonzero(cap / 4 + 1));
         for kind in [ListKind::Whitelist, ListKind::Blacklist] {
             let nets = match kind {
                 ListKind::Whitelist => &cfg.lists.whitelist,
@@ -305,6 +310,12 @@ impl Engine {
         }
 
         let method = msg.method().unwrap_or(Method::Other);
+        if !ua.is_empty()
+            && matches!(method, Method::Register | Method::Invite | Method::Options)
+            && self.devices.get(&net).is_none_or(|d| d.as_bytes() != ua)
+        {
+            self.devices.put(net, printable(ua, 80).into());
+        }
         if msg.has_credentials() && matches!(method, Method::Register | Method::Invite) {
             self.auth.saw_credentials(now, net);
         }
@@ -493,10 +504,14 @@ impl Engine {
         let threshold = self.cfg.register.block_threshold;
         let to_blacklist =
             enforced && threshold > 0 && strike.count >= threshold && d.key.port.is_none();
+        let device = match (device, self.devices.peek(&d.key.net)) {
+            ("", Some(seen)) => seen.to_string(),
+            (given, _) => given.to_string(),
+        };
         let mut block = Block {
             key: d.key,
             kind: d.kind,
-            device: device.to_string(),
+            device,
             reason: d.reason,
             blocked_at: now,
             expires_at: Some(now.saturating_add(duration.as_millis() as Millis)),
@@ -778,6 +793,7 @@ impl Engine {
             + self.anomalies.len()
             + self.options.len()
             + self.strikes.len()
+            + self.devices.len()
     }
 }
 

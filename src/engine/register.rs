@@ -228,7 +228,11 @@ impl AuthTracker {
             ));
         }
 
-        let kind = if is_register {
+        // Failures without credentials across several users are enumeration, not guessing.
+        let enumerating = !a.had_credentials && enumerated >= 3;
+        let kind = if enumerating {
+            BlockType::Scan
+        } else if is_register {
             BlockType::Register
         } else {
             BlockType::Invite
@@ -277,7 +281,11 @@ impl AuthTracker {
             Some(Detection {
                 key: BlockKey::whole(net),
                 kind,
-                reason: format!("{n_ip} failed {what} within {period}"),
+                reason: if enumerating {
+                    format!("extension enumeration: {n_ip} {what} for {enumerated} distinct users rejected within {period}")
+                } else {
+                    format!("{n_ip} failed {what} within {period}")
+                },
                 duration: reg.block_time,
                 evidence,
             })

@@ -333,16 +333,17 @@ impl Router {
     fn stamp_via(&self, buf: &[u8], top: &Via, src: SocketAddr, edits: &mut Edits) {
         let ip = crate::blocks::canonical_ip(src.ip());
         let end = top.element.end as usize;
-        match top.received {
-            Some(r) => edits.replace_fmt(r, format_args!("{ip}")),
-            None => edits.insert_fmt(end, format_args!(";received={ip}")),
-        }
         match top.rport {
             Rport::Empty(name) => {
                 edits.insert_fmt(name.end as usize, format_args!("={}", src.port()))
             }
             Rport::Value(v, _) => edits.replace_fmt(v, format_args!("{}", src.port())),
             Rport::Absent => edits.insert_fmt(end, format_args!(";rport={}", src.port())),
+        }
+        // After rport: an empty `;rport` at the very end takes its value at the same offset.
+        match top.received {
+            Some(r) => edits.replace_fmt(r, format_args!("{ip}")),
+            None => edits.insert_fmt(end, format_args!(";received={ip}")),
         }
         let _ = buf;
     }
