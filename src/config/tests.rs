@@ -1,1 +1,83 @@
+use super::*;
 
+fn err(text: &str) -> String {
+    match Config::from_toml(text) {
+        Ok(_) => panic!("accepted: {text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn empty_file_is_the_default_config() {
+    let c = Config::from_toml("").unwrap();
+    assert_eq!(c.register.hit_count, 5);
+    assert_eq!(
+        c.sip.listen_udp,
+        vec!["0.0.0.0:5060".parse::<SocketAddr>().unwrap()]
+    );
+    assert_eq!(c.upstream.incoming, IncomingMode::Path);
+}
+
+/// The shipped proxy.toml parses, and says exactly what the defaults are.
+#[test]
+fn shipped_proxy_toml_is_valid_and_matches_the_defaults() {
+    let text = include_str!("../../proxy.toml");
+    let shipped = Config::from_toml(text).unwrap();
+    let default = Config::from_toml("").unwrap();
+    assert_eq!(shipped.to_toml(), default.to_toml());
+}
+
+/// The README's annotated config is the shipped file, byte for byte.
+#[test]
+fn readme_shows_the_shipped_config() {
+    let readme = include_str!("../../README.md");
+    let text = include_str!("../../proxy.toml");
+    assert!(
+        readme.contains(text.trim()),
+        "README.md must embed proxy.toml verbatim"
+    );
+}
+
+#[test]
+fn unknown_keys_wrong_types_and_bad_values_name_the_key() {
+    assert!(
+        err("[register]\nhit_cont = 5\n").contains("register"),
+        "{}",
+        err("[register]\nhit_cont = 5\n")
+    );
+    assert!(err("[register]\nhit_cont = 5\n").contains("hit_cont"));
+    assert!(err("[bogus]\nx = 1\n").contains("bogus"));
+    assert!(err("[register]\nhit_count = \"five\"\n").contains("register.hit_count"));
+    assert!(err("[register]\nblock_time = \"soon\"\n").contains("register.block_time"));
+    assert!(err("[register]\nhit_count = 0\n").contains("register.hit_count"));
+    assert!(err("[protection]\nipv6_prefix = 129\n").contains("protection.ipv6_prefix"));
+    assert!(err("[protection]\nmode = \"panic\"\n").contains("protection.mode"));
+    assert!(err("[lists]\nwhitelist = [\"10.0.0.0/33\"]\n").contains("lists.whitelist"));
+    assert!(err("[upstream]\naddress = \"pbx:99999\"\n").contains("upstream.address"));
+    assert!(err("[sip]\nlisten_udp = [\"nowhere\"]\n").contains("sip.listen_udp"));
+    assert!(err("[admin]\nlisten = \"0.0.0.0:8080\"\n").contains("admin.token"));
+    assert!(Config::from_toml("[admin]\nlisten = \"0.0.0.0:8080\"\ntoken = \"s3cret\"\n").is_ok());
+}
+
+#[test]
+fn upstream_forms() {
+    let u = |s: &str| parse_upstream(s, TransportKind::Udp);
+    assert_eq!(
+        u("127.0.0.1:5080").unwrap().literal(),
+        Some("127.0.0.1:5080".parse().unwrap())
+    );
+    assert_eq!(u("pbx.example.com").unwrap().port, None);
+    assert_eq!(u("pbx.example.com:5070").unwrap().port, Some(5070));
+    let t = u("sip:pbx.example.com;transport=tcp").unwrap();
+    assert_eq!(
+        (t.host.as_str(), t.transport),
+        ("pbx.example.com", TransportKind::Tcp)
+    );
+    assert_eq!(
+        u("[2001:db8::1]:5060").unwrap().literal(),
+        Some("[2001:db8::1]:5060".parse().unwrap())
+    );
+    assert!(u("").is_err());
+    assert!(u("bad host").is_err());
+    assert!(u("sip:x;transport=sctp").is_err());
+}
