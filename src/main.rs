@@ -107,8 +107,6 @@ async fn run(cfg: Config, path: std::path::PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn admin_command(_cfg: &Config, cmd: &Command) -> Result<(), String> {
-    Err(format!(
-        "{cmd:?}: the admin client is not built into this binary yet"
-    ))
+async fn admin_command(cfg: &Config, cmd: &Command) -> Result<(), String> {
+    sipwarden::admin::client::run(cfg, cmd).await
 }

@@ -1,0 +1,378 @@
+//! Prometheus metrics (OpenMetrics text): a collector that reads the node's counters at scrape
+//! time, plus counts of state events ([`record_event`], called by the state task for every
+//! event) and the per-minute history behind the dashboard's chart.
+//!
+//! Every known label value is always rendered, zeros included, so `rate()` and alerts work from
+//! the first scrape.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use parking_lot::Mutex;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use super::history::{History, HistoryView};
+use crate::blocks::{BlockType, Event, UnblockReason};
+use crate::clock::Millis;
+use crate::node::Node;
+use crate::stats::{DropReason, Stats, LATENCY_BUCKETS_US};
+
+const TYPES: usize = BlockType::ALL.len();
+const WHYS: [UnblockReason; 4] = [
+    UnblockReason::Expired,
+    UnblockReason::Manual,
+    UnblockReason::Evicted,
+    UnblockReason::Whitelisted,
+];
+
+fn why_str(w: UnblockReason) -> &'static str {
+    match w {
+        UnblockReason::Expired => "expired",
+        UnblockReason::Manual => "manual",
+        UnblockReason::Evicted => "evicted",
+        UnblockReason::Whitelisted => "whitelisted",
+    }
+}
+
+/// Counts of state events since start, by block type.
+#[derive(Debug)]
+pub struct EventCounters {
+    blocks: [AtomicU64; TYPES],
+    /// Would-be blocks in observe mode.
+    observed: [AtomicU64; TYPES],
+    unblocks: [[AtomicU64; WHYS.len()]; TYPES],
+    history: Mutex<History>,
+}
+
+impl EventCounters {
+    pub const fn new() -> Self {
+        Self {
+            blocks: [const { AtomicU64::new(0) }; TYPES],
+            observed: [const { AtomicU64::new(0) }; TYPES],
+            unblocks: [const { [const { AtomicU64::new(0) }; WHYS.len()] }; TYPES],
+            history: parking_lot::const_mutex(History::new()),
+        }
+    }
+
+    /// Count one event; `now` dates the events that carry no time of their own (alerts).
+    pub fn record(&self, ev: &Event, now: Millis) {
+        match ev {
+            Event::Blocked(b) => {
+                let c = if b.enforced {
+                    &self.blocks
+                } else {
+                    &self.observed
+                };
+                c[b.kind as usize].fetch_add(1, Ordering::Relaxed);
+                self.history.lock().block(b.blocked_at, b.kind);
+            }
+            Event::Unblocked { kind, why, .. } => {
+                self.unblocks[*kind as usize][*why as usize].fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Alert { .. } => self.history.lock().alert(now),
+            Event::ListAdded { .. } | Event::ListRemoved { .. } | Event::Strikes { .. } => {}
+        }
+    }
+
+    pub fn history(&self, now: Millis) -> HistoryView {
+        self.history.lock().view(now)
+    }
+}
+
+impl Default for EventCounters {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The process's event counters, fed by the state task through [`record_event`].
+pub static EVENTS: EventCounters = EventCounters::new();
+
+/// Count a state event for metrics and the dashboard's history. Cheap: a few atomics and a
+/// short lock for blocks and alerts.
+pub fn record_event(ev: &Event) {
+    EVENTS.record(ev, crate::clock::wall_ms());
+}
+
+/// Render the node's metrics in the OpenMetrics text format (what `/metrics` serves).
+pub fn render(node: &std::sync::Arc<Node>, events: &'static EventCounters) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(NodeCollector {
+        node: node.clone(),
+        events,
+    }));
+    let mut out = String::with_capacity(8 * 1024);
+    if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
+        out.clear();
+    }
+    out
+}
+
+struct NodeCollector {
+    node: std::sync::Arc<Node>,
+    events: &'static EventCounters,
+}
+
+impl std::fmt::Debug for NodeCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NodeCollector")
+    }
+}
+
+type Enc<'a> = DescriptorEncoder<'a>;
+type R = Result<(), std::fmt::Error>;
+
+fn counter(e: &mut Enc<'_>, name: &str, help: &str, v: u64) -> R {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    m.encode_counter::<NoLabelSet, u64, u64>(&v, None)
+}
+
+fn gauge(e: &mut Enc<'_>, name: &str, help: &str, v: u64) -> R {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    m.encode_gauge(&v)
+}
+
+/// A metric with one label: `rows` are (label value, value).
+fn labelled(
+    e: &mut Enc<'_>,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    label: &str,
+    rows: &[(&str, u64)],
+) -> R {
+    let counter = matches!(kind, MetricType::Counter);
+    let mut m = e.encode_descriptor(name, help, None, kind)?;
+    for (value, v) in rows {
+        let labels = [(label, *value)];
+        let mut f = m.encode_family(&labels)?;
+        if counter {
+            f.encode_counter::<NoLabelSet, u64, u64>(v, None)?;
+        } else {
+            f.encode_gauge(v)?;
+        }
+    }
+    Ok(())
+}
+
+fn by_type(counts: &[AtomicU64; TYPES]) -> Vec<(&'static str, u64)> {
+    BlockType::ALL
+        .iter()
+        .map(|t| (t.as_str(), counts[*t as usize].load(Ordering::Relaxed)))
+        .collect()
+}
+
+impl Collector for NodeCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> R {
+        let node = &self.node;
+        let s = &node.stats;
+        let g = Stats::get;
+
+        let version = [("version", env!("CARGO_PKG_VERSION"))];
+        e.encode_descriptor("sipwarden_build", "sipwarden build", None, MetricType::Info)?
+            .encode_info(&version)?;
+
+        labelled(
+            &mut e,
+            "sipwarden_sip_packets_received",
+            "SIP packets received from phones and the PBX, by transport.",
+            MetricType::Counter,
+            "transport",
+            &[("udp", g(&s.packets_in_udp)), ("tcp", g(&s.packets_in_tcp))],
+        )?;
+        labelled(
+            &mut e,
+            "sipwarden_sip_forwarded",
+            "SIP messages forwarded, by kind.",
+            MetricType::Counter,
+            "kind",
+            &[
+                ("request", g(&s.requests_forwarded)),
+                ("response", g(&s.responses_forwarded)),
+            ],
+        )?;
+        let drops: Vec<_> = DropReason::ALL
+            .iter()
+            .map(|r| (r.as_str(), s.dropped(*r)))
+            .collect();
+        labelled(
+            &mut e,
+            "sipwarden_sip_dropped",
+            "SIP packets not forwarded, by reason.",
+            MetricType::Counter,
+            "reason",
+            &drops,
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_sip_replies_sent",
+            "SIP responses sipwarden generated itself (403, 483, 503, ...).",
+            g(&s.replies_sent),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_sip_keepalives",
+            "Keep-alive packets (CRLF) received.",
+            g(&s.keepalives),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_tcp_connections",
+            "TCP connections accepted.",
+            g(&s.tcp_connections),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_tcp_rejected",
+            "TCP connections refused by the connection limits.",
+            g(&s.tcp_rejected),
+        )?;
+
+        let (active, observed, tracked, white, black) = node.inspect(|eng| {
+            let mut active = [0u64; TYPES];
+            let mut observed = 0u64;
+            for b in eng.blocks() {
+                if b.enforced {
+                    active[b.kind as usize] += 1;
+                } else {
+                    observed += 1;
+                }
+            }
+            let l = eng.lists();
+            (
+                active,
+                observed,
+                eng.tracked() as u64,
+                l.len(crate::blocks::ListKind::Whitelist) as u64,
+                l.len(crate::blocks::ListKind::Blacklist) as u64,
+            )
+        });
+        let rows: Vec<_> = BlockType::ALL
+            .iter()
+            .map(|t| (t.as_str(), active[*t as usize]))
+            .collect();
+        labelled(
+            &mut e,
+            "sipwarden_blocks_active",
+            "Blocks in force, by type.",
+            MetricType::Gauge,
+            "type",
+            &rows,
+        )?;
+        gauge(
+            &mut e,
+            "sipwarden_blocks_observed_active",
+            "Would-be blocks shown in observe mode (nothing is dropped for them).",
+            observed,
+        )?;
+        labelled(
+            &mut e,
+            "sipwarden_list_entries",
+            "Entries in the whitelist and the static blacklist.",
+            MetricType::Gauge,
+            "list",
+            &[("whitelist", white), ("blacklist", black)],
+        )?;
+        gauge(
+            &mut e,
+            "sipwarden_tracked_sources",
+            "Entries held by the detectors (bounded by protection.tracked_sources each).",
+            tracked,
+        )?;
+
+        let ev = self.events;
+        labelled(
+            &mut e,
+            "sipwarden_blocks",
+            "Blocks made, by type.",
+            MetricType::Counter,
+            "type",
+            &by_type(&ev.blocks),
+        )?;
+        labelled(
+            &mut e,
+            "sipwarden_observed_blocks",
+            "Would-be blocks detected in observe mode, by type.",
+            MetricType::Counter,
+            "type",
+            &by_type(&ev.observed),
+        )?;
+        {
+            let mut m = e.encode_descriptor(
+                "sipwarden_unblocks",
+                "Blocks lifted, by type and why.",
+                None,
+                MetricType::Counter,
+            )?;
+            for t in BlockType::ALL {
+                for w in WHYS {
+                    let v = ev.unblocks[t as usize][w as usize].load(Ordering::Relaxed);
+                    let labels = [("type", t.as_str()), ("why", why_str(w))];
+                    m.encode_family(&labels)?
+                        .encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
+                }
+            }
+        }
+        counter(
+            &mut e,
+            "sipwarden_alerts",
+            "Alerts that are not blocks (INVITE flood episodes, accounts under attack).",
+            g(&s.alerts),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_state_events_dropped",
+            "State changes not persisted because the state queue was full.",
+            g(&s.events_dropped),
+        )?;
+
+        counter(
+            &mut e,
+            "sipwarden_tftp_requests",
+            "TFTP requests received.",
+            g(&s.tftp_requests),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_tftp_transfers",
+            "TFTP transfers relayed.",
+            g(&s.tftp_transfers),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_tftp_limited",
+            "TFTP requests refused by the per-source rate limit.",
+            g(&s.tftp_limited),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_tftp_dropped",
+            "TFTP requests dropped (blocked sources, limits).",
+            g(&s.tftp_dropped),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_tftp_malformed",
+            "TFTP packets that could not be parsed.",
+            g(&s.tftp_malformed),
+        )?;
+
+        let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_US
+            .iter()
+            .zip(&s.latency_buckets)
+            .map(|(le, n)| (*le as f64 / 1e6, g(n)))
+            .collect();
+        let count = g(&s.latency_count);
+        let in_buckets: u64 = buckets.iter().map(|(_, n)| n).sum();
+        buckets.push((f64::MAX, count.saturating_sub(in_buckets)));
+        let mut m = e.encode_descriptor(
+            "sipwarden_forward_latency",
+            "Time from receiving a SIP message to sending it on.",
+            Some(&Unit::Seconds),
+            MetricType::Histogram,
+        )?;
+        m.encode_histogram::<NoLabelSet>(g(&s.latency_sum_us) as f64 / 1e6, count, &buckets, None)
+    }
+}
