@@ -7,21 +7,28 @@
 //! - [`proxy`]: stateless RFC 3261 §16.11 routing decisions (Via, Record-Route, Path, flows).
 //! - [`engine`]: the protection decisions, sans-I/O: one verdict per packet.
 //! - [`blocks`]: the block table, white- and blacklists, state events.
+//! - [`state`]: the state task: durable store (redb), restore at start.
+//! - [`cluster`]: block sharing between nodes through Redis.
 //! - [`net`]: sockets: UDP, TCP, TFTP relay, upstream resolution.
 //! - [`admin`]: HTTP API, dashboard, metrics, CLI client.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
+pub mod admin;
 pub mod blocks;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod geoip;
 pub mod net;
 pub mod node;
+pub mod notify;
 pub mod proxy;
 pub mod server;
 pub mod state;
 pub mod stats;
+pub mod tftp;
 pub mod util;
 pub mod wire;

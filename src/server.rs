@@ -27,6 +27,10 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("{0}")]
     Other(String),
 }
@@ -48,8 +52,8 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
-        // Dual-stack on [::] so one socket serves both families, as phones expect.
-        let _ = s.set_only_v6(false);
+        // IPv6 only: list "0.0.0.0:5060" and "[::]:5060" side by side for both families.
+        s.set_only_v6(true)?;
     }
     // Large buffers absorb bursts (a REGISTER storm after a power cut) instead of dropping.
     let _ = s.set_recv_buffer_size(4 << 20);
@@ -57,6 +61,19 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
+}
+
+fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    s.listen(1024)?;
+    TcpListener::from_std(s.into())
 }
 
 pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
@@ -76,8 +93,7 @@ pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
     }
     for &addr in &cfg.sip.listen_tcp {
         b.tcp.push(
-            TcpListener::bind(addr)
-                .await
+            tcp_listener(addr)
                 .map_err(|source| ServerError::Bind {
                     what: "SIP TCP",
                     addr,
@@ -192,11 +208,11 @@ pub struct Running {
     pub reload: mpsc::Sender<ReloadRequest>,
     stop_tx: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    state_task: tokio::task::JoinHandle<()>,
+    state: crate::state::Handle,
 }
 
 impl Running {
-    /// Graceful shutdown: stop accepting, let tasks finish, flush state.
+    /// Graceful shutdown: stop accepting, let tasks finish, flush state, close the store.
     pub async fn shutdown(self) {
         tracing::info!("shutting down");
         let _ = self.stop_tx.send(true);
@@ -205,7 +221,7 @@ impl Running {
         }
         // Flush: acknowledged after everything queued before it is durable.
         self.node.flush().await;
-        self.state_task.abort();
+        self.state.close().await;
     }
 }
 
@@ -230,7 +246,25 @@ pub async fn start(
     bound: Bound,
 ) -> Result<Running, ServerError> {
     let (node, events_rx) = Node::new(cfg.clone());
-    let state_task = tokio::spawn(crate::state::run(events_rx, node.clone()));
+    // Restore before anything serves: a source blocked before the restart (or the crash) is
+    // dropped from the first packet on.
+    let store = crate::state::Store::open(&cfg.state.path)?;
+    let restored = crate::state::restore(&node, &store)?;
+    tracing::info!(
+        path = %cfg.state.path,
+        blocks = restored.blocks,
+        list_entries = restored.list_entries,
+        strikes = restored.strikes,
+        expired_while_down = restored.stale_blocks,
+        undecodable = restored.undecodable,
+        "state restored"
+    );
+    let cluster = if cfg.cluster.redis_url.is_empty() {
+        None
+    } else {
+        Some(crate::cluster::Cluster::start(&cfg.cluster.redis_url, node.clone()).await?)
+    };
+    let state = crate::state::Handle::spawn(events_rx, node.clone(), Some(store), cluster);
 
     let resolver = Arc::new(Resolver::new());
     let target = cfg.upstream_target();
@@ -362,6 +396,9 @@ pub async fn start(
                     None => Err("no config file to reload".to_string()),
                     Some(p) => reload(&node, p),
                 };
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "config reload refused; the running config is unchanged");
+                }
                 let _ = req.send(result);
             }
         }));
@@ -389,14 +426,23 @@ pub async fn start(
             }
         }));
     }
-    let _ = (&bound.admin, &bound.tftp);
+    // The admin surface: dashboard, JSON API, /metrics (wired by the admin module's author).
+    if let Some(listener) = bound.admin {
+        let (node, reload, stop) = (node.clone(), reload_tx.clone(), stopped());
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = crate::admin::serve(listener, node, Some(reload), stop).await {
+                tracing::error!(error = %e, "admin API stopped");
+            }
+        }));
+    }
+    let _ = &bound.tftp;
 
     Ok(Running {
         node,
         reload: reload_tx,
         stop_tx,
         tasks,
-        state_task,
+        state,
     })
 }
 
@@ -409,8 +455,12 @@ pub fn reload(node: &Node, path: &std::path::Path) -> Result<(), String> {
         || cfg.sip.listen_tcp != old.sip.listen_tcp
         || cfg.admin.listen != old.admin.listen
         || cfg.upstream.address != old.upstream.address
+        || cfg.state.path != old.state.path
+        || cfg.cluster.redis_url != old.cluster.redis_url
     {
-        tracing::warn!("listen addresses and upstream.address change only on restart");
+        tracing::warn!(
+            "listen addresses, upstream.address, state.path and cluster.redis_url change only on restart"
+        );
     }
     node.reconfigure(cfg);
     tracing::info!(path = %path.display(), "config reloaded");

@@ -3,6 +3,7 @@
 
 pub mod handler;
 pub mod tcp;
+pub mod tftp;
 pub mod udp;
 pub mod upstream;
 

@@ -14,6 +14,8 @@ pub const WAIT: Duration = Duration::from_secs(3);
 
 pub struct Proxy {
     pub udp: SocketAddr,
+    /// The IPv6 UDP listener, when the config has one.
+    pub udp6: Option<SocketAddr>,
     pub tcp: SocketAddr,
     pub running: Option<Running>,
     pub _dir: tempfile::TempDir,
@@ -47,10 +49,16 @@ pub async fn start(pbx: SocketAddr, tune: impl FnOnce(&mut Config)) -> Proxy {
     let cfg = cfg.validate().expect("valid test config");
     let bound = server::bind(&cfg).await.expect("bind");
     let udp = bound.udp[0].local_addr().unwrap();
+    let udp6 = bound
+        .udp
+        .iter()
+        .filter_map(|s| s.local_addr().ok())
+        .find(|a| a.is_ipv6());
     let tcp = bound.tcp[0].local_addr().unwrap();
     let running = server::start(cfg, None, bound).await.expect("start");
     Proxy {
         udp,
+        udp6,
         tcp,
         running: Some(running),
         _dir: dir,

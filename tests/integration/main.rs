@@ -1,5 +1,6 @@
 //! Integration tests: a real sipwarden on loopback with in-process phones and PBX.
 
+mod durability;
 mod harness;
 mod protection;
 mod proxy_core;

@@ -185,7 +185,7 @@ async fn tcp_phone_udp_pbx() {
     let pbx = Ua::bind("127.0.0.1").await;
     let proxy = start(pbx.addr, |_| {}).await;
     let mut phone = TcpUa::connect(proxy.tcp).await;
-    let contact = format!("Contact: <sip:1003@10.0.0.9:5060;transport=tcp>\r\n");
+    let contact = "Contact: <sip:1003@10.0.0.9:5060;transport=tcp>\r\n";
     let reg = request(
         "REGISTER",
         "sip:pbx.test",
@@ -195,7 +195,7 @@ async fn tcp_phone_udp_pbx() {
         "1003",
         "tcp-1",
         1,
-        &contact,
+        contact,
     );
     phone.send(&reg).await;
     let (seen, from) = pbx.recv().await;
@@ -467,4 +467,26 @@ async fn call_phone_to_phone_through_the_pbx() {
         "ours popped, the PBX's next: {remaining}"
     );
     proxy.stop().await;
+}
+
+/// A phone on IPv6 talks to a PBX on IPv4: the proxy bridges the families.
+#[tokio::test]
+async fn ipv6_phone_ipv4_pbx() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here; skipping");
+        return;
+    }
+    let pbx = Ua::bind("127.0.0.1").await;
+    let mut proxy = start(pbx.addr, |c| c.sip.listen_udp.push("[::1]:0".parse().unwrap())).await;
+    let v6 = proxy.udp6.expect("ipv6 listener");
+    let phone = Ua::bind("[::1]").await;
+    let reg = request("REGISTER", "sip:pbx.test", "UDP [2001:db8::5]:5060", "z9hG4bK6", "1001", "1001", "v6", 1, "Contact: <sip:1001@[2001:db8::5]:5060>\r\n");
+    phone.send(v6, &reg).await;
+    let (seen, from) = pbx.recv().await;
+    let v = vias(&seen);
+    assert!(v[1].contains("received=::1"), "{}", v[1]);
+    pbx.send(from, &respond(&seen, 200, "OK", "")).await;
+    let (ok, _) = phone.recv().await;
+    assert!(first_line(&ok).starts_with("SIP/2.0 200"), "{ok}");
+    proxy.running.take().expect("running").shutdown().await;
 }
