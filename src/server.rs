@@ -92,14 +92,12 @@ pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
             })?);
     }
     for &addr in &cfg.sip.listen_tcp {
-        b.tcp.push(
-            tcp_listener(addr)
-                .map_err(|source| ServerError::Bind {
-                    what: "SIP TCP",
-                    addr,
-                    source,
-                })?,
-        );
+        b.tcp
+            .push(tcp_listener(addr).map_err(|source| ServerError::Bind {
+                what: "SIP TCP",
+                addr,
+                source,
+            })?);
     }
     let addr = cfg.admin.listen;
     b.admin = Some(
