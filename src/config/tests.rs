@@ -81,3 +81,22 @@ fn upstream_forms() {
     assert!(u("bad host").is_err());
     assert!(u("sip:x;transport=sctp").is_err());
 }
+
+/// Every example config in examples/ and docker/ is valid.
+#[test]
+fn example_configs_are_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut n = 0;
+    for dir in ["examples", "docker"] {
+        for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                if let Err(e) = Config::load(&path) {
+                    panic!("{}: {e}", path.display());
+                }
+                n += 1;
+            }
+        }
+    }
+    assert!(n >= 4, "found {n} example configs");
+}
