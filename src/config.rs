@@ -636,8 +636,11 @@ impl Config {
             ));
         }
         let r = &c.cluster.redis_url;
-        if !(r.is_empty() || r.starts_with("redis://") || r.starts_with("rediss://")) {
-            return Err(invalid("cluster.redis_url", "must be a redis:// URL"));
+        if !(r.is_empty() || r.starts_with("redis://")) {
+            return Err(invalid(
+                "cluster.redis_url",
+                "must be a redis:// URL (TLS is not supported: use a private network or a tunnel)",
+            ));
         }
         tracing_subscriber::EnvFilter::try_new(&c.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;

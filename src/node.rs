@@ -23,6 +23,11 @@ pub struct Batch {
     pub ack: Option<oneshot::Sender<()>>,
 }
 
+/// A change is in force in memory but the state store did not confirm it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the change is in force but could not be saved: the state store is failing (see the log)")]
+pub struct NotDurable;
+
 pub struct Node {
     config: RwLock<Arc<Config>>,
     engine: Mutex<Engine>,
@@ -87,29 +92,32 @@ impl Node {
     }
 
     /// Run `f` on the engine and wait until the state changes it made are durable. For the
-    /// admin API: a 200 means the change survives a crash.
-    pub async fn with_engine_durable<R>(&self, f: impl FnOnce(&mut Engine) -> R) -> R {
+    /// admin API: `Ok` means the change survives a crash; `Err(NotDurable)` means it is in force
+    /// but the store could not save it (the state task logs why).
+    pub async fn with_engine_durable<R>(
+        &self,
+        f: impl FnOnce(&mut Engine) -> R,
+    ) -> Result<R, NotDurable> {
         let (r, events) = {
             let mut e = self.engine.lock();
             let r = f(&mut e);
             (r, e.take_events())
         };
         if events.is_empty() {
-            return r;
+            return Ok(r);
         }
         let (tx, rx) = oneshot::channel();
-        if self
-            .events
-            .send(Batch {
-                events,
-                ack: Some(tx),
-            })
-            .await
-            .is_ok()
-        {
-            let _ = rx.await;
+        let batch = Batch {
+            events,
+            ack: Some(tx),
+        };
+        if self.events.send(batch).await.is_err() {
+            return Err(NotDurable);
         }
-        r
+        match rx.await {
+            Ok(()) => Ok(r),
+            Err(_) => Err(NotDurable),
+        }
     }
 
     /// Wait until every state change queued so far is durable.

@@ -390,7 +390,7 @@ pub(crate) async fn add_block(
     let block = st
         .node
         .with_engine_durable(|e| e.manual_block(now, key, duration, reason.trim()))
-        .await
+        .await?
         .map_err(|m| ApiError::new(StatusCode::CONFLICT, m))?;
     let geo = st.geo.get(&cfg.geoip.database);
     Ok(Json(BlockRow::of(
@@ -410,7 +410,7 @@ pub(crate) async fn remove_block(
     let removed = st
         .node
         .with_engine_durable(|e| e.unblock(t.net, t.port))
-        .await;
+        .await?;
     if removed.is_empty() {
         let listed = st.node.inspect(|e| {
             e.lists()
@@ -465,7 +465,7 @@ async fn list_add(
     let entry = st
         .node
         .with_engine_durable(|e| e.list_add(now, kind, net, comment.trim(), "api"))
-        .await;
+        .await?;
     Ok(Json(ListRow::of(net.trunc(), &entry)))
 }
 
@@ -479,7 +479,7 @@ async fn list_remove(
     if st
         .node
         .with_engine_durable(|e| e.list_remove(kind, net))
-        .await
+        .await?
     {
         Ok(Json(serde_json::json!({ "removed": net.to_string() })))
     } else {

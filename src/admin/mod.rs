@@ -120,6 +120,12 @@ impl ApiError {
     }
 }
 
+impl From<crate::node::NotDurable> for ApiError {
+    fn from(e: crate::node::NotDurable) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = (

@@ -9,6 +9,16 @@
 //! already waiting into one write transaction (at most [`MAX_EVENTS_PER_COMMIT`] events), so the
 //! cost of a commit is shared. The disk work runs on tokio's blocking pool, never on the threads
 //! that serve packets.
+//!
+//! Decisions an operator should know:
+//! - A state file that cannot be read stops the start ([`StateError::Damaged`] names
+//!   `state.path` and says to move the file aside): starting empty would quietly unblock every
+//!   attacker and drop the run-time lists. A file left by a crash is not damaged: redb recovers
+//!   it at open.
+//! - A failed commit (disk full) is logged (rate-limited) and retried every second; the changes
+//!   stay enforced in memory, and the waiting acknowledgements are dropped rather than sent.
+//! - Events learnt from the cluster are stored too (not logged above debug, not shared again),
+//!   so a node restarting while Redis is away keeps them.
 
 pub mod restore;
 pub mod store;
@@ -120,6 +130,8 @@ struct Task {
     node: Arc<Node>,
     store: Option<Arc<Store>>,
     cluster: Option<Cluster>,
+    /// Webhook alerts for new blocks and alerts (`notify.webhook`, read at start).
+    notifier: crate::notify::Notifier,
     /// Events whose commit failed, written again before the next ones.
     retry: Vec<Event>,
     errors: ErrorLog,
@@ -178,10 +190,12 @@ fn drain(first: Batch, rx: &mut mpsc::Receiver<Batch>) -> Vec<Batch> {
 
 impl Task {
     fn new(node: Arc<Node>, store: Option<Store>, cluster: Option<Cluster>) -> Task {
+        let notifier = crate::notify::Notifier::spawn(&node.config().notify.webhook);
         Task {
             node,
             store: store.map(Arc::new),
             cluster,
+            notifier,
             retry: Vec::new(),
             errors: ErrorLog::default(),
             stats: Arc::default(),
@@ -322,6 +336,7 @@ impl Task {
         for ev in &events {
             log_event(&self.node, ev);
             crate::admin::metrics::record_event(ev);
+            self.notifier.notify(ev);
         }
         if let Some(c) = &self.cluster {
             c.publish(&events, &applied.unstored_removals);

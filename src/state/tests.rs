@@ -237,11 +237,13 @@ async fn durable_calls_are_on_disk_when_they_return() {
         e.manual_block(now, key, Some(Duration::from_secs(600)), "test")
             .unwrap()
     })
-    .await;
+    .await
+    .unwrap();
     node.with_engine_durable(|e| {
         e.list_add(now, ListKind::Blacklist, net("198.51.100.0/24"), "c", "api")
     })
-    .await;
+    .await
+    .unwrap();
     // Packet-path events (no ack) are in once a flush returns.
     node.with_engine(|e| {
         e.list_add(now, ListKind::Whitelist, net("10.1.0.0/16"), "", "api");

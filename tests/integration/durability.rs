@@ -122,7 +122,8 @@ async fn blocks_lists_and_strikes_survive_a_restart() {
         (BlockKey::whole(net("127.0.0.9")), hour),
     ] {
         node.with_engine_durable(|e| e.manual_block(now, key, d, "operator").unwrap())
-            .await;
+            .await
+            .unwrap();
     }
     node.with_engine_durable(|e| {
         e.list_add(
@@ -134,7 +135,8 @@ async fn blocks_lists_and_strikes_survive_a_restart() {
         );
         e.list_add(now, ListKind::Blacklist, net("198.51.100.0/24"), "", "api");
     })
-    .await;
+    .await
+    .unwrap();
     // A dynamic block with strikes and evidence, as a detector makes it.
     let made = node
         .with_engine_durable(|e| {
@@ -150,7 +152,8 @@ async fn blocks_lists_and_strikes_survive_a_restart() {
                 "friendly-scanner",
             )
         })
-        .await;
+        .await
+        .unwrap();
     assert!(made);
     let before = view(&node);
     assert_eq!(before.0.len(), 6);
@@ -209,7 +212,8 @@ async fn a_block_that_expires_while_down_is_gone_after_restart() {
         )
         .unwrap();
     })
-    .await;
+    .await
+    .unwrap();
     p.stop().await;
     tokio::time::sleep(Duration::from_millis(400)).await;
 
@@ -280,6 +284,14 @@ struct Binary {
 
 impl Binary {
     fn write_config(dir: &Path, pbx: SocketAddr) -> (PathBuf, SocketAddr, SocketAddr) {
+        Self::write_config_with(dir, pbx, "[log]\nlevel = \"info\"\n")
+    }
+
+    fn write_config_with(
+        dir: &Path,
+        pbx: SocketAddr,
+        extra: &str,
+    ) -> (PathBuf, SocketAddr, SocketAddr) {
         let port = loop {
             // The same number free for UDP and TCP.
             let p = free_udp_port();
@@ -296,8 +308,7 @@ impl Binary {
                 "[sip]\nlisten_udp = [\"{sip}\"]\nlisten_tcp = [\"{sip}\"]\n\
                  [upstream]\naddress = \"{pbx}\"\n\
                  [admin]\nlisten = \"{admin}\"\n\
-                 [state]\npath = \"{}\"\n\
-                 [log]\nlevel = \"info\"\n",
+                 [state]\npath = \"{}\"\n{extra}",
                 dir.join("state.db").display()
             ),
         )
@@ -579,6 +590,77 @@ async fn kill9_keeps_what_the_api_confirmed() {
     bin.terminate().await;
 }
 
+/// The IPs the binary logged as blocked (JSON log lines).
+fn logged_blocks(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["fields"]["message"] == "blocked")
+        .filter_map(|v| v["fields"]["ip"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// `kill -9` while scanners from many addresses are being blocked, three times over: every
+/// block the binary logged before it died is on disk, and the store always opens again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_under_load_loses_nothing_that_was_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let pbx = Ua::bind("127.0.0.1").await;
+    let phone = Ua::bind("127.0.0.2").await;
+    let (config, sip, admin) = Binary::write_config_with(
+        dir.path(),
+        pbx.addr,
+        "[log]\nlevel = \"info\"\nformat = \"json\"\n",
+    );
+    let mut scanners = Vec::new();
+    for i in 0..240u32 {
+        scanners.push(Ua::bind(&format!("127.0.{}.{}", 10 + i / 80, 10 + i % 80)).await);
+    }
+    let scanners = Arc::new(scanners);
+    let mut all_logged = Vec::new();
+    for round in 0..3u32 {
+        let mut bin = Binary::start(dir.path(), &config, sip, admin, round + 1);
+        bin.wait_sip(&phone, &pbx).await;
+        let s = scanners.clone();
+        let flood = tokio::spawn(async move {
+            for (n, ua) in s.iter().enumerate().skip(round as usize * 80).take(80) {
+                let _ = ua
+                    .sock
+                    .send_to(options_from(100 + n as u32, "sipvicious").as_bytes(), sip)
+                    .await;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        });
+        // Die somewhere in the middle of the flood.
+        tokio::time::sleep(Duration::from_millis(60 + 25 * round as u64)).await;
+        let log_before = bin.log_text();
+        bin.kill9();
+        let _ = flood.await;
+        let logged = logged_blocks(&log_before);
+        assert!(!logged.is_empty(), "round {round}: blocks were logged");
+        println!(
+            "round {round}: {} of 80 blocks logged before kill -9",
+            logged.len()
+        );
+        all_logged.extend(logged);
+
+        let store = Store::open(dir.path().join("state.db"))
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let on_disk: Vec<String> = store
+            .load()
+            .unwrap()
+            .blocks
+            .iter()
+            .map(|b| b.key.to_string())
+            .collect();
+        for ip in &all_logged {
+            assert!(
+                on_disk.contains(ip),
+                "round {round}: logged {ip} not on disk"
+            );
+        }
+    }
+}
+
 // ---- (d) reload --------------------------------------------------------------------------------
 
 /// A node started from a config file, so reload has something to read.
@@ -649,7 +731,8 @@ async fn reload_keeps_state_and_the_call_in_progress() {
         .unwrap();
         e.list_add(now, ListKind::Blacklist, net("198.51.100.0/24"), "", "api");
     })
-    .await;
+    .await
+    .unwrap();
 
     // A call: the INVITE is forwarded...
     let phone = Ua::bind("127.0.0.2").await;
@@ -846,7 +929,8 @@ async fn cluster_shares_blocks_between_nodes() {
         e.manual_block(now, BlockKey::whole(net("127.0.0.21")), hour, "seen on A")
             .unwrap()
     })
-    .await;
+    .await
+    .unwrap();
     assert!(eventually(5, || has_block(&nb, "127.0.0.21")).await);
     let exp = |n: &Arc<Node>| {
         n.inspect(|e| {
@@ -870,7 +954,8 @@ async fn cluster_shares_blocks_between_nodes() {
             "api",
         )
     })
-    .await;
+    .await
+    .unwrap();
     assert!(
         eventually(5, || list_source(
             &nb,
@@ -884,7 +969,8 @@ async fn cluster_shares_blocks_between_nodes() {
 
     // An unblock on A unblocks on B.
     na.with_engine_durable(|e| e.unblock(net("127.0.0.21"), None))
-        .await;
+        .await
+        .unwrap();
     assert!(eventually(5, || !has_block(&nb, "127.0.0.21")).await);
 
     // A block made on B (a detector, not the API) reaches A; no echo comes back to B as an
@@ -900,7 +986,8 @@ async fn cluster_shares_blocks_between_nodes() {
         e.manual_block(now, BlockKey::whole(net("127.0.0.23")), hour, "older")
             .unwrap()
     })
-    .await;
+    .await
+    .unwrap();
     assert!(eventually(5, || has_block(&nb, "127.0.0.23")).await);
     let c = start(pbx.addr, |c| c.cluster.redis_url = url.clone()).await;
     let nc = c.node();
@@ -925,7 +1012,8 @@ async fn cluster_shares_blocks_between_nodes() {
         )
         .unwrap()
     })
-    .await;
+    .await
+    .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let redis = Redis::start_on(port).await.unwrap();
     assert!(
@@ -936,7 +1024,8 @@ async fn cluster_shares_blocks_between_nodes() {
         e.manual_block(now, BlockKey::whole(net("127.0.0.25")), hour, "after")
             .unwrap()
     })
-    .await;
+    .await
+    .unwrap();
     assert!(eventually(20, || has_block(&nb, "127.0.0.25")).await);
 
     // What B learnt is in B's own store too (a restart without Redis keeps it).
@@ -986,7 +1075,8 @@ async fn a_node_starts_while_redis_is_down() {
         )
         .unwrap()
     })
-    .await;
+    .await
+    .unwrap();
     let redis = Redis::start_on(port).await.unwrap();
     let b = start(pbx.addr, |c| c.cluster.redis_url = url.clone()).await;
     assert!(
