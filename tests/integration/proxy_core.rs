@@ -477,10 +477,23 @@ async fn ipv6_phone_ipv4_pbx() {
         return;
     }
     let pbx = Ua::bind("127.0.0.1").await;
-    let mut proxy = start(pbx.addr, |c| c.sip.listen_udp.push("[::1]:0".parse().unwrap())).await;
+    let mut proxy = start(pbx.addr, |c| {
+        c.sip.listen_udp.push("[::1]:0".parse().unwrap())
+    })
+    .await;
     let v6 = proxy.udp6.expect("ipv6 listener");
     let phone = Ua::bind("[::1]").await;
-    let reg = request("REGISTER", "sip:pbx.test", "UDP [2001:db8::5]:5060", "z9hG4bK6", "1001", "1001", "v6", 1, "Contact: <sip:1001@[2001:db8::5]:5060>\r\n");
+    let reg = request(
+        "REGISTER",
+        "sip:pbx.test",
+        "UDP [2001:db8::5]:5060",
+        "z9hG4bK6",
+        "1001",
+        "1001",
+        "v6",
+        1,
+        "Contact: <sip:1001@[2001:db8::5]:5060>\r\n",
+    );
     phone.send(v6, &reg).await;
     let (seen, from) = pbx.recv().await;
     let v = vias(&seen);
