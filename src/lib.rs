@@ -10,6 +10,7 @@
 //! - [`state`]: the state task: durable store (redb), restore at start.
 //! - [`cluster`]: block sharing between nodes through Redis.
 //! - [`net`]: sockets: UDP, TCP, TFTP relay, upstream resolution.
+//! - [`tftp`]: the TFTP codec and the provisioning guard's decisions (sans-I/O).
 //! - [`admin`]: HTTP API, dashboard, metrics, CLI client.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]

@@ -433,7 +433,11 @@ pub async fn start(
             }
         }));
     }
-    let _ = &bound.tftp;
+    // The TFTP provisioning guard, sharing the block table with SIP.
+    if let Some(sock) = bound.tftp {
+        let (node, stop) = (node.clone(), stopped());
+        tasks.push(tokio::spawn(crate::net::tftp::run(sock, node, stop)));
+    }
 
     Ok(Running {
         node,
@@ -455,9 +459,11 @@ pub fn reload(node: &Node, path: &std::path::Path) -> Result<(), String> {
         || cfg.upstream.address != old.upstream.address
         || cfg.state.path != old.state.path
         || cfg.cluster.redis_url != old.cluster.redis_url
+        || cfg.tftp.enabled != old.tftp.enabled
+        || cfg.tftp.listen != old.tftp.listen
     {
         tracing::warn!(
-            "listen addresses, upstream.address, state.path and cluster.redis_url change only on restart"
+            "listen addresses, upstream.address, state.path, cluster.redis_url and tftp.enabled/listen change only on restart"
         );
     }
     node.reconfigure(cfg);

@@ -5,6 +5,13 @@
 //! checking each packet's type against the direction, and reports how it ended so the guard can
 //! see file-name guessing.
 //!
+//! Requests the guard limits are dropped without an answer (see [`crate::tftp::guard`]), as are
+//! requests from blocked sources, requests over the transfer caps, and malformed packets; each
+//! is counted in [`crate::stats::Stats`] (`tftp_limited`, `tftp_dropped`, `tftp_malformed`). A
+//! transfer the server never answered counts against the client's file name only if the server
+//! answered someone within the last minute: a dead provisioning server does not get phones
+//! blocked.
+//!
 //! Bounds: `tftp.max_transfers` transfers in total and `tftp.max_transfers_per_ip` per source
 //! (two sockets and one buffer of the requested block size each, so at most
 //! `max_transfers * 64 KiB` of buffers); every transfer ends after [`ANSWER_TIMEOUT`] without
@@ -33,8 +40,9 @@ use crate::tftp::codec::{Packet, Request, DEFAULT_BLKSIZE, MAX_BLKSIZE};
 use crate::tftp::guard::{Admit, Guard, Outcome, Req, Settings, WINDOW};
 use crate::util::{hash64, printable};
 
-/// The listen socket's read buffer: larger than any valid request ([`crate::tftp::codec::MAX_REQUEST`]) so an
-/// oversized one is seen whole and counted as malformed, not read truncated.
+/// The listen socket's read buffer: larger than any valid request (512 bytes,
+/// [`crate::tftp::codec::MAX_REQUEST`]) so an oversized one is seen whole and counted as
+/// malformed, not read truncated.
 const LISTEN_BUF: usize = 2048;
 /// How long a transfer waits for the server's first answer. The client retransmits its request
 /// meanwhile (each retransmission is re-sent upstream by the same transfer).
@@ -334,9 +342,12 @@ struct Transfer {
     resend: mpsc::Receiver<()>,
 }
 
-/// Where a packet is going in the loop below.
+/// What became of a packet in the loop below.
 enum Step {
+    /// Relayed: the transfer is alive.
     Continue,
+    /// Not relayed (counted): does not keep the transfer alive.
+    Dropped,
     End(Outcome),
 }
 
@@ -411,9 +422,9 @@ impl Transfer {
                     };
                     match self.on_server_packet(&mut st, &up, &client, from, &buf[..n]).await? {
                         Step::End(o) => return Ok(o),
-                        Step::Continue => {}
+                        Step::Continue => deadline = Instant::now() + self.wait(&st),
+                        Step::Dropped => {}
                     }
-                    deadline = Instant::now() + self.wait(&st);
                 }
                 r = client.readable() => {
                     r?;
@@ -425,10 +436,8 @@ impl Transfer {
                     };
                     match self.on_client_packet(&mut st, &up, &buf[..n]).await? {
                         Step::End(o) => return Ok(o),
-                        Step::Continue => {}
-                    }
-                    if st.server.is_some() {
-                        deadline = Instant::now() + self.wait(&st);
+                        Step::Continue => deadline = Instant::now() + self.wait(&st),
+                        Step::Dropped => {}
                     }
                 }
                 Some(()) = self.resend.recv(), if waiting => {
@@ -458,17 +467,17 @@ impl Transfer {
         // Only the upstream host, and once known only its transfer ID, may answer.
         if from.ip() != self.upstream.ip() || st.server.is_some_and(|s| s != from) {
             inc(&stats.tftp_dropped);
-            return Ok(Step::Continue);
+            return Ok(Step::Dropped);
         }
         if bytes.len() >= self.buf_len {
             inc(&stats.tftp_malformed);
-            return Ok(Step::Continue);
+            return Ok(Step::Dropped);
         }
         let pkt = match Packet::decode(bytes) {
             Ok(p) => p,
             Err(_) => {
                 inc(&stats.tftp_malformed);
-                return Ok(Step::Continue);
+                return Ok(Step::Dropped);
             }
         };
         let first = st.server.is_none();
@@ -499,7 +508,7 @@ impl Transfer {
             _ => {
                 // A request, or a packet of the wrong direction for this transfer.
                 inc(&stats.tftp_dropped);
-                return Ok(Step::Continue);
+                return Ok(Step::Dropped);
             }
         };
         if first {
@@ -527,17 +536,17 @@ impl Transfer {
         if st.server.is_none() {
             // Nothing to relay to before the server answers.
             inc(&stats.tftp_dropped);
-            return Ok(Step::Continue);
+            return Ok(Step::Dropped);
         }
         if bytes.len() >= self.buf_len {
             inc(&stats.tftp_malformed);
-            return Ok(Step::Continue);
+            return Ok(Step::Dropped);
         }
         let pkt = match Packet::decode(bytes) {
             Ok(p) => p,
             Err(_) => {
                 inc(&stats.tftp_malformed);
-                return Ok(Step::Continue);
+                return Ok(Step::Dropped);
             }
         };
         let end = match (&pkt, self.read) {
@@ -555,7 +564,7 @@ impl Transfer {
             }
             _ => {
                 inc(&stats.tftp_dropped);
-                return Ok(Step::Continue);
+                return Ok(Step::Dropped);
             }
         };
         up.send(bytes).await?;
