@@ -1,24 +1,24 @@
-//! Packet-path benchmark, all on loopback, all in one run so the ratios compare like with like:
+//! Packet-path benchmark on loopback, everything in one run so the ratios compare like with
+//! like. The machines here are small and noisy, so the figure of merit is CPU time per packet
+//! of the receiving process (utime+stime from /proc), not wall-clock rate: it does not care
+//! whether a sender or a neighbour stole the core meanwhile. Capacity = 1 s / CPU per packet.
 //!
-//! 1. drop rate for a blocked source vs a bare UDP receive loop (the floor any proxy pays);
-//! 2. forwarding rate for clean traffic with the protection pipeline vs without it (the same
-//!    traffic from a whitelisted source skips every detector).
+//! 1. a blocked source's packets: sipwarden (release binary) vs a bare UDP receive loop;
+//! 2. clean traffic forwarded through the protection pipeline vs the same traffic from a
+//!    whitelisted source (which skips every detector).
 //!
-//! Each phase sends a bounded number of datagrams for a bounded time and stops by itself.
-//! Run: `cargo run --release --example packet_bench` (or `bench/packets.sh`).
+//! Every phase sends a bounded number of datagrams and stops by itself.
+//! Run: `bench/packets.sh` (builds the release binary and this example, then runs it).
 
+use std::io::Read;
 use std::net::{SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use sipwarden::blocks::{BlockKey, ListKind};
-use sipwarden::config::Config;
-use sipwarden::server;
-use sipwarden::stats::DropReason;
-
-const PACKETS: u64 = 300_000;
-const PHASE_LIMIT: Duration = Duration::from_secs(4);
+const PACKETS: u64 = 200_000;
+/// Pause between bursts so the receiver, not the kernel's buffer, sees most packets.
+const BURST: u64 = 64;
 
 fn invite(i: u64) -> Vec<u8> {
     let sdp = "v=0\r\no=- 1 1 IN IP4 10.1.1.2\r\ns=-\r\nc=IN IP4 10.1.1.2\r\nt=0 0\r\nm=audio 4000 RTP/AVP 0 8 101\r\na=rtpmap:101 telephone-event/8000\r\n";
@@ -41,194 +41,246 @@ Content-Length: {}\r\n\r\n{sdp}",
     .into_bytes()
 }
 
-/// Blast `PACKETS` datagrams from `from` to `to` on a thread until done or `stop`.
-fn blast(from: &str, to: SocketAddr, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u64> {
+/// Send `PACKETS` datagrams in small bursts, yielding between bursts.
+fn blast(from: &str, to: SocketAddr) {
     let sock = UdpSocket::bind(from).expect("bind sender");
     let msgs: Vec<Vec<u8>> = (0..64).map(invite).collect();
-    std::thread::spawn(move || {
-        let mut sent = 0;
-        while sent < PACKETS && !stop.load(Ordering::Relaxed) {
-            if sock.send_to(&msgs[(sent % 64) as usize], to).is_ok() {
-                sent += 1;
-            }
-        }
-        sent
-    })
-}
-
-/// Count datagrams arriving at `sink` until `PACKETS` or the phase limit; packets per second
-/// between the first and the last.
-fn sink_rate(sink: &UdpSocket) -> (u64, f64) {
-    sink.set_read_timeout(Some(Duration::from_millis(300))).ok();
-    let mut buf = [0u8; 4096];
-    let mut n = 0u64;
-    let mut first = None;
-    let mut last = Instant::now();
-    let deadline = Instant::now() + PHASE_LIMIT;
-    while n < PACKETS && Instant::now() < deadline {
-        match sink.recv(&mut buf) {
-            Ok(_) => {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                last = now;
-                n += 1;
-            }
-            Err(_) if first.is_some() => break,
-            Err(_) => {}
-        }
-    }
-    let secs = first.map_or(0.0, |f| (last - f).as_secs_f64());
-    (n, if secs > 0.0 { n as f64 / secs } else { 0.0 })
-}
-
-/// Sample a counter until it stops moving; its rate between first and last change.
-async fn counter_rate(read: impl Fn() -> u64) -> (u64, f64) {
-    let start = read();
-    let deadline = Instant::now() + PHASE_LIMIT;
-    let mut first: Option<(Instant, u64)> = None;
-    let mut last = (Instant::now(), start);
-    let mut still = 0;
-    while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let v = read();
-        let now = Instant::now();
-        if v != last.1 {
-            first.get_or_insert((now, last.1));
-            last = (now, v);
-            still = 0;
-        } else if first.is_some() {
-            still += 1;
-            if still > 10 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..PACKETS {
+        let _ = sock.send_to(&msgs[(i % 64) as usize], to);
+        if i % BURST == BURST - 1 {
+            std::thread::yield_now();
+            if Instant::now() > deadline {
                 break;
             }
         }
-        if v - start >= PACKETS {
-            break;
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may contain spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat; here indexes 11 and 12.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The bare loop: count datagrams until 1 s of silence, then print the count.
+fn sink(addr: &str) {
+    let raw =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
+    raw.set_recv_buffer_size(4 << 20).ok();
+    raw.bind(&addr.parse::<SocketAddr>().expect("addr").into())
+        .expect("bind sink");
+    let sock: UdpSocket = raw.into();
+    sock.set_read_timeout(Some(Duration::from_millis(300))).ok();
+    let mut buf = [0u8; 65536];
+    let mut n = 0u64;
+    let mut idle = 0;
+    let mut started = false;
+    loop {
+        match sock.recv(&mut buf) {
+            Ok(_) => {
+                n += 1;
+                idle = 0;
+                started = true;
+            }
+            Err(_) => {
+                idle += 1;
+                if (started && idle >= 3) || idle > 200 {
+                    break;
+                }
+            }
         }
     }
-    match first {
-        Some((t0, v0)) if last.0 > t0 => (
-            last.1 - start,
-            (last.1 - v0) as f64 / (last.0 - t0).as_secs_f64(),
-        ),
-        _ => (last.1 - start, 0.0),
+    println!("{n}");
+}
+
+fn free_port(ip: &str) -> u16 {
+    UdpSocket::bind(format!("{ip}:0"))
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+struct Proxy {
+    child: Child,
+    admin: String,
+    sip: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
-fn config(pbx: SocketAddr) -> Config {
-    let mut c = Config::default();
-    c.sip.listen_udp = vec!["127.0.0.1:0".parse().unwrap()];
-    c.sip.listen_tcp = vec![];
-    c.admin.listen = "127.0.0.1:0".parse().unwrap();
-    c.upstream.address = pbx.to_string();
-    c.flood.packets_per_second = 10_000_000;
-    c.invite.rate_limit = 10_000_000;
-    c.invite.burst = 10_000_000;
-    c.state.path = std::env::temp_dir()
-        .join(format!("sipwarden-bench-{}.db", std::process::id()))
-        .display()
-        .to_string();
-    c
-}
-
-async fn bare_loop() -> (u64, f64) {
-    // 1a. Bare receive loop: tokio receive tasks that count and do nothing else, as many as
-    // sipwarden runs per socket.
-    let bare = Arc::new(
-        tokio::net::UdpSocket::bind("127.0.0.1:0")
-            .await
-            .expect("bind"),
+fn start_proxy(bin: &PathBuf, pbx: SocketAddr) -> Proxy {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let sip: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let admin = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let cfg = format!(
+        "[sip]\nlisten_udp = [\"{sip}\"]\nlisten_tcp = []\n\
+[upstream]\naddress = \"{pbx}\"\n\
+[flood]\npackets_per_second = 100000000\n\
+[invite]\nrate_limit = 100000000\nburst = 100000000\n\
+[admin]\nlisten = \"{admin}\"\n\
+[state]\npath = \"{}\"\n[log]\nlevel = \"warn\"\n",
+        dir.path().join("state.db").display()
     );
-    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let workers: Vec<_> = (0..std::thread::available_parallelism()
-        .map_or(2, |n| n.get().clamp(1, 8)))
-        .map(|_| {
-            let (bare, count) = (bare.clone(), count.clone());
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 65536];
-                while bare.recv_from(&mut buf).await.is_ok() {
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender = blast("127.0.0.9:0", bare.local_addr().unwrap(), stop.clone());
-    let c2 = count.clone();
-    let r = counter_rate(move || c2.load(Ordering::Relaxed)).await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = sender.join();
-    workers.iter().for_each(|w| w.abort());
-
-    r
-}
-
-#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
-async fn main() {
-    let (bare_n, bare_pps) = bare_loop().await;
-    // 1b. sipwarden dropping a blocked source.
-    let pbx = UdpSocket::bind("127.0.0.1:0").expect("bind pbx");
-    let cfg = config(pbx.local_addr().unwrap())
-        .validate()
-        .expect("config");
-    let bound = server::bind(&cfg).await.expect("bind sipwarden");
-    let sip = bound.udp[0].local_addr().unwrap();
-    let running = server::start(cfg, None, bound).await.expect("start");
-    let node = running.node.clone();
-    let now = node.now();
-    node.with_engine(|e| {
-        let net = sipwarden::blocks::parse_net("127.0.0.9").unwrap();
-        e.manual_block(now, BlockKey::whole(net), None, "bench")
-            .unwrap();
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender = blast("127.0.0.9:0", sip, stop.clone());
-    let n2 = node.clone();
-    let (drop_n, drop_pps) = counter_rate(move || n2.stats.dropped(DropReason::Blocked)).await;
-    stop.store(true, Ordering::Relaxed);
-    let _ = sender.join();
-
-    // 2a. Clean traffic through the whole protection pipeline.
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender = blast("127.0.0.2:0", sip, stop.clone());
-    let (fwd_n, fwd_pps) = tokio::task::block_in_place(|| sink_rate(&pbx));
-    stop.store(true, Ordering::Relaxed);
-    let _ = sender.join();
-    while pbx.recv(&mut [0u8; 4096]).is_ok() {}
-
-    // 2b. The same traffic from a whitelisted source: no detector runs.
-    node.with_engine(|e| {
-        let net = sipwarden::blocks::parse_net("127.0.0.3").unwrap();
-        e.list_add(now, ListKind::Whitelist, net, "bench", "bench");
-    });
-    let stop = Arc::new(AtomicBool::new(false));
-    let sender = blast("127.0.0.3:0", sip, stop.clone());
-    let (wl_n, wl_pps) = tokio::task::block_in_place(|| sink_rate(&pbx));
-    stop.store(true, Ordering::Relaxed);
-    let _ = sender.join();
-    running.shutdown().await;
-    // The baseline again, to see the noise of this machine within the run.
-    let (bare2_n, bare2_pps) = bare_loop().await;
-    let (bare_n, bare_pps) = if bare2_pps > bare_pps {
-        (bare2_n, bare2_pps)
-    } else {
-        (bare_n, bare_pps)
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, cfg).expect("write config");
+    let child = Command::new(bin)
+        .arg("-c")
+        .arg(&path)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start sipwarden");
+    let p = Proxy {
+        child,
+        admin,
+        sip,
+        _dir: dir,
     };
+    for _ in 0..100 {
+        if http(&p.admin, "GET", "/healthz", "").is_some() {
+            return p;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("sipwarden did not start");
+}
 
-    println!(
-        "packets per phase: at most {PACKETS}, at most {:?} each",
-        PHASE_LIMIT
+/// A minimal HTTP/1.0 client for the admin API (no extra dependencies for the bench).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> Option<String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    let req = format!(
+        "{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     );
-    println!("bare UDP receive loop        {bare_pps:>12.0} pkt/s ({bare_n} packets)");
-    println!("sipwarden, blocked source    {drop_pps:>12.0} pkt/s ({drop_n} packets)");
-    println!("sipwarden, clean, protected  {fwd_pps:>12.0} pkt/s ({fwd_n} forwarded)");
-    println!("sipwarden, clean, whitelisted{wl_pps:>12.0} pkt/s ({wl_n} forwarded)");
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    out.split_once("\r\n\r\n").map(|(_, b)| b.to_string())
+}
+
+fn stat(p: &Proxy, pick: impl Fn(&serde_json::Value) -> u64) -> u64 {
+    let body = http(&p.admin, "GET", "/api/stats", "").unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    pick(&v)
+}
+
+/// Run one phase against sipwarden: CPU seconds used and packets handled (per `pick`).
+fn proxy_phase(p: &Proxy, from: &str, pick: impl Fn(&serde_json::Value) -> u64) -> (f64, u64) {
+    let before = stat(p, &pick);
+    let cpu0 = cpu_secs(p.child.id());
+    blast(from, p.sip);
+    // Let the receive queue drain.
+    let mut last = stat(p, &pick);
+    loop {
+        std::thread::sleep(Duration::from_millis(300));
+        let now = stat(p, &pick);
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    (cpu_secs(p.child.id()) - cpu0, last - before)
+}
+
+fn line(name: &str, cpu: f64, n: u64) -> f64 {
+    let us = if n > 0 {
+        cpu * 1e6 / n as f64
+    } else {
+        f64::NAN
+    };
     println!(
-        "ratio blocked-drop / bare receive      = {:.2}",
-        drop_pps / bare_pps.max(1.0)
+        "{name:<36} {n:>8} packets  {us:>7.2} µs CPU/packet  capacity {:>9.0} packets/s per core",
+        1e6 / us
+    );
+    us
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("sink") {
+        sink(args.get(2).map_or("127.0.0.1:0", String::as_str));
+        return;
+    }
+    let me = std::env::current_exe().expect("exe");
+    let bin = std::env::var_os("SIPWARDEN_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/release/sipwarden"));
+
+    // 1a. The bare receive loop, in its own process like sipwarden.
+    let sink_addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let mut bare = Command::new(&me)
+        .args(["sink", &sink_addr.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start sink");
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = bare.id();
+    let cpu0 = cpu_secs(pid);
+    blast("127.0.0.9:0", sink_addr);
+    std::thread::sleep(Duration::from_millis(100));
+    let bare_cpu = cpu_secs(pid) - cpu0;
+    let mut out = String::new();
+    if let Some(mut so) = bare.stdout.take() {
+        let _ = so.read_to_string(&mut out);
+    }
+    let _ = bare.wait();
+    let bare_n: u64 = out.trim().parse().unwrap_or(0);
+
+    // The PBX for the forwarding phases: a socket nobody reads (the kernel drops the excess).
+    let pbx = UdpSocket::bind("127.0.0.1:0").expect("bind pbx");
+    let p = start_proxy(&bin, pbx.local_addr().expect("pbx addr"));
+    http(
+        &p.admin,
+        "POST",
+        "/api/blocks",
+        r#"{"ip":"127.0.0.9","reason":"bench"}"#,
+    )
+    .expect("block");
+    // 1b. sipwarden dropping a blocked source.
+    let (drop_cpu, drop_n) = proxy_phase(&p, "127.0.0.9:0", |v| {
+        v["dropped"]["blocked"].as_u64().unwrap_or(0)
+    });
+    // 2a. Clean traffic through every detector.
+    let fwd = |v: &serde_json::Value| v["forwarded"]["requests"].as_u64().unwrap_or(0);
+    let (prot_cpu, prot_n) = proxy_phase(&p, "127.0.0.2:0", fwd);
+    // 2b. The same from a whitelisted source.
+    http(
+        &p.admin,
+        "POST",
+        "/api/whitelist",
+        r#"{"cidr":"127.0.0.3/32"}"#,
+    )
+    .expect("whitelist");
+    let (wl_cpu, wl_n) = proxy_phase(&p, "127.0.0.3:0", fwd);
+    drop(p);
+
+    println!("{PACKETS} INVITEs (~700 bytes) sent per phase on loopback");
+    let b = line("bare UDP receive loop", bare_cpu, bare_n);
+    let d = line("sipwarden: blocked source dropped", drop_cpu, drop_n);
+    let pr = line("sipwarden: clean, all detectors", prot_cpu, prot_n);
+    let w = line("sipwarden: clean, whitelisted", wl_cpu, wl_n);
+    println!(
+        "ratio blocked-drop capacity / bare receive capacity = {:.2}",
+        b / d
     );
     println!(
-        "ratio protected / unprotected forward = {:.2}",
-        fwd_pps / wl_pps.max(1.0)
+        "ratio protected / unprotected forwarding capacity   = {:.2}",
+        w / pr
     );
 }
