@@ -19,6 +19,14 @@ fn init_logging(cfg: &Config) {
     }
 }
 
+fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
+    builder
+        .enable_all()
+        .build()
+        .map_err(|e| eprintln!("sipwarden: cannot start the runtime: {e}"))
+        .ok()
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli.command.unwrap_or(Command::Run);
@@ -40,15 +48,8 @@ fn main() -> ExitCode {
         }
         Command::Run => {
             init_logging(&cfg);
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("sipwarden: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(rt) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
+                return ExitCode::FAILURE;
             };
             match rt.block_on(run(cfg, cli.config)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -59,15 +60,8 @@ fn main() -> ExitCode {
             }
         }
         other => {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("sipwarden: cannot start the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
+            let Some(rt) = runtime(tokio::runtime::Builder::new_current_thread()) else {
+                return ExitCode::FAILURE;
             };
             match rt.block_on(admin_command(&cfg, &other)) {
                 Ok(()) => ExitCode::SUCCESS,

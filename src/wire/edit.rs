@@ -40,18 +40,17 @@ impl Edits {
         let start = self.scratch.len() as u32;
         // Writing into a Vec cannot fail.
         let _ = self.scratch.write_fmt(args);
-        let end = self.scratch.len() as u32;
-        let seq = self.ops.len() as u32;
-        self.ops.push(Op {
-            at,
-            text: (start, end),
-            seq,
-        });
+        self.push(at, start);
     }
 
     pub fn replace(&mut self, at: Span, text: &[u8]) {
         let start = self.scratch.len() as u32;
         self.scratch.extend_from_slice(text);
+        self.push(at, start);
+    }
+
+    /// Record an edit whose text is `scratch[start..]`.
+    fn push(&mut self, at: Span, start: u32) {
         let end = self.scratch.len() as u32;
         let seq = self.ops.len() as u32;
         self.ops.push(Op {
