@@ -1,7 +1,9 @@
 //! Protocol anomalies: what makes a packet broken, and how much each kind counts towards a
 //! source's score.
 
-use crate::wire::{HeaderName, Message, ParseError};
+use crate::wire::uri::{name_addr_well_formed, Uri};
+use crate::wire::via::Via;
+use crate::wire::{split_commas, HeaderName, Message, ParseError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Anomaly {
@@ -13,6 +15,12 @@ pub enum Anomaly {
     BadMaxForwards,
     MaxForwardsExhausted,
     BadVia,
+    /// A header that must appear once appears more often (RFC 4475 §3.3.8).
+    Duplicate(&'static str),
+    /// A From, To or Contact value that is not a name-addr or addr-spec.
+    BadAddress(&'static str),
+    /// A sip/sips Request-URI that does not parse or carries `?headers` (RFC 4475 §3.1.2.11).
+    BadRequestUri,
 }
 
 impl Anomaly {
@@ -40,6 +48,9 @@ impl Anomaly {
             Anomaly::BadMaxForwards => "bad Max-Forwards".into(),
             Anomaly::MaxForwardsExhausted => "Max-Forwards exhausted".into(),
             Anomaly::BadVia => "unparseable Via".into(),
+            Anomaly::Duplicate(h) => format!("more than one {h}"),
+            Anomaly::BadAddress(h) => format!("malformed {h}"),
+            Anomaly::BadRequestUri => "malformed Request-URI".into(),
         }
     }
 }
@@ -62,6 +73,49 @@ pub fn check_request(msg: &Message<'_>) -> Option<Anomaly> {
     };
     if cseq_method != msg.method_bytes() {
         return Some(Anomaly::CSeqMismatch);
+    }
+    for (h, name) in [
+        (HeaderName::CallId, "Call-ID"),
+        (HeaderName::CSeq, "CSeq"),
+        (HeaderName::From, "From"),
+        (HeaderName::To, "To"),
+        (HeaderName::MaxForwards, "Max-Forwards"),
+    ] {
+        if msg.all(h).nth(1).is_some() {
+            return Some(Anomaly::Duplicate(name));
+        }
+    }
+    let buf = msg.buf;
+    // Every Via element must parse, not just the top one we stamp (RFC 4475 §3.1.2.1).
+    let bad_via = msg
+        .all(HeaderName::Via)
+        .flat_map(|h| split_commas(h.value.of(buf), h.value.start as usize))
+        .any(|el| Via::parse(buf, el).is_none());
+    if bad_via {
+        return Some(Anomaly::BadVia);
+    }
+    for (h, name) in [(HeaderName::From, "From"), (HeaderName::To, "To")] {
+        if msg
+            .header(h)
+            .is_some_and(|h| !name_addr_well_formed(buf, h.value))
+        {
+            return Some(Anomaly::BadAddress(name));
+        }
+    }
+    let bad_contact = msg
+        .all(HeaderName::Contact)
+        .flat_map(|h| split_commas(h.value.of(buf), h.value.start as usize))
+        .any(|el| el.of(buf) != b"*" && !name_addr_well_formed(buf, el));
+    if bad_contact {
+        return Some(Anomaly::BadAddress("Contact"));
+    }
+    if let Some(ruri) = msg.request_uri() {
+        let u = ruri.of(buf);
+        let sip = u.len() > 4
+            && (u[..4].eq_ignore_ascii_case(b"sip:") || u[..5].eq_ignore_ascii_case(b"sips:"));
+        if sip && Uri::parse(buf, ruri).is_none_or(|u| u.has_headers()) {
+            return Some(Anomaly::BadRequestUri);
+        }
     }
     match msg.max_forwards() {
         Some(Err(())) => return Some(Anomaly::BadMaxForwards),

@@ -164,6 +164,18 @@ impl Router {
             return Action::Drop(DropReason::Malformed);
         };
 
+        // URI scheme (§16.3 step 2): what a PBX can route.
+        let scheme_ok = msg.request_uri().is_some_and(|s| {
+            let u = s.of(buf);
+            let scheme = &u[..memchr::memchr(b':', u).unwrap_or(0)];
+            [&b"sip"[..], b"sips", b"tel"]
+                .iter()
+                .any(|k| scheme.eq_ignore_ascii_case(k))
+        });
+        if !scheme_ok {
+            return self.reply(inb, msg, 416, "Unsupported URI Scheme", "", out);
+        }
+
         // Max-Forwards (RFC 3261 §16.6 step 3).
         match (msg.header(HeaderName::MaxForwards), msg.max_forwards()) {
             (Some(_), Some(Ok(0))) => {
@@ -175,9 +187,25 @@ impl Router {
         }
 
         // Loop detection (§16.3 step 4): our Via already carrying this request's loop hash.
-        let loop_hash = self.loop_hash(msg);
-        if self.looped(msg, loop_hash) {
+        if self.looped(msg, self.loop_hash(msg, 0)) {
             return self.reply(inb, msg, 482, "Loop Detected", "", out);
+        }
+
+        // Proxy-Require (§16.3 step 5): we support no proxy extension.
+        if msg.has(HeaderName::ProxyRequire) {
+            let mut unsupported = String::from("Unsupported: ");
+            let tags = msg.all(HeaderName::ProxyRequire).flat_map(|h| {
+                split_commas(h.value.of(buf), h.value.start as usize)
+                    .map(|t| String::from_utf8_lossy(t.of(buf)).into_owned())
+            });
+            for (i, t) in tags.enumerate() {
+                if i > 0 {
+                    unsupported.push_str(", ");
+                }
+                unsupported.push_str(&t);
+            }
+            unsupported.push_str("\r\n");
+            return self.reply(inb, msg, 420, "Bad Extension", &unsupported, out);
         }
 
         // received / rport on the sender's Via (§18.2.1, RFC 3581; rport always filled).
@@ -185,6 +213,8 @@ impl Router {
 
         // Our own Route entries: pop them, learning the flow token they carry.
         let popped = route::pop_ours(self, msg, edits);
+        // The loop part of our branch covers the Route set as we forward it.
+        let loop_hash = self.loop_hash(msg, popped.count);
 
         let ruri = msg.request_uri().and_then(|s| Uri::parse(buf, s));
         let dest = if from_upstream {
@@ -268,6 +298,10 @@ impl Router {
     ) -> (Action, Option<AnswerInfo>) {
         edits.clear();
         let buf = msg.buf;
+        // A response whose CSeq cannot be read matches no transaction (RFC 4475 §3.1.2.5).
+        if msg.cseq().is_none() {
+            return (Action::Drop(DropReason::Malformed), None);
+        }
         let mut vias = msg.all(HeaderName::Via).flat_map(|h| {
             split_commas(h.value.of(buf), h.value.start as usize).map(move |e| (h, e))
         });
@@ -354,7 +388,8 @@ impl Router {
         let branch = top.branch(buf);
         let sent_by = top.host.of(buf);
         let port = top.port.unwrap_or(0).to_be_bytes();
-        if branch.starts_with(b"z9hG4bK") {
+        // The magic cookie alone identifies nothing (RFC 4475 §3.2.1): fall back to RFC 2543.
+        if branch.len() > b"z9hG4bK".len() && branch.starts_with(b"z9hG4bK") {
             keyed_hash64(&self.cfg.key, &[branch, sent_by, &port])
         } else {
             // RFC 2543 peers: no unique branch; use the transaction's identifying headers.
@@ -376,10 +411,30 @@ impl Router {
     }
 
     /// The loop part of our branch: what stays the same if the request comes back unchanged.
-    fn loop_hash(&self, msg: &Message<'_>) -> u32 {
+    ///
+    /// The Route set is part of it (§16.6 step 8), without the first `skip` entries (ours,
+    /// popped when forwarding): a request that spirals through us twice (phone -> us -> PBX ->
+    /// us -> phone) differs only there, and a spiral is not a loop; a request that comes back
+    /// with the Route set we sent it with is. CANCEL and the ACK of a non-2xx carry the
+    /// INVITE's Route set, so they still get the INVITE's branch.
+    fn loop_hash(&self, msg: &Message<'_>, skip: usize) -> u32 {
+        use std::hash::Hasher;
         let ruri = msg.request_uri().map_or(&b""[..], |s| s.of(msg.buf));
         let cseq = msg.cseq().map_or(0, |c| c.0).to_be_bytes();
-        keyed_hash64(&self.cfg.key, &[ruri, msg.call_id(), &cseq, from_tag(msg)]) as u32
+        let mut h = siphasher::sip::SipHasher13::new_with_key(&self.cfg.key);
+        for part in [ruri, msg.call_id(), &cseq, from_tag(msg)] {
+            h.write(part);
+            h.write_u8(0xff);
+        }
+        let routes = msg
+            .all(HeaderName::Route)
+            .flat_map(|r| split_commas(r.value.of(msg.buf), r.value.start as usize))
+            .skip(skip);
+        for r in routes {
+            h.write(r.of(msg.buf));
+            h.write_u8(0xfe);
+        }
+        h.finish() as u32
     }
 
     fn looped(&self, msg: &Message<'_>, loop_hash: u32) -> bool {
@@ -450,6 +505,15 @@ fn via_destination(buf: &[u8], v: &Via) -> Option<Flow> {
         Rport::Value(_, Some(p)) => p,
         _ => v.port.unwrap_or(5060),
     };
+    // Never a broadcast, multicast or unspecified address, nor port 0 (RFC 4475 §3.3.10: a
+    // response must not become a way to reach every host on a network).
+    let unicast = match ip {
+        IpAddr::V4(a) => !(a.is_broadcast() || a.is_multicast() || a.is_unspecified()),
+        IpAddr::V6(a) => !(a.is_multicast() || a.is_unspecified()),
+    };
+    if !unicast || port == 0 {
+        return None;
+    }
     let transport = match v.transport {
         ViaTransport::Tcp => Transport::Tcp,
         ViaTransport::Udp => Transport::Udp,

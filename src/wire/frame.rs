@@ -31,13 +31,12 @@ pub fn next_frame(buf: &[u8], max: usize) -> Result<Frame, ParseError> {
         }
         return Ok(Frame::Skip(lead));
     }
-    let Some(hdr_end) = memchr::memmem::find(buf, b"\r\n\r\n") else {
+    let Some(body_start) = body_start(buf) else {
         if buf.len() > max {
             return Err(ParseError::Oversized);
         }
         return Ok(Frame::Incomplete);
     };
-    let body_start = hdr_end + 4;
     if body_start > max {
         return Err(ParseError::Oversized);
     }
@@ -52,6 +51,17 @@ pub fn next_frame(buf: &[u8], max: usize) -> Result<Frame, ParseError> {
         return Ok(Frame::Incomplete);
     }
     Ok(Frame::Message(total))
+}
+
+/// Where the body starts: after the first empty line, by the scanner's rule that a line ends
+/// at LF with or without CR. Searching for CRLFCRLF alone would cut a message with bare-LF
+/// lines elsewhere than the scanner reads it, and the bytes in between would vanish unseen.
+fn body_start(buf: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', buf).find_map(|i| match buf.get(i + 1..) {
+        Some([b'\n', ..]) => Some(i + 2),
+        Some([b'\r', b'\n', ..]) => Some(i + 3),
+        _ => None,
+    })
 }
 
 #[cfg(test)]
@@ -80,5 +90,16 @@ mod tests {
         assert_eq!(next_frame(&[b'A'; 5000], 4096), Err(ParseError::Oversized));
         let no_cl = b"OPTIONS sip:a@b SIP/2.0\r\nVia: x\r\n\r\n";
         assert_eq!(next_frame(no_cl, 4096), Err(ParseError::BadContentLength));
+    }
+
+    #[test]
+    fn bare_lf_headers_end_where_the_scanner_ends_them() {
+        let lf = b"OPTIONS sip:a@b SIP/2.0\nl: 0\n\nINVITE sip:x SIP/2.0\r\nl: 0\r\n\r\n";
+        let first = b"OPTIONS sip:a@b SIP/2.0\nl: 0\n\n".len();
+        assert_eq!(next_frame(lf, 4096), Ok(Frame::Message(first)));
+        assert_eq!(
+            next_frame(&lf[first..], 4096),
+            Ok(Frame::Message(lf.len() - first))
+        );
     }
 }

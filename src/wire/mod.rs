@@ -120,10 +120,13 @@ pub fn params(buf: &[u8], s: usize, e: usize) -> impl Iterator<Item = (Span, Opt
             }
             let ps = pos + 1;
             let mut pe = ps;
-            let mut quoted = false;
+            let (mut quoted, mut escaped) = (false, false);
             while pe < e && (quoted || buf[pe] != b';') {
-                if buf[pe] == b'"' {
-                    quoted = !quoted;
+                match buf[pe] {
+                    _ if escaped => escaped = false,
+                    b'\\' if quoted => escaped = true,
+                    b'"' => quoted = !quoted,
+                    _ => {}
                 }
                 pe += 1;
             }
@@ -143,6 +146,70 @@ pub fn params(buf: &[u8], s: usize, e: usize) -> impl Iterator<Item = (Span, Opt
         }
         None
     })
+}
+
+/// Offset just past the closing quote of the quoted string at the start of `v`.
+pub fn quoted_end(v: &[u8]) -> Option<usize> {
+    let mut i = 1;
+    while i < v.len() {
+        match v[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// `*( SEMI generic-param )`: every parameter has a token name and, after `=`, a non-empty
+/// token, host or quoted string.
+pub fn params_well_formed(v: &[u8]) -> bool {
+    let (s, e) = trim(v, 0, v.len());
+    let mut rest = &v[s..e];
+    while !rest.is_empty() {
+        if rest[0] != b';' {
+            return false;
+        }
+        rest = &rest[1..];
+        // The parameter runs to the next ';' outside a quoted string.
+        let mut end = 0;
+        while end < rest.len() && rest[end] != b';' {
+            if rest[end] == b'"' {
+                match quoted_end(&rest[end..]) {
+                    Some(n) => end += n,
+                    None => return false,
+                }
+            } else {
+                end += 1;
+            }
+        }
+        let p = &rest[..end];
+        let (name, value) = match memchr::memchr(b'=', p) {
+            Some(i) => (&p[..i], Some(&p[i + 1..])),
+            None => (p, None),
+        };
+        let (a, b) = trim(name, 0, name.len());
+        if a == b || !name[a..b].iter().all(|c| scan::is_token(*c)) {
+            return false;
+        }
+        if let Some(value) = value {
+            let (a, b) = trim(value, 0, value.len());
+            let value = &value[a..b];
+            let ok = if value.first() == Some(&b'"') {
+                quoted_end(value) == Some(value.len())
+            } else {
+                !value.is_empty()
+                    && value
+                        .iter()
+                        .all(|c| scan::is_token(*c) || matches!(c, b':' | b'[' | b']'))
+            };
+            if !ok {
+                return false;
+            }
+        }
+        rest = &rest[end..];
+    }
+    true
 }
 
 /// Parse a decimal u16 port.

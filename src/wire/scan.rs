@@ -142,7 +142,8 @@ fn line_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
     Some((content_end, i + 1))
 }
 
-fn is_token(b: u8) -> bool {
+/// RFC 3261 `token` characters.
+pub fn is_token(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
 }
 
@@ -278,7 +279,7 @@ fn parse_start_line(buf: &[u8], s: usize, e: usize) -> Result<StartLine, ParseEr
         );
     }
     let uri = &line[sp1 + 1..sp2];
-    if uri.contains(&b' ') || !uri.contains(&b':') {
+    if uri.contains(&b' ') || !is_absolute_uri(uri) {
         return Err(ParseError::BadStartLine);
     }
     Ok(StartLine::Request {
@@ -286,6 +287,19 @@ fn parse_start_line(buf: &[u8], s: usize, e: usize) -> Result<StartLine, ParseEr
         method_span: Span::new(s, s + sp1),
         uri: Span::new(s + sp1 + 1, s + sp2),
     })
+}
+
+/// A Request-URI starts with a scheme: `ALPHA *( ALPHA / DIGIT / "+" / "-" / "." ) ":"`
+/// (RFC 3261 §25.1). This rejects `<sip:...>` (RFC 4475 §3.1.2.7) and other non-URIs.
+fn is_absolute_uri(uri: &[u8]) -> bool {
+    let Some(colon) = memchr::memchr(b':', uri) else {
+        return false;
+    };
+    let scheme = &uri[..colon];
+    scheme.first().is_some_and(u8::is_ascii_alphabetic)
+        && scheme
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
 }
 
 impl<'a> Message<'a> {
@@ -344,9 +358,8 @@ impl<'a> Message<'a> {
     /// CSeq number and method bytes, when well formed.
     pub fn cseq(&self) -> Option<(u32, &'a [u8])> {
         let v = self.value(HeaderName::CSeq)?;
-        let mut it = v
-            .split(|b| *b == b' ' || *b == b'\t')
-            .filter(|p| !p.is_empty());
+        // LWS, folded line breaks included, separates the two (RFC 4475 §3.1.1.1 folds it).
+        let mut it = v.split(|b| super::is_lws(*b)).filter(|p| !p.is_empty());
         let num = it.next()?;
         let method = it.next()?;
         if it.next().is_some() || num.len() > 10 || !num.iter().all(u8::is_ascii_digit) {
@@ -356,10 +369,20 @@ impl<'a> Message<'a> {
         u32::try_from(n).ok().map(|n| (n, method))
     }
 
-    /// Max-Forwards as sent: `None` when absent, `Err` when not a number 0..=255.
+    /// Max-Forwards as sent: `None` when absent, `Err` when not a number 0..=255. Leading zeros
+    /// are allowed (`0068`, RFC 4475 §3.1.1.1).
     pub fn max_forwards(&self) -> Option<Result<u8, ()>> {
         let v = self.value(HeaderName::MaxForwards)?;
-        if v.is_empty() || v.len() > 3 || !v.iter().all(u8::is_ascii_digit) {
+        if v.is_empty() || !v.iter().all(u8::is_ascii_digit) {
+            return Some(Err(()));
+        }
+        let zeros = v
+            .iter()
+            .take_while(|d| **d == b'0')
+            .count()
+            .min(v.len() - 1);
+        let v = &v[zeros..];
+        if v.len() > 3 {
             return Some(Err(()));
         }
         let n = v.iter().fold(0u32, |a, d| a * 10 + (d - b'0') as u32);

@@ -1,6 +1,6 @@
 //! SIP URIs and name-addr values (`"Bob" <sip:bob@host;lr>;tag=1`), as spans.
 
-use super::{params, parse_port, trim, Span};
+use super::{params, params_well_formed, parse_port, quoted_end, trim, Span};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Uri {
@@ -24,9 +24,12 @@ impl Uri {
             return None;
         }
         let rest_start = s + colon + 1;
-        // The user part ends at the last '@' before any ';' or '?' of the host part.
-        let hdr_q = memchr::memchr(b'?', &buf[rest_start..e]).map_or(e, |i| rest_start + i);
-        let at = memchr::memrchr(b'@', &buf[rest_start..hdr_q]).map(|i| rest_start + i);
+        // The user part ends at the last '@': a user may contain ';', '?' and '/' (RFC 3261
+        // user-unreserved; RFC 4475 §3.1.1.2), but neither parameters nor headers may hold an
+        // unescaped '@'. Headers start at the first '?' after the host.
+        let at = memchr::memrchr(b'@', &buf[rest_start..e]).map(|i| rest_start + i);
+        let host_from = at.map_or(rest_start, |a| a + 1);
+        let hdr_q = memchr::memchr(b'?', &buf[host_from..e]).map_or(e, |i| host_from + i);
         let (user, host_start) = match at {
             Some(a) => {
                 let ue = memchr::memchr(b':', &buf[rest_start..a]).map_or(a, |i| rest_start + i);
@@ -79,6 +82,70 @@ impl Uri {
     pub fn user<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
         self.user.map_or(&b""[..], |u| u.of(buf))
     }
+
+    /// Whether the URI carries `?headers`, which a Request-URI must not (RFC 3261 §19.1.1).
+    pub fn has_headers(&self) -> bool {
+        self.params.end < self.whole.end
+    }
+}
+
+/// Syntax check of one name-addr or addr-spec with its header parameters (a From, To or one
+/// Contact element), beyond what [`NameAddr::parse`] needs to find the URI: a terminated
+/// quoted display name (RFC 4475 §3.1.2.6), an unquoted display name of tokens only (§3.1.2.15),
+/// no LWS inside `<>` (§3.1.2.14), no `?headers` outside `<>` (§3.1.2.13), a URI with a scheme,
+/// and `;name[=value]` parameters. Lenient where real phones are: no LWS needed before `<`
+/// (§3.1.1.6) and UTF-8 allowed in an unquoted display name.
+pub fn name_addr_well_formed(buf: &[u8], sp: Span) -> bool {
+    let (s, e) = trim(buf, sp.start as usize, sp.end as usize);
+    let Some(v) = buf.get(s..e) else {
+        return false;
+    };
+    let is_display = |b: &u8| super::scan::is_token(*b) || super::is_lws(*b) || *b >= 0x80;
+    let rest = if v.first() == Some(&b'"') {
+        let Some(close) = quoted_end(v) else {
+            return false;
+        };
+        let (a, b) = trim(v, close, v.len());
+        let after = &v[a..b];
+        if after.first() != Some(&b'<') {
+            return false;
+        }
+        after
+    } else if let Some(lt) = memchr::memchr(b'<', v) {
+        if !v[..lt].iter().all(is_display) {
+            return false;
+        }
+        &v[lt..]
+    } else {
+        // addr-spec: the URI runs to the first ';', and may not hold '?' or ','.
+        let semi = memchr::memchr(b';', v).unwrap_or(v.len());
+        let (a, b) = trim(v, 0, semi);
+        let uri = &v[a..b];
+        return has_scheme(uri)
+            && !uri
+                .iter()
+                .any(|c| super::is_lws(*c) || matches!(c, b'?' | b',' | b'"' | b'<' | b'>'))
+            && params_well_formed(&v[semi..]);
+    };
+    // `rest` starts at '<'.
+    let Some(gt) = memchr::memchr(b'>', rest) else {
+        return false;
+    };
+    let uri = &rest[1..gt];
+    has_scheme(uri)
+        && !uri.iter().any(|c| super::is_lws(*c) || *c == b'<')
+        && params_well_formed(&rest[gt + 1..])
+}
+
+fn has_scheme(uri: &[u8]) -> bool {
+    let Some(colon) = memchr::memchr(b':', uri) else {
+        return false;
+    };
+    colon + 1 < uri.len()
+        && uri[0].is_ascii_alphabetic()
+        && uri[..colon]
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
 }
 
 /// A name-addr or addr-spec header value.
@@ -167,6 +234,56 @@ mod tests {
         assert!(Uri::parse(b"http://x", span(b"http://x")).is_none());
         assert!(Uri::parse(b"sip:", span(b"sip:")).is_none());
         assert!(Uri::parse(b"sip:h:70000", span(b"sip:h:70000")).is_none());
+    }
+
+    #[test]
+    fn name_addr_syntax() {
+        for (v, ok) in [
+            (
+                &br#""Bob <boss>" <sip:bob@biloxi.com;lr>;tag=a6c85cf"#[..],
+                true,
+            ),
+            (b"sip:bob@biloxi.com;tag=1", true),
+            (b"caller<sip:caller@example.com>;tag=323", true),
+            (b"sip:vivekg@example.com ;   tag    = 1918181833n", true),
+            (b"\"J \\\\\\\"\" <sip:j@example.com>  ;\r\n  tag = 98", true),
+            (
+                br#"<sip:a@b>;+sip.instance="<urn:uuid:1>";reg-id=1;q=0.5"#,
+                true,
+            ),
+            (b"<name:John_Smith>", true),
+            (b"isbn:2983792873", true),
+            (br#""Mr. J. User <sip:j.user@example.com>"#, false),
+            (b"Bell, Alexander <sip:a.g.bell@example.com>;tag=43", false),
+            (br#""Watson, Thomas" < sip:t.watson@example.org >"#, false),
+            (
+                b"sip:user@example.com?Route=%3Csip:sip.example.com%3E",
+                false,
+            ),
+            (br#""Joe" <sip:joe@example.org>;;;;"#, false),
+            (b"<sip:a@b", false),
+            (b"", false),
+            (b"<>", false),
+        ] {
+            assert_eq!(
+                name_addr_well_formed(v, span(v)),
+                ok,
+                "{}",
+                String::from_utf8_lossy(v)
+            );
+        }
+    }
+
+    #[test]
+    fn user_part_may_hold_question_mark() {
+        let b = b"sip:1_unusual.URI~(to-be!sure)&isn't+it$/crazy?,/;;*:&it+has=1,weird!*pas$wo~d_too.(doesn't-it)@example.com";
+        let u = Uri::parse(b, span(b)).unwrap();
+        assert_eq!(u.host.of(b), b"example.com");
+        assert!(!u.has_headers());
+        let b = b"sip:user@example.com?Route=%3Csip:example.com%3E";
+        let u = Uri::parse(b, span(b)).unwrap();
+        assert_eq!(u.host.of(b), b"example.com");
+        assert!(u.has_headers());
     }
 
     #[test]

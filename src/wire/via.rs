@@ -104,7 +104,13 @@ impl Via {
                 None => (Span::new(hs, he), None),
             }
         };
-        if host.is_empty() {
+        // sent-by is a host name or an IP literal, and the parameters are `;name[=value]` with
+        // token, host or quoted-string values. Anything else (angle brackets, stray quotes,
+        // control bytes) is garbage that would make our edits change the element structure.
+        let host_ok = host.of(buf).iter().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':')
+        });
+        if host.is_empty() || !host_ok || !super::params_well_formed(&buf[sb_end..e]) {
             return None;
         }
         let mut via = Via {
@@ -183,5 +189,12 @@ mod tests {
         assert!(via("SIP/2.0/UDP host:99999").is_none());
         assert!(via("SIP/2.0/UDP [::1").is_none());
         assert!(via("SIP/2.0/UDP ;branch=x").is_none());
+        assert!(via("SIP/2.0/UDP h;received=1.2.3.4\u{17} <sip:x").is_none());
+        assert!(via("SIP/2.0/UDP h;branch=\"unterminated").is_none());
+        assert!(via("SIP/2.0/UDP h<x>;branch=z9hG4bK1").is_none());
+        assert!(via("SIP/2.0/UDP 192.0.2.15;;").is_none());
+        assert!(
+            via("SIP/2.0/UDP h;x=\"a\\\";received=1\"").is_some_and(|(v, _)| v.received.is_none())
+        );
     }
 }

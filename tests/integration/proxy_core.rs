@@ -503,3 +503,56 @@ async fn ipv6_phone_ipv4_pbx() {
     assert!(first_line(&ok).starts_with("SIP/2.0 200"), "{ok}");
     proxy.running.take().expect("running").shutdown().await;
 }
+
+/// An in-dialog BYE spirals through sipwarden twice (phone -> us -> PBX -> us -> phone) with
+/// the same Request-URI, Call-ID, CSeq and From tag: only its Route set differs. That is a
+/// spiral, not a loop; a request that really comes back unchanged is a loop (482).
+#[tokio::test]
+async fn in_dialog_spiral_is_not_a_loop_but_a_real_loop_is() {
+    let pbx = Ua::bind("127.0.0.1").await;
+    let proxy = start(pbx.addr, |_| {}).await;
+    let a = Ua::bind("127.0.0.2").await;
+    let b = Ua::bind("127.0.0.4").await;
+    let ours_b = format!("<sip:{}@{};lr>", "x", proxy.udp); // no token: routes by R-URI
+    let bye = request(
+        "BYE",
+        &format!("sip:1002@{}", b.addr),
+        "UDP 10.1.1.2:5060",
+        "z9hG4bKsp1",
+        "1001",
+        "1002",
+        "spiral",
+        2,
+        &format!(
+            "Route: <sip:{};lr>, <sip:{};lr>, {ours_b}\r\n",
+            proxy.udp, pbx.addr
+        ),
+    )
+    .replace("To: <sip:1002@pbx.test>", "To: <sip:1002@pbx.test>;tag=t");
+    a.send(proxy.udp, &bye).await;
+    let (at_pbx, _) = pbx.recv().await;
+    // The PBX pops its own Route and sends the BYE on: to us again.
+    let own = format!("<sip:{};lr>, ", pbx.addr);
+    let again = at_pbx.replacen(&own, "", 1).replacen(
+        "Via: ",
+        &format!("Via: SIP/2.0/UDP {};branch=z9hG4bKpbxsp\r\nVia: ", pbx.addr),
+        1,
+    );
+    pbx.send(proxy.udp, &again).await;
+    let (at_b, _) = b.recv().await;
+    assert!(
+        first_line(&at_b).starts_with("BYE"),
+        "spiral delivered: {at_b}"
+    );
+
+    // A real loop: the same request, Route set and all, comes back from the PBX.
+    let looped = at_pbx.replacen(
+        "Via: ",
+        &format!("Via: SIP/2.0/UDP {};branch=z9hG4bKpbxlp\r\nVia: ", pbx.addr),
+        1,
+    );
+    pbx.send(proxy.udp, &looped).await;
+    let (r, _) = pbx.recv().await;
+    assert!(first_line(&r).starts_with("SIP/2.0 482"), "{r}");
+    proxy.stop().await;
+}

@@ -104,3 +104,26 @@ fn header_count_is_bounded() {
         ParseError::TooManyHeaders
     );
 }
+
+#[test]
+fn rfc4475_integer_fields_and_request_uri() {
+    // §3.1.1.1: leading zeros, and a CSeq folded over two lines.
+    let raw =
+        b"INVITE sip:a@b SIP/2.0\r\nMax-Forwards: 0068\r\ncseq: 0009\r\n  INVITE\r\nl: 0\r\n\r\n";
+    let m = parse(raw, Framing::Datagram).unwrap();
+    assert_eq!(m.max_forwards(), Some(Ok(68)));
+    assert_eq!(m.cseq(), Some((9, &b"INVITE"[..])));
+    let raw = b"OPTIONS sip:a@b SIP/2.0\r\nMax-Forwards: 0256\r\nl: 0\r\n\r\n";
+    assert_eq!(
+        parse(raw, Framing::Datagram).unwrap().max_forwards(),
+        Some(Err(()))
+    );
+    // §3.1.2.7: a Request-URI in angle brackets is no URI.
+    let raw = b"INVITE <sip:user@example.com> SIP/2.0\r\nl: 0\r\n\r\n";
+    assert_eq!(
+        parse(raw, Framing::Datagram).unwrap_err(),
+        ParseError::BadStartLine
+    );
+    let raw = b"OPTIONS soap.beep://192.0.2.103:3002 SIP/2.0\r\nl: 0\r\n\r\n";
+    assert!(parse(raw, Framing::Datagram).is_ok());
+}
