@@ -4,3 +4,4 @@ mod durability;
 mod harness;
 mod protection;
 mod proxy_core;
+mod rfc4475;

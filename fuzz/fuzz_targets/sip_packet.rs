@@ -1,0 +1,284 @@
+//! The whole packet path on arbitrary bytes, sans I/O: pre-check, parse, engine verdict,
+//! router. Not only "no panic": whatever the router forwards must itself parse and be the same
+//! message (method or status, Call-ID, body) with exactly one Via more (a request) or one fewer
+//! (a response), and every header the router has no reason to edit byte for byte as it was;
+//! whatever it answers must be a response to it; and a message that parses as a datagram must
+//! come out of the TCP framer whole and identical.
+//!
+//! Input: one flags byte (bit 0: sent by the PBX, bit 1: over TCP, bit 2: contact mode), then
+//! the message.
+
+#![no_main]
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use libfuzzer_sys::fuzz_target;
+use sipwarden::config::{Config, IncomingMode};
+use sipwarden::engine::{Engine, Pre, Verdict};
+use sipwarden::proxy::{Action, Advertised, Flow, Inbound, Router, RouterConfig};
+use sipwarden::stats::Transport;
+use sipwarden::wire::frame::{next_frame, Frame};
+use sipwarden::wire::scan::MAX_HEADERS;
+use sipwarden::wire::{parse, split_commas, Edits, Framing, HeaderName, Message, ParseError};
+
+const NOW: u64 = 1_700_000_000_000;
+const MAX: usize = 65_536;
+const PBX: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 5080);
+const PHONE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 5062);
+
+fn engine() -> Engine {
+    let mut cfg = Config::default();
+    cfg.upstream.address = PBX.to_string();
+    // Small tables: a fresh engine per input must be cheap.
+    cfg.protection.tracked_sources = 64;
+    cfg.protection.max_blocks = 64;
+    // Building the scanner automaton dominates a fresh engine: keep one pattern.
+    cfg.scanners.user_agents = vec!["friendly-scanner".into()];
+    let mut e = Engine::new(&cfg, NOW);
+    e.set_upstream(vec![PBX.ip()]);
+    e
+}
+
+fn router(incoming: IncomingMode) -> Router {
+    let me = Advertised::new("192.0.2.10", 5060);
+    let cfg = RouterConfig {
+        udp: Some(me.clone()),
+        tcp: Some(me.clone()),
+        aliases: vec![me],
+        incoming,
+        key: [7; 16],
+    };
+    Router::new(
+        cfg,
+        Flow {
+            transport: Transport::Udp,
+            addr: PBX,
+        },
+    )
+}
+
+/// Via elements, parseable or not, in all Via headers.
+fn vias(m: &Message<'_>) -> usize {
+    m.all(HeaderName::Via)
+        .map(|h| split_commas(h.value.of(m.buf), h.value.start as usize).count())
+        .sum()
+}
+
+/// The header lines the router has no business touching, in order.
+fn untouched<'a>(m: &Message<'a>, edited: &[HeaderName]) -> Vec<&'a [u8]> {
+    m.headers
+        .iter()
+        .filter(|h| !edited.contains(&h.name))
+        .map(|h| h.line.of(m.buf))
+        .collect()
+}
+
+/// Headers the router may add to a request: Via, Max-Forwards, two Record-Route, Path,
+/// Content-Length. A message already near the scanner's header limit may go over it.
+const ADDED: usize = 6;
+
+fn check_forwarded_request(orig: &Message<'_>, out: &[u8], from_upstream: bool) {
+    let fwd = match parse(out, Framing::Datagram) {
+        Ok(m) => m,
+        Err(ParseError::TooManyHeaders) if orig.headers.len() + ADDED > MAX_HEADERS => return,
+        Err(e) => panic!("forwarded request does not parse: {e}\n{}", show(out)),
+    };
+    assert!(fwd.is_request(), "forwarded request became a response");
+    assert_eq!(fwd.method_bytes(), orig.method_bytes(), "method changed");
+    if !from_upstream {
+        // From a phone the Request-URI is never touched (from the PBX, contact mode restores it).
+        let (a, b) = (orig.request_uri(), fwd.request_uri());
+        assert_eq!(
+            a.map(|s| s.of(orig.buf)),
+            b.map(|s| s.of(fwd.buf)),
+            "Request-URI changed"
+        );
+    }
+    assert_eq!(fwd.call_id(), orig.call_id(), "Call-ID changed");
+    assert_eq!(
+        vias(&fwd),
+        vias(orig) + 1,
+        "not exactly one Via more:\n{}\n----\n{}",
+        show(orig.framed()),
+        show(out)
+    );
+    assert_eq!(fwd.body.of(out), orig.body.of(orig.buf), "body changed");
+    assert_eq!(fwd.content_length, Some(fwd.body.len()), "Content-Length");
+    use HeaderName::*;
+    let edited = [
+        Via,
+        MaxForwards,
+        Route,
+        RecordRoute,
+        Path,
+        Contact,
+        ContentLength,
+    ];
+    assert_eq!(
+        untouched(&fwd, &edited),
+        untouched(orig, &edited),
+        "other headers changed"
+    );
+    let mf = match orig.max_forwards() {
+        Some(Ok(n)) => n.saturating_sub(1),
+        _ => 69,
+    };
+    assert_eq!(fwd.max_forwards(), Some(Ok(mf)), "Max-Forwards");
+}
+
+fn check_forwarded_response(orig: &Message<'_>, out: &[u8]) {
+    let fwd = match parse(out, Framing::Datagram) {
+        Ok(m) => m,
+        Err(ParseError::TooManyHeaders) if orig.headers.len() + 1 > MAX_HEADERS => return,
+        Err(e) => panic!("forwarded response does not parse: {e}\n{}", show(out)),
+    };
+    assert_eq!(fwd.status(), orig.status(), "status changed");
+    assert_eq!(fwd.call_id(), orig.call_id(), "Call-ID changed");
+    assert_eq!(
+        vias(&fwd) + 1,
+        vias(orig),
+        "not exactly one Via fewer:\n{}\n----\n{}",
+        show(orig.framed()),
+        show(out)
+    );
+    assert_eq!(fwd.body.of(out), orig.body.of(orig.buf), "body changed");
+    assert_eq!(fwd.content_length, Some(fwd.body.len()), "Content-Length");
+    let edited = [
+        HeaderName::Via,
+        HeaderName::Contact,
+        HeaderName::ContentLength,
+    ];
+    assert_eq!(
+        untouched(&fwd, &edited),
+        untouched(orig, &edited),
+        "other headers changed"
+    );
+}
+
+fn check_reply(orig: &Message<'_>, out: &[u8]) {
+    let r = match parse(out, Framing::Datagram) {
+        Ok(m) => m,
+        Err(e) => panic!("our reply does not parse: {e}\n{}", show(out)),
+    };
+    assert!(
+        matches!(r.status(), Some(403 | 416 | 420 | 482 | 483 | 503)),
+        "unexpected reply {:?}",
+        r.status()
+    );
+    assert_eq!(r.call_id(), orig.call_id(), "reply Call-ID");
+    assert_eq!(vias(&r), vias(orig), "reply Vias");
+}
+
+/// A message that parses as a datagram, sent on a TCP stream, is framed whole: the framer skips
+/// the leading CRLFs the scanner skips and cuts exactly the bytes the scanner used.
+fn check_framing(m: &Message<'_>) {
+    let framed = m.framed();
+    // On a stream, Content-Length is mandatory.
+    if m.content_length.is_none() || framed.len() > MAX {
+        return;
+    }
+    let mut pos = 0;
+    let len = loop {
+        match next_frame(&framed[pos..], MAX) {
+            Ok(Frame::Ping(n)) | Ok(Frame::Skip(n)) => pos += n,
+            Ok(Frame::Message(n)) => break n,
+            other => panic!("datagram not framed on TCP: {other:?}\n{}", show(framed)),
+        }
+    };
+    assert_eq!(pos + len, framed.len(), "framed length");
+    let s = match parse(&framed[pos..], Framing::Stream) {
+        Ok(s) => s,
+        Err(e) => panic!("framed message does not parse: {e}"),
+    };
+    assert_eq!(s.headers.len(), m.headers.len(), "header count");
+    for (a, b) in s.headers.iter().zip(m.headers.iter()) {
+        assert_eq!(a.name, b.name);
+        assert_eq!(a.value.of(s.buf), b.value.of(m.buf));
+    }
+    assert_eq!(s.body.of(s.buf), m.body.of(m.buf), "body");
+}
+
+fn show(b: &[u8]) -> String {
+    String::from_utf8_lossy(&b[..b.len().min(2000)]).into_owned()
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&flags, bytes)) = data.split_first() else {
+        return;
+    };
+    let from_upstream = flags & 1 != 0;
+    let transport = if flags & 2 != 0 {
+        Transport::Tcp
+    } else {
+        Transport::Udp
+    };
+    let incoming = if flags & 4 != 0 {
+        IncomingMode::Contact
+    } else {
+        IncomingMode::Path
+    };
+    let src = if from_upstream { PBX } else { PHONE };
+    let inb = Inbound { transport, src };
+    let mut engine = engine();
+    let router = router(incoming);
+
+    let pre = engine.precheck(NOW, src);
+    assert_eq!(pre == Pre::Trusted, from_upstream);
+
+    if let Ok(d) = parse(bytes, Framing::Datagram) {
+        check_framing(&d);
+        let again = parse(d.framed(), Framing::Datagram).expect("framed bytes parse again");
+        assert_eq!(again.headers.len(), d.headers.len());
+    }
+
+    let framing = match transport {
+        Transport::Udp => Framing::Datagram,
+        Transport::Tcp => Framing::Stream,
+    };
+    let msg = match parse(bytes, framing) {
+        Ok(m) => m,
+        Err(err) => {
+            engine.on_malformed(NOW, src, err, bytes);
+            return;
+        }
+    };
+    let (mut edits, mut out) = (Edits::new(), Vec::new());
+    if msg.is_request() {
+        if !from_upstream {
+            match engine.on_request(NOW, src, &msg) {
+                Verdict::Forward => {}
+                Verdict::Drop(_) => return,
+                Verdict::Reply { code, reason, .. } => {
+                    if let Action::Reply { to } =
+                        router.reply(&inb, &msg, code, reason, "", &mut out)
+                    {
+                        assert_eq!(to.addr, src);
+                        check_reply(&msg, &out);
+                    }
+                    return;
+                }
+            }
+        }
+        match router.route_request(&inb, &msg, from_upstream, &mut edits, &mut out) {
+            Action::Forward { .. } => check_forwarded_request(&msg, &out, from_upstream),
+            Action::Reply { to } => {
+                assert_eq!(to.addr, src);
+                check_reply(&msg, &out);
+            }
+            Action::Drop(_) => {}
+        }
+    } else {
+        if !from_upstream && sipwarden::engine::anomaly::check_response(&msg).is_some() {
+            return;
+        }
+        let (action, info) = router.route_response(&inb, &msg, from_upstream, &mut edits, &mut out);
+        if let Action::Forward { to } = action {
+            check_forwarded_response(&msg, &out);
+            assert!(!to.addr.ip().is_unspecified() && to.addr.port() != 0);
+        }
+        if let Some(info) = info {
+            assert!(from_upstream);
+            engine.on_answer(NOW, info.phone, &msg, info.had_credentials);
+        }
+    }
+});
