@@ -12,7 +12,7 @@
 # usage: bench/calls.sh [direct|sipwarden|kamailio ...]      (default: all three)
 # env:   SIPWARDEN_BIN (default target/release/sipwarden, built if missing), STEP_SECS (3),
 #        GRACE_SECS (2: time after the last call's start by which calls must be complete),
-#        MAX_RATE (30000), KEEP=1 keeps the work dir.
+#        MAX_RATE (60000), KEEP=1 keeps the work dir.
 set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -20,9 +20,9 @@ REPO=$(cd "$HERE/.." && pwd)
 SIPWARDEN_BIN=${SIPWARDEN_BIN:-$REPO/target/release/sipwarden}
 STEP_SECS=${STEP_SECS:-3}
 GRACE_SECS=${GRACE_SECS:-2}
-MAX_RATE=${MAX_RATE:-30000}
+MAX_RATE=${MAX_RATE:-60000}
 BISECT=${BISECT:-3}
-STEPS=(500 1000 2000 3000 4000 5000 6000 8000 10000 12000 14000 17000 20000 25000 30000)
+STEPS=(500 1000 2000 3000 4000 5000 6000 8000 10000 12000 14000 17000 20000 25000 30000 35000 40000 45000 50000 60000)
 
 UAS_IP=127.0.0.30 UAS_PORT=5090
 UAC_IP=127.0.0.31 UAC_PORT=5091
