@@ -132,6 +132,8 @@ struct Task {
     cluster: Option<Cluster>,
     /// Webhook alerts for new blocks and alerts (`notify.webhook`, read at start).
     notifier: crate::notify::Notifier,
+    /// Block and unblock log lines are attacker-driven: at most [`LOG_LINES_PER_SEC`] a second.
+    log_budget: LogBudget,
     /// Events whose commit failed, written again before the next ones.
     retry: Vec<Event>,
     errors: ErrorLog,
@@ -196,6 +198,7 @@ impl Task {
             store: store.map(Arc::new),
             cluster,
             notifier,
+            log_budget: LogBudget::default(),
             retry: Vec::new(),
             errors: ErrorLog::default(),
             stats: Arc::default(),
@@ -334,7 +337,9 @@ impl Task {
             }
         };
         for ev in &events {
-            log_event(&self.node, ev);
+            if self.log_budget.admit(ev) {
+                log_event(&self.node, ev);
+            }
             crate::admin::metrics::record_event(ev);
             self.notifier.notify(ev);
         }
@@ -390,6 +395,55 @@ impl Task {
             Ok(Err(e)) => self.errors.report("cannot prune old strikes", &e),
             Err(e) => self.errors.report("cannot prune old strikes", &e),
         }
+    }
+}
+
+/// Block and unblock lines logged per second before they are summarised: an attacker with a
+/// million addresses must not be able to fill the disk through the log.
+pub const LOG_LINES_PER_SEC: u32 = 50;
+
+#[derive(Default)]
+struct LogBudget {
+    window: Option<Instant>,
+    lines: u32,
+    blocks: u64,
+    unblocks: u64,
+}
+
+impl LogBudget {
+    /// Whether to log `ev` one line by itself; a summary of what was held back is logged when
+    /// the next second starts.
+    fn admit(&mut self, ev: &Event) -> bool {
+        if !matches!(ev, Event::Blocked(_) | Event::Unblocked { .. }) {
+            return true;
+        }
+        let now = Instant::now();
+        if self
+            .window
+            .is_none_or(|w| now.duration_since(w) >= Duration::from_secs(1))
+        {
+            if self.blocks + self.unblocks > 0 {
+                tracing::warn!(
+                    target: "sipwarden::blocks",
+                    blocks = self.blocks,
+                    unblocks = self.unblocks,
+                    "more blocks and unblocks than {LOG_LINES_PER_SEC} a second: not logged one by one (the block table has them all)"
+                );
+            }
+            *self = LogBudget {
+                window: Some(now),
+                ..LogBudget::default()
+            };
+        }
+        if self.lines < LOG_LINES_PER_SEC {
+            self.lines += 1;
+            return true;
+        }
+        match ev {
+            Event::Blocked(_) => self.blocks += 1,
+            _ => self.unblocks += 1,
+        }
+        false
     }
 }
 

@@ -141,13 +141,21 @@ fn block_key(key: &BlockKey) -> String {
     key.to_string()
 }
 
+/// Page cache of the state store.
+pub const STORE_CACHE_BYTES: usize = 16 << 20;
+
 impl Store {
     /// Open (or create) the store. A file that is not a readable store is an error: the caller
     /// refuses to start rather than silently dropping the operator's lists and blocks.
     pub fn open(path: impl AsRef<Path>) -> Result<Store, StateError> {
         let path = path.as_ref().to_path_buf();
         guarded(&path, || {
-            let db = Database::create(&path).map_err(|e| open_error(&path, e))?;
+            // redb's default page cache is 1 GiB; the store holds at most `max_blocks` small
+            // rows, so a bounded cache keeps memory flat under a flood of new blocks.
+            let db = Database::builder()
+                .set_cache_size(STORE_CACHE_BYTES)
+                .create(&path)
+                .map_err(|e| open_error(&path, e))?;
             let store = Store {
                 db,
                 path: path.clone(),
