@@ -461,9 +461,10 @@ pub fn reload(node: &Node, path: &std::path::Path) -> Result<(), String> {
         || cfg.cluster.redis_url != old.cluster.redis_url
         || cfg.tftp.enabled != old.tftp.enabled
         || cfg.tftp.listen != old.tftp.listen
+        || cfg.notify.webhook != old.notify.webhook
     {
         tracing::warn!(
-            "listen addresses, upstream.address, state.path, cluster.redis_url and tftp.enabled/listen change only on restart"
+            "listen addresses, upstream.address, state.path, cluster.redis_url, tftp.enabled/listen and notify.webhook change only on restart"
         );
     }
     node.reconfigure(cfg);
