@@ -55,18 +55,24 @@ impl Anomaly {
     }
 }
 
-/// Checks on a parsed request beyond what the scan enforces (RFC 3261 §8.1.1, §8.2.2).
-pub fn check_request(msg: &Message<'_>) -> Option<Anomaly> {
-    for (h, name) in [
+/// The headers every request and response must carry (RFC 3261 §8.1.1).
+fn missing_mandatory(msg: &Message<'_>) -> Option<Anomaly> {
+    [
         (HeaderName::Via, "Via"),
         (HeaderName::From, "From"),
         (HeaderName::To, "To"),
         (HeaderName::CallId, "Call-ID"),
         (HeaderName::CSeq, "CSeq"),
-    ] {
-        if !msg.has(h) {
-            return Some(Anomaly::MissingHeader(name));
-        }
+    ]
+    .into_iter()
+    .find(|(h, _)| !msg.has(*h))
+    .map(|(_, name)| Anomaly::MissingHeader(name))
+}
+
+/// Checks on a parsed request beyond what the scan enforces (RFC 3261 §8.1.1, §8.2.2).
+pub fn check_request(msg: &Message<'_>) -> Option<Anomaly> {
+    if let Some(a) = missing_mandatory(msg) {
+        return Some(a);
     }
     let Some((_, cseq_method)) = msg.cseq() else {
         return Some(Anomaly::CSeqMismatch);
@@ -127,16 +133,8 @@ pub fn check_request(msg: &Message<'_>) -> Option<Anomaly> {
 
 /// Checks on a parsed response.
 pub fn check_response(msg: &Message<'_>) -> Option<Anomaly> {
-    for (h, name) in [
-        (HeaderName::Via, "Via"),
-        (HeaderName::From, "From"),
-        (HeaderName::To, "To"),
-        (HeaderName::CallId, "Call-ID"),
-        (HeaderName::CSeq, "CSeq"),
-    ] {
-        if !msg.has(h) {
-            return Some(Anomaly::MissingHeader(name));
-        }
+    if let Some(a) = missing_mandatory(msg) {
+        return Some(a);
     }
     if msg.cseq().is_none() {
         return Some(Anomaly::CSeqMismatch);

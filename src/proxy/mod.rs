@@ -276,13 +276,7 @@ impl Router {
         {
             contact::rewrite(self, msg, &phone, edits);
         }
-        if msg.content_length.is_none() {
-            edits.insert_fmt(
-                msg.headers_end,
-                format_args!("Content-Length: {}\r\n", msg.body.len()),
-            );
-        }
-        edits.apply(msg.framed(), out);
+        finish(msg, edits, out);
         Action::Forward { to: dest }
     }
 
@@ -350,13 +344,7 @@ impl Router {
                 }
             }
         }
-        if msg.content_length.is_none() {
-            edits.insert_fmt(
-                msg.headers_end,
-                format_args!("Content-Length: {}\r\n", msg.body.len()),
-            );
-        }
-        edits.apply(msg.framed(), out);
+        finish(msg, edits, out);
         let info = from_upstream.then_some(AnswerInfo {
             phone: to.addr,
             had_credentials,
@@ -451,6 +439,18 @@ impl Router {
                     && self.is_ours(v.host.of(buf), v.port)
             })
     }
+}
+
+/// Apply the edits into `out`, adding a Content-Length when the sender left it out (a UDP
+/// message may; a TCP hop needs it).
+fn finish(msg: &Message<'_>, edits: &mut Edits, out: &mut Vec<u8>) {
+    if msg.content_length.is_none() {
+        edits.insert_fmt(
+            msg.headers_end,
+            format_args!("Content-Length: {}\r\n", msg.body.len()),
+        );
+    }
+    edits.apply(msg.framed(), out);
 }
 
 fn format_hex8(v: u32, out: &mut [u8; 8]) -> &[u8] {
