@@ -89,7 +89,8 @@ pub struct Transports {
 impl Transports {
     fn udp_for(&self, addr: &SocketAddr) -> Option<&Arc<UdpSocket>> {
         match addr {
-            SocketAddr::V4(_) => self.udp4.as_ref().or(self.udp6.as_ref()),
+            // IPv6 listeners are IPv6-only (server::udp_socket): v4 peers need a v4 socket.
+            SocketAddr::V4(_) => self.udp4.as_ref(),
             SocketAddr::V6(_) => self.udp6.as_ref(),
         }
     }
@@ -100,14 +101,7 @@ impl Transports {
         match to.transport {
             Transport::Udp => {
                 let sock = self.udp_for(&to.addr).ok_or(DropReason::NoRoute)?;
-                let dest = match (sock.local_addr(), to.addr) {
-                    // A dual-stack v6 socket reaches v4 peers through mapped addresses.
-                    (Ok(SocketAddr::V6(_)), SocketAddr::V4(v4)) => {
-                        SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
-                    }
-                    _ => to.addr,
-                };
-                sock.send_to(bytes, dest)
+                sock.send_to(bytes, to.addr)
                     .await
                     .map(|_| ())
                     .map_err(|_| DropReason::SendFailed)
