@@ -276,7 +276,7 @@ impl Worker {
                     return;
                 }
                 Ok(r) => last = format!("HTTP {}", r.status()),
-                Err(e) => last = error_chain(&e),
+                Err(e) => last = crate::util::error_chain(&e),
             }
             tracing::debug!(webhook = host, attempt, error = %last, "webhook POST failed");
             if attempt < self.opts.attempts {
@@ -300,17 +300,6 @@ fn summary(n: u64, window: Duration) -> Value {
             humantime::format_duration(window)
         ),
     })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

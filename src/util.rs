@@ -33,3 +33,15 @@ pub fn printable(b: &[u8], max: usize) -> String {
     }
     out
 }
+
+/// An error and its sources, `outer: inner: innermost`, for log lines and CLI messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}

@@ -174,14 +174,16 @@ impl Api {
                 "cannot reach the sipwarden admin API at {}: {} (is sipwarden running, and is \
                  admin.listen in the config right?)",
                 self.base,
-                chain(&e)
+                crate::util::error_chain(&e)
             )
         })?;
         let status = resp.status();
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| format!("reading the answer from {url}: {}", chain(&e)))?;
+        let text = resp.text().await.map_err(|e| {
+            format!(
+                "reading the answer from {url}: {}",
+                crate::util::error_chain(&e)
+            )
+        })?;
         if status.is_success() {
             return Ok(text);
         }
@@ -195,17 +197,6 @@ impl Api {
             msg
         })
     }
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }
 
 fn seg(s: &str) -> String {

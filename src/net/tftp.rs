@@ -447,6 +447,17 @@ impl Transfer {
         }
     }
 
+    /// Decode a packet of the transfer; an oversized or malformed one is counted and `None`.
+    fn decode<'b>(&self, bytes: &'b [u8]) -> Option<Packet<'b>> {
+        let pkt = (bytes.len() < self.buf_len)
+            .then(|| Packet::decode(bytes).ok())
+            .flatten();
+        if pkt.is_none() {
+            inc(&self.node.stats.tftp_malformed);
+        }
+        pkt
+    }
+
     fn wait(&self, st: &State) -> Duration {
         if st.done {
             LINGER
@@ -469,16 +480,8 @@ impl Transfer {
             inc(&stats.tftp_dropped);
             return Ok(Step::Dropped);
         }
-        if bytes.len() >= self.buf_len {
-            inc(&stats.tftp_malformed);
+        let Some(pkt) = self.decode(bytes) else {
             return Ok(Step::Dropped);
-        }
-        let pkt = match Packet::decode(bytes) {
-            Ok(p) => p,
-            Err(_) => {
-                inc(&stats.tftp_malformed);
-                return Ok(Step::Dropped);
-            }
         };
         let first = st.server.is_none();
         let end = match (&pkt, self.read) {
@@ -538,16 +541,8 @@ impl Transfer {
             inc(&stats.tftp_dropped);
             return Ok(Step::Dropped);
         }
-        if bytes.len() >= self.buf_len {
-            inc(&stats.tftp_malformed);
+        let Some(pkt) = self.decode(bytes) else {
             return Ok(Step::Dropped);
-        }
-        let pkt = match Packet::decode(bytes) {
-            Ok(p) => p,
-            Err(_) => {
-                inc(&stats.tftp_malformed);
-                return Ok(Step::Dropped);
-            }
         };
         let end = match (&pkt, self.read) {
             (Packet::Error { .. }, _) => true,
