@@ -68,6 +68,25 @@ pub struct Sip {
     /// connection (byte-at-a-time headers).
     #[serde(with = "humantime_serde")]
     pub tcp_message_timeout: Duration,
+    /// How requests for a phone find it: `auto` (its flow when behind NAT, on outbound or on a
+    /// connection, else its Contact), `always-flow`, or `never` (always the Contact).
+    pub nat_detection: NatDetection,
+    /// The key that signs flow tokens and Via branches, as 32 hex digits. Empty: generated once
+    /// and kept in the state store. Set the same value on every node of a cluster.
+    pub flow_key: String,
+    /// After the key changes, tokens signed with the previous key are accepted this long (at
+    /// least the longest registration lifetime, so no phone becomes unreachable).
+    #[serde(with = "humantime_serde")]
+    pub flow_key_grace: Duration,
+}
+
+/// `sip.nat_detection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatDetection {
+    Auto,
+    AlwaysFlow,
+    Never,
 }
 
 impl Default for Sip {
@@ -81,6 +100,9 @@ impl Default for Sip {
             max_connections_per_ip: 64,
             tcp_idle_timeout: Duration::from_secs(900),
             tcp_message_timeout: Duration::from_secs(10),
+            nat_detection: NatDetection::Auto,
+            flow_key: String::new(),
+            flow_key_grace: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -554,6 +576,14 @@ impl Config {
         )?;
         positive("sip.tcp_idle_timeout", c.sip.tcp_idle_timeout)?;
         positive("sip.tcp_message_timeout", c.sip.tcp_message_timeout)?;
+        if !c.sip.flow_key.is_empty()
+            && crate::proxy::keys::parse_hex_key(&c.sip.flow_key).is_none()
+        {
+            return Err(invalid(
+                "sip.flow_key",
+                "must be 32 hex digits (16 random bytes, e.g. from `openssl rand -hex 16`), or empty",
+            ));
+        }
         if !c.sip.public_address.is_empty() {
             let h = &c.sip.public_address;
             let ok = h.parse::<IpAddr>().is_ok()

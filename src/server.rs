@@ -148,7 +148,12 @@ fn advertised(cfg: &Config, local: SocketAddr, upstream: SocketAddr) -> Advertis
     Advertised::new(&ip.to_string(), local.port())
 }
 
-fn router_config(cfg: &Config, bound: &Bound, upstream: SocketAddr) -> RouterConfig {
+fn router_config(
+    cfg: &Config,
+    bound: &Bound,
+    upstream: SocketAddr,
+    keys: crate::proxy::Keys,
+) -> RouterConfig {
     let udp = bound
         .udp
         .iter()
@@ -175,14 +180,19 @@ fn router_config(cfg: &Config, bound: &Bound, upstream: SocketAddr) -> RouterCon
             aliases.push(Advertised::new(&a.ip().to_string(), a.port()));
         }
     }
-    let mut key = [0u8; 16];
-    rand::fill(&mut key);
+    let sockets = udp
+        .iter()
+        .map(|a| (Transport::Udp, *a))
+        .chain(tcp.iter().map(|a| (Transport::Tcp, *a)))
+        .collect();
     RouterConfig {
         udp: pick(&udp),
         tcp: pick(&tcp),
         aliases,
         incoming: cfg.upstream.incoming,
-        key,
+        nat: cfg.sip.nat_detection,
+        keys,
+        sockets,
     }
 }
 
@@ -194,6 +204,31 @@ fn upstream_flow(cfg: &Config, addr: SocketAddr) -> Flow {
         },
         addr,
     }
+}
+
+/// The routing keys: the configured `sip.flow_key`, else the one an earlier run stored, else a
+/// new one; stored before anything is routed so a crash right after start keeps it too.
+fn routing_keys(
+    cfg: &Config,
+    store: &crate::state::Store,
+    now: crate::clock::Millis,
+) -> Result<crate::proxy::Keys, ServerError> {
+    use crate::proxy::keys;
+    let configured = keys::parse_hex_key(&cfg.sip.flow_key);
+    let stored = store.routing_keys()?;
+    let mut fresh = [0u8; 16];
+    rand::fill(&mut fresh);
+    let grace = cfg.sip.flow_key_grace.as_millis() as u64;
+    let (k, save) = keys::resolve(configured, stored.as_ref(), now, grace, fresh);
+    if let Some(s) = save {
+        store.set_routing_keys(&s)?;
+        tracing::info!(
+            configured = configured.is_some(),
+            previous_kept = s.previous.is_some(),
+            "routing key stored"
+        );
+    }
+    Ok(k)
 }
 
 /// A request to reload the config file, answered with the outcome.
@@ -248,6 +283,7 @@ pub async fn start(
     // dropped from the first packet on.
     let store = crate::state::Store::open(&cfg.state.path)?;
     let restored = crate::state::restore(&node, &store)?;
+    let keys = routing_keys(&cfg, &store, node.now())?;
     tracing::info!(
         path = %cfg.state.path,
         blocks = restored.blocks,
@@ -275,12 +311,18 @@ pub async fn start(
             )))
         }
     };
-    let upstream_addr = first.addrs[0];
+    let Some(&upstream_addr) = first.addrs.first() else {
+        return Err(ServerError::Other(format!(
+            "upstream.address: {} resolved to no address",
+            cfg.upstream.address
+        )));
+    };
     node.with_engine(|e| e.set_upstream(first.addrs.iter().map(|a| a.ip()).collect()));
-    let router = Router::new(
-        router_config(&cfg, &bound, upstream_addr),
+    let mut router = Router::new(
+        router_config(&cfg, &bound, upstream_addr, keys),
         upstream_flow(&cfg, upstream_addr),
     );
+    router.set_upstreams(upstream_flow(&cfg, upstream_addr), &first.addrs);
     tracing::info!(
         upstream = %upstream_addr,
         udp = ?router.config().udp,
@@ -366,7 +408,9 @@ pub async fn start(
                     Ok(r) => {
                         wait = r.ttl.unwrap_or(crate::net::upstream::MAX_TTL);
                         let cfg = shared.node.config();
-                        shared.router.write().set_upstream(upstream_flow(&cfg, r.addrs[0]));
+                        if let Some(&a) = r.addrs.first() {
+                            shared.router.write().set_upstreams(upstream_flow(&cfg, a), &r.addrs);
+                        }
                         shared.node.with_engine(|e| e.set_upstream(r.addrs.iter().map(|a| a.ip()).collect()));
                     }
                     Err(e) => {
@@ -462,9 +506,11 @@ pub fn reload(node: &Node, path: &std::path::Path) -> Result<(), String> {
         || cfg.tftp.enabled != old.tftp.enabled
         || cfg.tftp.listen != old.tftp.listen
         || cfg.notify.webhook != old.notify.webhook
+        || cfg.sip.flow_key != old.sip.flow_key
+        || cfg.sip.nat_detection != old.sip.nat_detection
     {
         tracing::warn!(
-            "listen addresses, upstream.address, state.path, cluster.redis_url, tftp.enabled/listen and notify.webhook change only on restart"
+            "listen addresses, upstream.address, state.path, cluster.redis_url, tftp.enabled/listen, notify.webhook, sip.flow_key and sip.nat_detection change only on restart"
         );
     }
     node.reconfigure(cfg);

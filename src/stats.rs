@@ -30,10 +30,15 @@ pub enum DropReason {
     NotOurs,
     /// The send itself failed (socket error, full TCP queue).
     SendFailed,
+    /// A response through a Via of ours whose branch MAC does not verify: one we did not cause.
+    Forged,
+    /// A request of the PBX for a flow that is unknown (token that does not verify) or gone
+    /// (closed TCP connection): answered 430 Flow Failed.
+    FlowFailed,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 14] = [
         DropReason::Blocked,
         DropReason::Blacklisted,
         DropReason::Malformed,
@@ -46,6 +51,8 @@ impl DropReason {
         DropReason::Loop,
         DropReason::NotOurs,
         DropReason::SendFailed,
+        DropReason::Forged,
+        DropReason::FlowFailed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -62,6 +69,8 @@ impl DropReason {
             DropReason::Loop => "loop",
             DropReason::NotOurs => "not_ours",
             DropReason::SendFailed => "send_failed",
+            DropReason::Forged => "forged",
+            DropReason::FlowFailed => "flow_failed",
         }
     }
 

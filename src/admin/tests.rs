@@ -398,7 +398,10 @@ async fn stats_counts_and_history() {
         serde_json::json!({"udp": 1, "tcp": 0, "total": 1})
     );
     assert_eq!(s["dropped"]["scanner"], 1);
-    assert_eq!(s["dropped"].as_object().map(|o| o.len()), Some(12));
+    assert_eq!(
+        s["dropped"].as_object().map(|o| o.len()),
+        Some(crate::stats::DropReason::ALL.len())
+    );
     assert_eq!(s["dropped_total"], 1);
     assert_eq!(s["active_blocks"]["total"], 1);
     assert_eq!(s["active_blocks"]["by_type"]["MANUAL"], 1);

@@ -21,6 +21,9 @@ pub enum Anomaly {
     BadAddress(&'static str),
     /// A sip/sips Request-URI that does not parse or carries `?headers` (RFC 4475 §3.1.2.11).
     BadRequestUri,
+    /// A response through a Via that looks like ours but whose branch MAC does not verify: an
+    /// attempt to make us route a response we did not cause.
+    ForgedResponse,
 }
 
 impl Anomaly {
@@ -30,6 +33,7 @@ impl Anomaly {
         match self {
             Anomaly::Malformed(ParseError::Oversized | ParseError::TooManyHeaders) => 2,
             Anomaly::NotSip => 2,
+            Anomaly::ForgedResponse => 2,
             _ => 1,
         }
     }
@@ -51,6 +55,7 @@ impl Anomaly {
             Anomaly::Duplicate(h) => format!("more than one {h}"),
             Anomaly::BadAddress(h) => format!("malformed {h}"),
             Anomaly::BadRequestUri => "malformed Request-URI".into(),
+            Anomaly::ForgedResponse => "forged response (our Via, branch does not verify)".into(),
         }
     }
 }

@@ -195,10 +195,9 @@ impl Engine {
     // ---- the packet path --------------------------------------------------------------
 
     /// Before parsing. O(1) for a blocked source: one hash lookup, no parse, no allocation.
+    /// The caller decides whether the packet is the upstream's (bound to its flow, not its IP:
+    /// `proxy::Router::is_upstream`) and does not call this for it.
     pub fn precheck(&mut self, now: Millis, src: SocketAddr) -> Pre {
-        if self.is_upstream(src.ip()) {
-            return Pre::Trusted;
-        }
         let reply_403 = self.cfg.protection.blocked_reply == crate::config::BlockedReply::Forbidden;
         if let Some(hit) = self.table.check(now, src, self.cfg.protection.ipv6_prefix) {
             return Pre::Blocked {
@@ -281,8 +280,15 @@ impl Engine {
     }
 
     /// A parsed request from a phone (not trusted, not whitelisted).
-    pub fn on_request(&mut self, now: Millis, src: SocketAddr, msg: &Message<'_>) -> Verdict {
+    pub fn on_request(
+        &mut self,
+        now: Millis,
+        src: SocketAddr,
+        msg: &Message<'_>,
+        our_dialog: bool,
+    ) -> Verdict {
         use crate::stats::DropReason as D;
+        let _ = our_dialog;
         self.clock.set(now);
         let net = source_net(src.ip(), self.cfg.protection.ipv6_prefix);
         let ua = msg.user_agent();
@@ -403,8 +409,9 @@ impl Engine {
         now: Millis,
         phone: SocketAddr,
         msg: &Message<'_>,
-        had_credentials: bool,
+        attempt: Option<u64>,
     ) {
+        let had_credentials = attempt.is_some();
         let Some(code) = msg.status() else { return };
         if code < 200 || self.is_upstream(phone.ip()) || self.lists.is_whitelisted(phone.ip()) {
             return;

@@ -41,8 +41,22 @@ impl Shared {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
+        // One read of the router for the whole packet (reloads and re-resolution write it).
+        let (own, from_upstream) = {
+            let router = self.router.read();
+            (router.is_own_socket(&inb), router.is_upstream(&inb))
+        };
+        if own {
+            // Our own packet coming back (a forged Via or Contact made us send to ourselves).
+            stats.drop(DropReason::Loop);
+            return;
+        }
         let now = self.node.now();
-        let pre = self.node.with_engine(|e| e.precheck(now, inb.src));
+        let pre = if from_upstream {
+            Pre::Trusted
+        } else {
+            self.node.with_engine(|e| e.precheck(now, inb.src))
+        };
         if let Pre::Blocked { kind, reply_403 } = pre {
             stats.drop(if kind == crate::blocks::BlockType::Blacklist {
                 DropReason::Blacklisted
@@ -81,11 +95,14 @@ impl Shared {
                 return;
             }
         };
-        let from_upstream = pre == Pre::Trusted;
         let Scratch { edits, out } = scratch;
         let action = if msg.is_request() {
             if inspect {
-                match self.node.with_engine(|e| e.on_request(now, inb.src, &msg)) {
+                let our_dialog = self.router.read().is_our_dialog(&msg);
+                match self
+                    .node
+                    .with_engine(|e| e.on_request(now, inb.src, &msg, our_dialog))
+                {
                     Verdict::Forward => {}
                     Verdict::Drop(r) => {
                         stats.drop(r);
@@ -110,9 +127,29 @@ impl Shared {
                     }
                 }
             }
-            self.router
+            let action = self
+                .router
                 .read()
-                .route_request(&inb, &msg, from_upstream, edits, out)
+                .route_request(&inb, &msg, from_upstream, edits, out);
+            match action {
+                // The PBX's request for a phone whose TCP connection is gone: 430 Flow Failed
+                // (RFC 5626 §5.3) at once rather than a timeout.
+                Action::Forward { to, target } => {
+                    if let Some(t) = target {
+                        tracing::debug!(src = %inb.src, target = %t.flow.addr, transport = t.flow.transport.as_str(), why = t.why, "nat detection");
+                    }
+                    if from_upstream
+                        && to.transport == Transport::Tcp
+                        && to != self.router.read().upstream()
+                        && self.transports.conns.get(&to.addr).is_none()
+                    {
+                        self.router.read().flow_failed(&inb, &msg, out)
+                    } else {
+                        action
+                    }
+                }
+                a => a,
+            }
         } else {
             if inspect {
                 if let Some(a) = anomaly::check_response(&msg) {
@@ -126,10 +163,17 @@ impl Shared {
                 self.router
                     .read()
                     .route_response(&inb, &msg, from_upstream, edits, out);
+            if action == Action::Drop(DropReason::Forged) && inspect {
+                // A response we did not cause, through a Via that looks like ours: an attempt
+                // to steer us. Score the sender (who is not the PBX).
+                self.node.with_engine(|e| {
+                    e.on_anomaly(now, inb.src, anomaly::Anomaly::ForgedResponse, bytes)
+                });
+            }
             if let Some(info) = info {
                 if msg.status().is_some_and(|c| c >= 200) {
                     self.node
-                        .with_engine(|e| e.on_answer(now, info.phone, &msg, info.had_credentials));
+                        .with_engine(|e| e.on_answer(now, info.phone, &msg, info.attempt));
                 }
             }
             action
@@ -156,7 +200,16 @@ impl Shared {
                 }
                 false
             }
-            Action::Forward { to } => match self.send_to(to, out).await {
+            Action::FlowFailed { to } => {
+                stats.drop(DropReason::FlowFailed);
+                if self.transports.send(to, out).await.is_ok() {
+                    stats
+                        .replies_sent
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                false
+            }
+            Action::Forward { to, .. } => match self.send_to(to, out).await {
                 Ok(()) => {
                     stats.forwarded(request);
                     true

@@ -4,27 +4,39 @@
 //!
 //! Requests from phones always go to the upstream PBX. Requests from the PBX find the phone by
 //! a flow token in our Route entry (Path / Record-Route), by a rewritten Contact (`contact`
-//! mode), or by the Request-URI. Responses follow the Via chain.
+//! mode), or by the Request-URI; a token that does not verify is answered 430 Flow Failed, never
+//! routed to what the Request-URI names. Responses follow the Via chain, but only through a Via
+//! of ours whose branch MAC verifies (see [`branch`]): a response we did not cause goes nowhere.
+//!
+//! Trust is bound to the flow, not the IP: only packets from the configured upstream (transport,
+//! address, port) are the PBX's; and nothing from or to one of our own sockets is ever handled.
+#![deny(clippy::string_slice, clippy::indexing_slicing)]
 
+pub mod branch;
 mod contact;
 pub mod flow;
+pub mod keys;
+pub mod nat;
 mod route;
 #[cfg(test)]
 mod tests;
 
 use std::net::{IpAddr, SocketAddr};
 
-use crate::config::IncomingMode;
+use crate::config::{IncomingMode, NatDetection};
 use crate::stats::{DropReason, Transport};
-use crate::util::keyed_hash64;
+use crate::util::hash64;
 use crate::wire::uri::{NameAddr, Uri};
 use crate::wire::via::{Rport, Via, ViaTransport};
 use crate::wire::{reply, split_commas, Edits, HeaderName, Message, Method, Span};
 
+use branch::{Binding, Branch};
 pub use flow::Flow;
+pub use keys::Keys;
+pub use nat::Target;
 
-/// Branches we mint start with this; the next byte says whether the request had credentials.
-pub const BRANCH_PREFIX: &[u8] = b"z9hG4bKsw";
+/// Branches we mint start with this.
+pub const BRANCH_PREFIX: &[u8] = branch::MARK;
 
 /// How we name ourselves on one transport: `host:port` as written into headers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,8 +62,12 @@ pub struct RouterConfig {
     /// Other names we answer to (listen IPs), for recognising our own Route entries.
     pub aliases: Vec<Advertised>,
     pub incoming: IncomingMode,
-    /// Key for flow tokens and branches.
-    pub key: [u8; 16],
+    pub nat: NatDetection,
+    /// Keys for flow tokens and branches.
+    pub keys: Keys,
+    /// The sockets we listen on: a packet from one of them is our own coming back, and we
+    /// never send to one.
+    pub sockets: Vec<(Transport, SocketAddr)>,
 }
 
 /// Where a message came from.
@@ -63,12 +79,18 @@ pub struct Inbound {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// Send the output buffer to `to`.
+    /// Send the output buffer to `to`. `target`: the NAT decision made for the sender, when
+    /// this message minted a flow token (for the debug log).
     Forward {
         to: Flow,
+        target: Option<Target>,
     },
     /// Send the output buffer (a response we generated) back to `to`.
     Reply {
+        to: Flow,
+    },
+    /// Send the output buffer (our 430 Flow Failed) back to the PBX at `to`.
+    FlowFailed {
         to: Flow,
     },
     Drop(DropReason),
@@ -78,21 +100,95 @@ pub enum Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AnswerInfo {
     pub phone: SocketAddr,
-    pub had_credentials: bool,
+    /// The fingerprint of the credentials the request carried (`None`: it carried none).
+    pub attempt: Option<u64>,
+}
+
+impl AnswerInfo {
+    pub fn had_credentials(&self) -> bool {
+        self.attempt.is_some()
+    }
 }
 
 pub struct Router {
     cfg: RouterConfig,
+    /// Where requests from phones go.
     upstream: Flow,
+    /// Every resolved address of the PBX (for trust); `upstream` is the first.
+    upstreams: Vec<SocketAddr>,
+    /// What we call ourselves if the config named no listener at all (validation prevents it).
+    fallback: Advertised,
 }
 
 impl Router {
     pub fn new(cfg: RouterConfig, upstream: Flow) -> Self {
-        Self { cfg, upstream }
+        Self {
+            cfg,
+            upstream,
+            upstreams: vec![upstream.addr],
+            fallback: Advertised::new("127.0.0.1", 5060),
+        }
     }
 
     pub fn set_upstream(&mut self, upstream: Flow) {
+        self.set_upstreams(upstream, &[upstream.addr]);
+    }
+
+    /// The PBX: where phones' requests go, and every address it may send from.
+    pub fn set_upstreams(&mut self, upstream: Flow, all: &[SocketAddr]) {
         self.upstream = upstream;
+        self.upstreams = all.iter().map(|a| canonical(*a)).collect();
+        if !self.upstreams.contains(&canonical(upstream.addr)) {
+            self.upstreams.push(canonical(upstream.addr));
+        }
+    }
+
+    /// Is this packet the PBX's? Bound to the flow: over UDP the exact (address, port) the PBX
+    /// is configured at; over TCP (when the upstream transport is TCP) a connection from the
+    /// PBX's address, since a TCP source cannot be spoofed and the PBX opens its own
+    /// connections from ephemeral ports. Never a packet from one of our own sockets.
+    pub fn is_upstream(&self, inb: &Inbound) -> bool {
+        if inb.transport != self.upstream.transport || self.is_own_socket(inb) {
+            return false;
+        }
+        let src = canonical(inb.src);
+        match inb.transport {
+            Transport::Udp => self.upstreams.contains(&src),
+            Transport::Tcp => self.upstreams.iter().any(|a| a.ip() == src.ip()),
+        }
+    }
+
+    /// Did this packet come from one of our own listening sockets (a message we sent to
+    /// ourselves, bounced by a forged Via or Contact)?
+    pub fn is_own_socket(&self, inb: &Inbound) -> bool {
+        inb.transport == Transport::Udp
+            && self.is_self(Flow {
+                transport: Transport::Udp,
+                addr: inb.src,
+            })
+    }
+
+    /// Is `to` one of our own sockets? Then sending there would talk to ourselves.
+    pub fn is_self(&self, to: Flow) -> bool {
+        let to_ip = crate::blocks::canonical_ip(to.addr.ip());
+        self.cfg.sockets.iter().any(|(t, a)| {
+            *t == to.transport
+                && a.port() == to.addr.port()
+                && (crate::blocks::canonical_ip(a.ip()) == to_ip
+                    || (a.ip().is_unspecified()
+                        && a.is_ipv4() == to_ip.is_ipv4()
+                        && (to_ip.is_loopback() || self.is_local_ip(to_ip))))
+        })
+    }
+
+    /// One of the addresses we advertise (the host's own addresses as far as we know them).
+    fn is_local_ip(&self, ip: IpAddr) -> bool {
+        self.cfg
+            .udp
+            .iter()
+            .chain(self.cfg.tcp.iter())
+            .chain(self.cfg.aliases.iter())
+            .any(|a| host_ip(a.host.as_bytes()).map(crate::blocks::canonical_ip) == Some(ip))
     }
 
     pub fn upstream(&self) -> Flow {
@@ -112,7 +208,8 @@ impl Router {
         first
             .as_ref()
             .or(other.as_ref())
-            .unwrap_or(&self.cfg.aliases[0])
+            .or(self.cfg.aliases.first())
+            .unwrap_or(&self.fallback)
     }
 
     /// Is `host:port` one of our addresses?
@@ -167,10 +264,11 @@ impl Router {
         // URI scheme (§16.3 step 2): what a PBX can route.
         let scheme_ok = msg.request_uri().is_some_and(|s| {
             let u = s.of(buf);
-            let scheme = &u[..memchr::memchr(b':', u).unwrap_or(0)];
-            [&b"sip"[..], b"sips", b"tel"]
-                .iter()
-                .any(|k| scheme.eq_ignore_ascii_case(k))
+            let scheme = u.split(|b| *b == b':').next().unwrap_or(b"");
+            u.contains(&b':')
+                && [&b"sip"[..], b"sips", b"tel"]
+                    .iter()
+                    .any(|k| scheme.eq_ignore_ascii_case(k))
         });
         if !scheme_ok {
             return self.reply(inb, msg, 416, "Unsupported URI Scheme", "", out);
@@ -209,7 +307,11 @@ impl Router {
         }
 
         // received / rport on the sender's Via (§18.2.1, RFC 3581; rport always filled).
-        self.stamp_via(buf, &top, inb.src, edits);
+        self.stamp_via(&top, inb.src, edits);
+        // Where the response to this request will go, as we stamped it: what our branch binds.
+        let Some(next_hop) = stamped_hop(&top, inb) else {
+            return Action::Drop(DropReason::Malformed);
+        };
 
         // Our own Route entries: pop them, learning the flow token they carry.
         let popped = route::pop_ours(self, msg, edits);
@@ -219,55 +321,88 @@ impl Router {
         let ruri = msg.request_uri().and_then(|s| Uri::parse(buf, s));
         let dest = if from_upstream {
             let mut dest = popped.flow;
+            let mut failed = popped.failed;
             if let Some(u) = ruri {
-                if let Some((flow, original)) = contact::decode_uri(&self.cfg.key, buf, &u) {
-                    dest = dest.or(Some(flow));
-                    edits.replace(u.whole, &original);
+                match contact::decode_uri(&self.cfg.keys, buf, &u) {
+                    Ok(Some((flow, original))) => {
+                        dest = dest.or(Some(flow));
+                        edits.replace(u.whole, &original);
+                    }
+                    Ok(None) => {}
+                    Err(()) => failed = true,
                 }
             }
-            match dest.or_else(|| ruri.and_then(|u| uri_flow(buf, &u))) {
-                Some(d) => d,
-                None => return Action::Drop(DropReason::NoRoute),
+            match (dest, failed) {
+                (Some(d), _) => d,
+                // A token that does not verify (another key, a restart without the stored key,
+                // a forgery): never fall back to what the Request-URI names (RFC 5626 §5.3).
+                (None, true) => return self.flow_failed(inb, msg, out),
+                (None, false) => match ruri.and_then(|u| uri_flow(buf, &u)) {
+                    Some(d) => d,
+                    None => return Action::Drop(DropReason::NoRoute),
+                },
             }
         } else {
             self.upstream
         };
+        if self.is_self(dest) {
+            return Action::Drop(DropReason::Loop);
+        }
 
-        // Our Via on top, with a deterministic branch (§16.11).
-        let mut tx = [0u8; 8];
-        tx.copy_from_slice(&self.tx_hash(buf, &top, msg).to_be_bytes());
-        let creds = if msg.has_credentials() { 'a' } else { 'n' };
+        // Our Via on top, with a deterministic, authenticated branch (§16.11).
+        let binding = Binding {
+            call_id: msg.call_id(),
+            cseq: msg.cseq().map_or(0, |c| c.0),
+            next_hop,
+        };
+        let br = Branch::mint(&self.cfg.keys, self.tx_hash(&top, msg), loop_hash, &binding);
         let via_at = msg
             .header(HeaderName::Via)
             .map_or(msg.headers_end, |h| h.line.start as usize);
         let me = self.advertised(dest.transport);
+        let attempt = credentials_fingerprint(msg)
+            .map(|fp| format!(";swa={}", branch::attempt_param(&self.cfg.keys, &br, fp)))
+            .unwrap_or_default();
         edits.insert_fmt(
             via_at,
             format_args!(
-                "Via: SIP/2.0/{} {}:{};branch=z9hG4bKsw{creds}{:016x}.{:08x};rport\r\n",
+                "Via: SIP/2.0/{} {}:{};branch={br}{attempt};rport\r\n",
                 via_proto(dest.transport),
                 me.host,
                 me.port,
-                u64::from_be_bytes(tx),
-                loop_hash
             ),
         );
 
-        let phone = if from_upstream {
-            dest
+        // Who requests in this dialog or registration should reach: the phone's flow or its
+        // Contact (NAT detection), or for the PBX's requests the phone they are going to.
+        let dialog = method.creates_dialog() && !has_to_tag(msg);
+        let registering = !from_upstream && method == Method::Register;
+        let target = if from_upstream {
+            None
+        } else if dialog || registering {
+            Some(nat::target(self.cfg.nat, inb, Some(&top), msg, |a| {
+                self.is_self(Flow {
+                    transport: Transport::Udp,
+                    addr: a,
+                })
+            }))
         } else {
-            Flow {
+            None
+        };
+        let phone = match (&target, from_upstream) {
+            (Some(t), _) => t.flow,
+            (None, true) => dest,
+            (None, false) => Flow {
                 transport: inb.transport,
                 addr: inb.src,
-            }
+            },
         };
 
         // Record-Route on dialog-creating requests outside a dialog.
-        if method.creates_dialog() && !has_to_tag(msg) {
+        if dialog {
             route::record_route(self, msg, inb.transport, dest.transport, &phone, edits);
         }
-
-        if !from_upstream && method == Method::Register && self.cfg.incoming == IncomingMode::Path {
+        if registering && self.cfg.incoming == IncomingMode::Path {
             route::add_path(self, msg, &phone, edits);
         }
         if !from_upstream
@@ -277,7 +412,17 @@ impl Router {
             contact::rewrite(self, msg, &phone, edits);
         }
         finish(msg, edits, out);
-        Action::Forward { to: dest }
+        Action::Forward { to: dest, target }
+    }
+
+    /// 430 Flow Failed (RFC 5626 §5.3) for a request of the PBX whose flow is unknown or gone,
+    /// so it can fork or fail fast instead of waiting for a timeout.
+    pub fn flow_failed(&self, inb: &Inbound, msg: &Message<'_>, out: &mut Vec<u8>) -> Action {
+        match self.reply(inb, msg, 430, "Flow Failed", "", out) {
+            Action::Reply { to } => Action::FlowFailed { to },
+            // An ACK is never answered: nothing to do but drop it.
+            _ => Action::Drop(DropReason::FlowFailed),
+        }
     }
 
     /// Route a response by its Via chain. Returns what it says about a phone's request when it
@@ -293,9 +438,9 @@ impl Router {
         edits.clear();
         let buf = msg.buf;
         // A response whose CSeq cannot be read matches no transaction (RFC 4475 §3.1.2.5).
-        if msg.cseq().is_none() {
+        let Some((cseq, cseq_method)) = msg.cseq() else {
             return (Action::Drop(DropReason::Malformed), None);
-        }
+        };
         let mut vias = msg.all(HeaderName::Via).flat_map(|h| {
             split_commas(h.value.of(buf), h.value.start as usize).map(move |e| (h, e))
         });
@@ -305,54 +450,97 @@ impl Router {
         let Some(top) = Via::parse(buf, top_el) else {
             return (Action::Drop(DropReason::Malformed), None);
         };
-        let branch = top.branch(buf);
-        if !branch.starts_with(BRANCH_PREFIX) || !self.is_ours(top.host.of(buf), top.port) {
+        let branch_text = top.branch(buf);
+        if !branch_text.starts_with(BRANCH_PREFIX) || !self.is_ours(top.host.of(buf), top.port) {
             return (Action::Drop(DropReason::NotOurs), None);
         }
-        let had_credentials = branch.get(BRANCH_PREFIX.len()) == Some(&b'a');
+        // Ours by its looks: from here on anything that does not verify is a forgery.
+        let Some(br) = Branch::parse(branch_text) else {
+            return (Action::Drop(DropReason::Forged), None);
+        };
         let Some((_, next_el)) = vias.next() else {
-            return (Action::Drop(DropReason::NoRoute), None);
+            return (Action::Drop(DropReason::Forged), None);
         };
         let Some(next) = Via::parse(buf, next_el) else {
-            return (Action::Drop(DropReason::Malformed), None);
+            return (Action::Drop(DropReason::Forged), None);
         };
+        // Two Vias of ours in a row: a response made to bounce off us.
+        if next.branch(buf).starts_with(BRANCH_PREFIX) && self.is_ours(next.host.of(buf), next.port)
+        {
+            return (Action::Drop(DropReason::Forged), None);
+        }
+        let Some(to) = via_destination(buf, &next) else {
+            return (Action::Drop(DropReason::Forged), None);
+        };
+        let binding = Binding {
+            call_id: msg.call_id(),
+            cseq,
+            next_hop: to,
+        };
+        if !br.verify(&self.cfg.keys, &binding) {
+            return (Action::Drop(DropReason::Forged), None);
+        }
+        let attempt = match via_param(buf, &top, branch::ATTEMPT_PARAM) {
+            None => None,
+            Some(v) => match branch::parse_attempt(&self.cfg.keys, branch_text, v) {
+                Some(fp) => Some(fp),
+                None => return (Action::Drop(DropReason::Forged), None),
+            },
+        };
+        if self.is_self(to) {
+            return (Action::Drop(DropReason::Loop), None);
+        }
         // Pop our Via: the whole line, or our element and its comma.
         if top_h.value.start == top_el.start && next_el.start > top_h.value.end {
             edits.delete(top_h.line);
         } else {
             edits.delete(Span::new(top_el.start as usize, next_el.start as usize));
         }
-        let Some(to) = via_destination(buf, &next) else {
-            return (Action::Drop(DropReason::NoRoute), None);
-        };
 
-        let is_register = msg.cseq().is_some_and(|(_, m)| m == b"REGISTER");
+        let is_register = cseq_method == b"REGISTER";
         if self.cfg.incoming == IncomingMode::Contact {
             if from_upstream && is_register {
                 contact::restore(self, msg, edits);
             } else if !from_upstream {
                 let code = msg.status().unwrap_or(0);
-                let dialog = msg
-                    .cseq()
-                    .is_some_and(|(_, m)| Method::parse(m).creates_dialog());
+                let dialog = Method::parse(cseq_method).creates_dialog();
                 if dialog && (101..300).contains(&code) {
-                    let phone = Flow {
-                        transport: inb.transport,
-                        addr: inb.src,
-                    };
-                    contact::rewrite(self, msg, &phone, edits);
+                    let target = nat::target(self.cfg.nat, inb, None, msg, |a| {
+                        self.is_self(Flow {
+                            transport: Transport::Udp,
+                            addr: a,
+                        })
+                    });
+                    contact::rewrite(self, msg, &target.flow, edits);
                 }
             }
         }
         finish(msg, edits, out);
         let info = from_upstream.then_some(AnswerInfo {
             phone: to.addr,
-            had_credentials,
+            attempt,
         });
-        (Action::Forward { to }, info)
+        (Action::Forward { to, target: None }, info)
     }
 
-    fn stamp_via(&self, buf: &[u8], top: &Via, src: SocketAddr, edits: &mut Edits) {
+    /// Is `msg` an in-dialog request (To tag) whose top Route is one of our Record-Route
+    /// entries with a token that verifies: a request of a dialog we forwarded?
+    pub fn is_our_dialog(&self, msg: &Message<'_>) -> bool {
+        if !has_to_tag(msg) {
+            return false;
+        }
+        let buf = msg.buf;
+        msg.header(HeaderName::Route)
+            .and_then(|h| split_commas(h.value.of(buf), h.value.start as usize).next())
+            .and_then(|el| NameAddr::parse(buf, el))
+            .and_then(|n| Uri::parse(buf, n.uri))
+            .is_some_and(|u| {
+                self.is_ours(u.host.of(buf), u.port)
+                    && flow::decode(&self.cfg.keys, u.user(buf)).is_some()
+            })
+    }
+
+    fn stamp_via(&self, top: &Via, src: SocketAddr, edits: &mut Edits) {
         let ip = crate::blocks::canonical_ip(src.ip());
         let end = top.element.end as usize;
         match top.rport {
@@ -367,24 +555,27 @@ impl Router {
             Some(r) => edits.replace_fmt(r, format_args!("{ip}")),
             None => edits.insert_fmt(end, format_args!(";received={ip}")),
         }
-        let _ = buf;
     }
 
     /// The transaction part of our branch: the same for a request, its retransmissions, its
-    /// CANCEL and its non-2xx ACK (all share the sender's branch), different otherwise.
-    fn tx_hash(&self, buf: &[u8], top: &Via, msg: &Message<'_>) -> u64 {
+    /// CANCEL and its non-2xx ACK (all share the sender's branch and sent-by), different
+    /// otherwise. Nothing that a CANCEL does not carry (credentials, method) goes in.
+    fn tx_hash(&self, top: &Via, msg: &Message<'_>) -> u64 {
+        let buf = msg.buf;
         let branch = top.branch(buf);
         let sent_by = top.host.of(buf);
         let port = top.port.unwrap_or(0).to_be_bytes();
         // The magic cookie alone identifies nothing (RFC 4475 §3.2.1): fall back to RFC 2543.
         if branch.len() > b"z9hG4bK".len() && branch.starts_with(b"z9hG4bK") {
-            keyed_hash64(&self.cfg.key, &[branch, sent_by, &port])
+            self.cfg
+                .keys
+                .mac(keys::Domain::Transaction, &[branch, sent_by, &port])
         } else {
             // RFC 2543 peers: no unique branch; use the transaction's identifying headers.
             let ruri = msg.request_uri().map_or(&b""[..], |s| s.of(buf));
             let cseq = msg.cseq().map_or(0, |c| c.0).to_be_bytes();
-            keyed_hash64(
-                &self.cfg.key,
+            self.cfg.keys.mac(
+                keys::Domain::Transaction,
                 &[
                     branch,
                     sent_by,
@@ -406,39 +597,73 @@ impl Router {
     /// with the Route set we sent it with is. CANCEL and the ACK of a non-2xx carry the
     /// INVITE's Route set, so they still get the INVITE's branch.
     fn loop_hash(&self, msg: &Message<'_>, skip: usize) -> u32 {
-        use std::hash::Hasher;
         let ruri = msg.request_uri().map_or(&b""[..], |s| s.of(msg.buf));
         let cseq = msg.cseq().map_or(0, |c| c.0).to_be_bytes();
-        let mut h = siphasher::sip::SipHasher13::new_with_key(&self.cfg.key);
-        for part in [ruri, msg.call_id(), &cseq, from_tag(msg)] {
-            h.write(part);
-            h.write_u8(0xff);
-        }
-        let routes = msg
+        let routes: Vec<&[u8]> = msg
             .all(HeaderName::Route)
             .flat_map(|r| split_commas(r.value.of(msg.buf), r.value.start as usize))
-            .skip(skip);
-        for r in routes {
-            h.write(r.of(msg.buf));
-            h.write_u8(0xfe);
-        }
-        h.finish() as u32
+            .skip(skip)
+            .map(|r| r.of(msg.buf))
+            .collect();
+        let mut parts: smallvec::SmallVec<[&[u8]; 12]> = smallvec::SmallVec::new();
+        parts.extend_from_slice(&[ruri, msg.call_id(), &cseq, from_tag(msg)]);
+        parts.extend(routes);
+        self.cfg.keys.mac(keys::Domain::Loop, &parts) as u32
     }
 
     fn looped(&self, msg: &Message<'_>, loop_hash: u32) -> bool {
         let buf = msg.buf;
-        let mut want = [0u8; 8];
-        let hex = format_hex8(loop_hash, &mut want);
         msg.all(HeaderName::Via)
             .flat_map(|h| split_commas(h.value.of(buf), h.value.start as usize))
             .filter_map(|el| Via::parse(buf, el))
             .any(|v| {
-                let b = v.branch(buf);
-                b.starts_with(BRANCH_PREFIX)
-                    && b.ends_with(hex)
+                Branch::parse(v.branch(buf)).is_some_and(|b| b.loop_hash == loop_hash)
                     && self.is_ours(v.host.of(buf), v.port)
             })
     }
+}
+
+/// Where the response to a request from `inb` goes, from its top Via as we stamp it.
+fn stamped_hop(top: &Via, inb: &Inbound) -> Option<Flow> {
+    let transport = match top.transport {
+        ViaTransport::Tcp => Transport::Tcp,
+        ViaTransport::Udp => Transport::Udp,
+        _ => return None,
+    };
+    Some(Flow {
+        transport,
+        addr: canonical(inb.src),
+    })
+}
+
+/// A fingerprint of the credentials a request carries (every Authorization and
+/// Proxy-Authorization value), or `None` without credentials: two guesses differ, a
+/// retransmission is the same attempt.
+pub fn credentials_fingerprint(msg: &Message<'_>) -> Option<u64> {
+    if !msg.has_credentials() {
+        return None;
+    }
+    let buf = msg.buf;
+    let mut h = 0u64;
+    for hd in msg
+        .all(HeaderName::Authorization)
+        .chain(msg.all(HeaderName::ProxyAuthorization))
+    {
+        h = hash64(&[&h.to_be_bytes(), hd.value.of(buf)]);
+    }
+    Some(h)
+}
+
+/// A parameter of a Via element by name.
+fn via_param<'a>(buf: &'a [u8], v: &Via, name: &[u8]) -> Option<&'a [u8]> {
+    crate::wire::params(buf, v.host.end as usize, v.element.end as usize)
+        .find(|(n, _)| n.of(buf).eq_ignore_ascii_case(name))
+        .and_then(|(_, val)| val)
+        .map(|s| s.of(buf))
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(crate::blocks::canonical_ip(a.ip()), a.port())
 }
 
 /// Apply the edits into `out`, adding a Content-Length when the sender left it out (a UDP
@@ -451,14 +676,6 @@ fn finish(msg: &Message<'_>, edits: &mut Edits, out: &mut Vec<u8>) {
         );
     }
     edits.apply(msg.framed(), out);
-}
-
-fn format_hex8(v: u32, out: &mut [u8; 8]) -> &[u8] {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    for (i, o) in out.iter_mut().enumerate() {
-        *o = HEX[((v >> (28 - 4 * i)) & 0xf) as usize];
-    }
-    &out[..]
 }
 
 fn via_proto(t: Transport) -> &'static str {

@@ -10,6 +10,8 @@ pub struct Popped {
     pub count: usize,
     /// The flow named by the first popped entry that carried a token.
     pub flow: Option<Flow>,
+    /// An entry of ours carried something that looks like a token but does not verify.
+    pub failed: bool,
 }
 
 /// Pop the consecutive Route entries at the top that are ours (§16.4 loose routing).
@@ -24,11 +26,15 @@ pub fn pop_ours(r: &Router, msg: &Message<'_>, edits: &mut Edits) -> Popped {
                 remaining_at = Some(el.start);
                 break;
             };
-            let token = flow::decode(&r.cfg.key, u.user(buf));
-            if token.is_none() && !r.is_ours(u.host.of(buf), u.port) {
+            // Ours by address only: a token alone proves nothing about where the entry points
+            // (an attacker can copy one into a Route naming another host).
+            if !r.is_ours(u.host.of(buf), u.port) {
                 remaining_at = Some(el.start);
                 break;
             }
+            let user = u.user(buf);
+            let token = flow::decode(&r.cfg.keys, user);
+            popped.failed |= token.is_none() && flow::looks_like_token(user);
             popped.count += 1;
             popped.flow = popped.flow.or(token);
         }
@@ -65,7 +71,7 @@ pub fn record_route(
     let at = msg
         .header(HeaderName::RecordRoute)
         .map_or(msg.headers_end, |h| h.line.start as usize);
-    let token = flow::to_string(&r.cfg.key, phone);
+    let token = flow::to_string(&r.cfg.keys, phone);
     let out_adv = r.advertised(out_t);
     let in_adv = r.advertised(in_t);
     edits.insert_fmt(
@@ -98,7 +104,7 @@ pub fn add_path(r: &Router, msg: &Message<'_>, phone: &Flow, edits: &mut Edits) 
         .map_or(msg.headers_end, |h| h.line.start as usize);
     let up = r.upstream.transport;
     let adv = r.advertised(up);
-    let token = flow::to_string(&r.cfg.key, phone);
+    let token = flow::to_string(&r.cfg.keys, phone);
     edits.insert_fmt(
         at,
         format_args!(

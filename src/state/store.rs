@@ -11,6 +11,7 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::proxy::keys::StoredKeys;
 use ipnet::IpNet;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 
@@ -22,6 +23,9 @@ const WHITELIST: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("whitel
 const BLACKLIST: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("blacklist");
 const STRIKES: TableDefinition<'_, &str, (u32, u64)> = TableDefinition::new("strikes");
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
+/// The routing key (flow tokens, Via branches): `current` (16 bytes), `previous` (16 bytes +
+/// retirement time, unix ms, big-endian).
+const ROUTING_KEYS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("routing_keys");
 
 /// The layout version this build writes and reads. A file written by a newer build is refused
 /// rather than half-read.
@@ -185,6 +189,8 @@ impl Store {
                 tx.open_table(t).map_err(self.err("open table"))?;
             }
             tx.open_table(STRIKES).map_err(self.err("open table"))?;
+            tx.open_table(ROUTING_KEYS)
+                .map_err(self.err("open table"))?;
             let mut meta = tx.open_table(META).map_err(self.err("open table"))?;
             let found = meta
                 .get("schema")
@@ -201,6 +207,54 @@ impl Store {
                 None => {
                     meta.insert("schema", SCHEMA)
                         .map_err(self.err("write schema"))?;
+                }
+            }
+        }
+        tx.commit().map_err(self.err("commit"))
+    }
+
+    /// The routing keys kept by an earlier run, if any.
+    pub fn routing_keys(&self) -> Result<Option<StoredKeys>, StateError> {
+        let tx = self.db.begin_read().map_err(self.err("begin read"))?;
+        let t = tx
+            .open_table(ROUTING_KEYS)
+            .map_err(self.err("open table"))?;
+        let current = t.get("current").map_err(self.err("read routing key"))?;
+        let Some(current) = current.and_then(|v| <[u8; 16]>::try_from(v.value()).ok()) else {
+            return Ok(None);
+        };
+        let previous = t
+            .get("previous")
+            .map_err(self.err("read routing key"))?
+            .and_then(|v| {
+                let b = v.value();
+                let k = <[u8; 16]>::try_from(b.get(..16)?).ok()?;
+                let at = u64::from_be_bytes(b.get(16..24)?.try_into().ok()?);
+                Some((k, at))
+            });
+        Ok(Some(StoredKeys { current, previous }))
+    }
+
+    /// Keep the routing keys, durably, before the router uses them.
+    pub fn set_routing_keys(&self, k: &StoredKeys) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(self.err("begin"))?;
+        {
+            let mut t = tx
+                .open_table(ROUTING_KEYS)
+                .map_err(self.err("open table"))?;
+            t.insert("current", &k.current[..])
+                .map_err(self.err("write routing key"))?;
+            match k.previous {
+                Some((p, at)) => {
+                    let mut v = [0u8; 24];
+                    v[..16].copy_from_slice(&p);
+                    v[16..].copy_from_slice(&at.to_be_bytes());
+                    t.insert("previous", &v[..])
+                        .map_err(self.err("write routing key"))?;
+                }
+                None => {
+                    t.remove("previous")
+                        .map_err(self.err("write routing key"))?;
                 }
             }
         }

@@ -435,8 +435,15 @@ async fn run_case(
             if got != DROPPED {
                 return Err(format!("{name}: a phone's stray response was not dropped"));
             }
-            // From the PBX, answering a real request of this phone.
-            let call = format!("rfc4475-{name}");
+            // From the PBX, answering a real request of this phone: same Call-ID and CSeq as
+            // the torture response (our branch MAC binds them).
+            let t = parse(&bytes, Framing::Datagram).ok();
+            let call = t
+                .as_ref()
+                .map(|m| String::from_utf8_lossy(m.call_id()).into_owned())
+                .filter(|c| !c.is_empty())
+                .unwrap_or_else(|| format!("rfc4475-{name}"));
+            let cseq = t.as_ref().and_then(|m| m.cseq()).map_or(1, |c| c.0);
             let req = request(
                 "INVITE",
                 "sip:2000@pbx.test",
@@ -445,7 +452,7 @@ async fn run_case(
                 "1001",
                 "2000",
                 &call,
-                1,
+                cseq,
                 "",
             );
             phone.send(proxy, false, req.as_bytes()).await;
