@@ -57,7 +57,12 @@ fn mac(keys: &Keys, f: &Flow) -> u64 {
 fn verifies(keys: &Keys, f: &Flow, tag: u64) -> bool {
     let mut ip = [0u8; 16];
     let (t, n, port) = mac_parts(f, &mut ip);
-    keys.verify(Domain::Flow, &[&t, ip.get(..n).unwrap_or(&[]), &port], tag, MAC_BITS)
+    keys.verify(
+        Domain::Flow,
+        &[&t, ip.get(..n).unwrap_or(&[]), &port],
+        tag,
+        MAC_BITS,
+    )
 }
 
 /// Append the token for `f` to `out`.

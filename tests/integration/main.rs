@@ -5,3 +5,4 @@ mod harness;
 mod protection;
 mod proxy_core;
 mod rfc4475;
+mod routing;
