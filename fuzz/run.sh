@@ -9,7 +9,8 @@
 # made to accept the nightly flags with RUSTC_BOOTSTRAP=1. FUZZ_SANITIZER=address (default none:
 # the code under test is safe Rust, and without ASan a target runs several times faster).
 # FUZZ_TARGETS="sip_packet tcp_frame" runs a subset, FUZZ_ARGS adds libFuzzer flags. Crashes land in fuzz/artifacts/<target>/;
-# reproduce one with: cargo +nightly fuzz run -O -s none <target> <artifact>.
+# reproduce one with: cargo +nightly fuzz run -O -s none <target> <artifact>. sip.dict (our minted
+# tokens, header names, parameters) is the dictionary of the SIP targets.
 set -euo pipefail
 
 total=${1:-60}
@@ -38,9 +39,13 @@ for t in "${targets[@]}"; do
     log=$(mktemp)
     rc=0
     mkdir -p "corpus/$t"
+    dict=()
+    case $t in
+    sip_packet | tcp_frame) dict=(-dict=sip.dict) ;;
+    esac
     # shellcheck disable=SC2086 # FUZZ_ARGS is a list of libFuzzer flags
     cargo "${tc[@]}" fuzz run -O -s "$san" "$t" "corpus/$t" -- \
-        -max_total_time="$per" -max_len=16384 -print_final_stats=1 ${FUZZ_ARGS:-} >"$log" 2>&1 || rc=$?
+        -max_total_time="$per" -max_len=16384 -print_final_stats=1 "${dict[@]}" ${FUZZ_ARGS:-} >"$log" 2>&1 || rc=$?
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1 || true)
     corpus=$(find "corpus/$t" -type f | wc -l || true)
     if ((rc == 0)); then

@@ -16,7 +16,7 @@ FIXTURES = os.path.join(FUZZ, "..", "tests", "fixtures", "rfc4475")
 SEEDS = os.path.join(FUZZ, "seeds", "sip")
 
 # sip_packet flag bits
-PBX, TCP, CONTACT = 1, 2, 4
+PBX, TCP, CONTACT, ROUND = 1, 2, 4, 8
 
 
 def wire(text: str, name: str) -> bytes:
@@ -77,6 +77,11 @@ def main() -> None:
         for extra in (0, TCP, CONTACT):
             put("sip_packet", bytes([base | extra]) + data)
             count += 1
+        if not from_pbx and not is_response:
+            # Round trip: forwarded, then answered by the PBX from what it received.
+            for extra in (ROUND, ROUND | CONTACT, ROUND | 0x10, ROUND | 0x20):
+                put("sip_packet", bytes([extra]) + data)
+                count += 1
         if is_response and not from_pbx:
             # The torture responses also as if the PBX sent them.
             put("sip_packet", bytes([PBX]) + data)

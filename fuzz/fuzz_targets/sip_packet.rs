@@ -5,17 +5,30 @@
 //! whatever it answers must be a response to it; and a message that parses as a datagram must
 //! come out of the TCP framer whole and identical.
 //!
-//! Input: one flags byte (bit 0: sent by the PBX, bit 1: over TCP, bit 2: contact mode), then
-//! the message.
+//! Input: one flags byte (bit 0: sent by the PBX, bit 1: over TCP, bit 2: contact mode, bit 3:
+//! round trip, bits 4-5: NAT detection mode), then the message.
+//!
+//! Tokens we mint are hard to guess, so the input may name them: `$TOK` / `$TKT` become a valid
+//! UDP / TCP flow token for the phone, `$SWC` a valid contact-mode `swc=` value, `$OWN` our
+//! own address (`192.0.2.10:5060`). `fuzz/sip.dict` lists them with every header name and
+//! parameter we read. Oracles on top of the ones above: nothing is ever sent to one of our own
+//! sockets, and a request from the PBX goes only to a flow we minted or to the IP literal its
+//! Request-URI names.
+//!
+//! Round trip (bit 3, a phone's request): the router forwards it, then the PBX's answer built
+//! from what the PBX received (its Via lines, Call-ID, CSeq, From, To) must verify, go back to
+//! exactly the phone, and carry the request's credentials fingerprint.
 
 #![no_main]
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
-use sipwarden::config::{Config, IncomingMode};
-use sipwarden::engine::{Engine, Pre, Verdict};
-use sipwarden::proxy::{Action, Advertised, Flow, Inbound, Router, RouterConfig};
+use sipwarden::config::{Config, IncomingMode, NatDetection};
+use sipwarden::engine::{Engine, Verdict};
+use sipwarden::proxy::{
+    credentials_fingerprint, flow, Action, Advertised, Flow, Inbound, Keys, Router, RouterConfig,
+};
 use sipwarden::stats::Transport;
 use sipwarden::wire::frame::{next_frame, Frame};
 use sipwarden::wire::scan::MAX_HEADERS;
@@ -39,22 +52,100 @@ fn engine() -> Engine {
     e
 }
 
-fn router(incoming: IncomingMode) -> Router {
+const OWN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)), 5060);
+
+fn keys() -> Keys {
+    Keys::new([7; 16], Some([9; 16]))
+}
+
+fn router(incoming: IncomingMode, nat: NatDetection, upstream: Transport) -> Router {
     let me = Advertised::new("192.0.2.10", 5060);
     let cfg = RouterConfig {
         udp: Some(me.clone()),
         tcp: Some(me.clone()),
         aliases: vec![me],
         incoming,
-        key: [7; 16],
+        nat,
+        keys: keys(),
+        sockets: vec![(Transport::Udp, OWN), (Transport::Tcp, OWN)],
     };
     Router::new(
         cfg,
         Flow {
-            transport: Transport::Udp,
+            transport: upstream,
             addr: PBX,
         },
     )
+}
+
+/// The flows our placeholders name.
+fn minted() -> [Flow; 2] {
+    [
+        Flow {
+            transport: Transport::Udp,
+            addr: PHONE,
+        },
+        Flow {
+            transport: Transport::Tcp,
+            addr: PHONE,
+        },
+    ]
+}
+
+/// Replace the placeholders with tokens minted by the real key.
+fn substitute(bytes: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if memchr_dollar(bytes).is_none() {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let k = keys();
+    let [u, t] = minted();
+    let tok = flow::to_string(&k, &u);
+    let tkt = flow::to_string(&k, &t);
+    let swc = format!("swc={tok}.c2lwOjEwMDFAMTkyLjE2OC4xLjUwOjUwNjA");
+    let mut out = Vec::with_capacity(bytes.len() + 64);
+    let mut i = 0;
+    while i < bytes.len() {
+        let rest = &bytes[i..];
+        let (rep, n): (&[u8], usize) = if rest.starts_with(b"$TOK") {
+            (tok.as_bytes(), 4)
+        } else if rest.starts_with(b"$TKT") {
+            (tkt.as_bytes(), 4)
+        } else if rest.starts_with(b"$SWC") {
+            (swc.as_bytes(), 4)
+        } else if rest.starts_with(b"$OWN") {
+            (b"192.0.2.10:5060", 4)
+        } else {
+            (&rest[..1], 1)
+        };
+        out.extend_from_slice(rep);
+        i += n;
+    }
+    std::borrow::Cow::Owned(out)
+}
+
+fn memchr_dollar(b: &[u8]) -> Option<usize> {
+    b.iter().position(|c| *c == b'$')
+}
+
+/// The PBX's answer to the request it received from us: its Vias, From, To, Call-ID, CSeq.
+fn pbx_answer(fwd: &Message<'_>, code: u16) -> Vec<u8> {
+    let mut out = format!("SIP/2.0 {code} Fuzz\r\n").into_bytes();
+    for h in &fwd.headers {
+        let name: &[u8] = match h.name {
+            HeaderName::Via => b"Via",
+            HeaderName::From => b"From",
+            HeaderName::To => b"To",
+            HeaderName::CallId => b"Call-ID",
+            HeaderName::CSeq => b"CSeq",
+            _ => continue,
+        };
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(h.value.of(fwd.buf));
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+    out
 }
 
 /// Via elements, parseable or not, in all Via headers.
@@ -161,7 +252,7 @@ fn check_reply(orig: &Message<'_>, out: &[u8]) {
         Err(e) => panic!("our reply does not parse: {e}\n{}", show(out)),
     };
     assert!(
-        matches!(r.status(), Some(403 | 416 | 420 | 482 | 483 | 503)),
+        matches!(r.status(), Some(403 | 416 | 420 | 430 | 482 | 483 | 503)),
         "unexpected reply {:?}",
         r.status()
     );
@@ -203,9 +294,11 @@ fn show(b: &[u8]) -> String {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&flags, bytes)) = data.split_first() else {
+    let Some((&flags, raw)) = data.split_first() else {
         return;
     };
+    let subst = substitute(raw);
+    let bytes: &[u8] = &subst;
     let from_upstream = flags & 1 != 0;
     let transport = if flags & 2 != 0 {
         Transport::Tcp
@@ -217,13 +310,21 @@ fuzz_target!(|data: &[u8]| {
     } else {
         IncomingMode::Path
     };
+    let round_trip = flags & 8 != 0 && !from_upstream;
+    let nat = match (flags >> 4) & 3 {
+        1 => NatDetection::AlwaysFlow,
+        2 => NatDetection::Never,
+        _ => NatDetection::Auto,
+    };
     let src = if from_upstream { PBX } else { PHONE };
     let inb = Inbound { transport, src };
     let mut engine = engine();
-    let router = router(incoming);
-
-    let pre = engine.precheck(NOW, src);
-    assert_eq!(pre == Pre::Trusted, from_upstream);
+    let router = router(incoming, nat, transport);
+    assert_eq!(router.is_upstream(&inb), from_upstream);
+    assert!(!router.is_own_socket(&inb));
+    if !from_upstream {
+        let _ = engine.precheck(NOW, src);
+    }
 
     if let Ok(d) = parse(bytes, Framing::Datagram) {
         check_framing(&d);
@@ -245,7 +346,8 @@ fuzz_target!(|data: &[u8]| {
     let (mut edits, mut out) = (Edits::new(), Vec::new());
     if msg.is_request() {
         if !from_upstream {
-            match engine.on_request(NOW, src, &msg) {
+            let our_dialog = router.is_our_dialog(&msg);
+            match engine.on_request(NOW, src, &msg, our_dialog) {
                 Verdict::Forward => {}
                 Verdict::Drop(_) => return,
                 Verdict::Reply { code, reason, .. } => {
@@ -260,8 +362,27 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         match router.route_request(&inb, &msg, from_upstream, &mut edits, &mut out) {
-            Action::Forward { .. } => check_forwarded_request(&msg, &out, from_upstream),
-            Action::Reply { to } => {
+            Action::Forward { to, .. } => {
+                assert!(!router.is_self(to), "forwarded to ourselves: {to:?}");
+                check_forwarded_request(&msg, &out, from_upstream);
+                if from_upstream && !minted().contains(&to) {
+                    // Not a flow we minted: only the IP literal the Request-URI names.
+                    let fwd = parse(&out, Framing::Datagram).ok();
+                    let ruri = fwd
+                        .as_ref()
+                        .and_then(|f| f.request_uri().map(|s| s.of(f.buf).to_vec()))
+                        .unwrap_or_default();
+                    let ip = to.addr.ip().to_string();
+                    assert!(
+                        String::from_utf8_lossy(&ruri).contains(&ip),
+                        "routed to {to:?}, not named by the Request-URI"
+                    );
+                }
+                if round_trip && transport == Transport::Udp {
+                    round_trip_answer(&router, &msg, &out, &mut engine);
+                }
+            }
+            Action::Reply { to } | Action::FlowFailed { to } => {
                 assert_eq!(to.addr, src);
                 check_reply(&msg, &out);
             }
@@ -272,13 +393,54 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
         let (action, info) = router.route_response(&inb, &msg, from_upstream, &mut edits, &mut out);
-        if let Action::Forward { to } = action {
+        if let Action::Forward { to, .. } = action {
+            assert!(!router.is_self(to), "response sent to ourselves");
             check_forwarded_response(&msg, &out);
             assert!(!to.addr.ip().is_unspecified() && to.addr.port() != 0);
         }
         if let Some(info) = info {
             assert!(from_upstream);
-            engine.on_answer(NOW, info.phone, &msg, info.had_credentials);
+            engine.on_answer(NOW, info.phone, &msg, info.attempt);
         }
     }
 });
+
+/// The PBX answers what it received from us: the answer must verify and go back to exactly
+/// the phone, with the request's credentials fingerprint.
+fn round_trip_answer(router: &Router, req: &Message<'_>, fwd_bytes: &[u8], engine: &mut Engine) {
+    let Ok(fwd) = parse(fwd_bytes, Framing::Datagram) else {
+        return;
+    };
+    let answer = pbx_answer(&fwd, 403);
+    let Ok(resp) = parse(&answer, Framing::Datagram) else {
+        return;
+    };
+    let pbx = Inbound {
+        transport: Transport::Udp,
+        src: PBX,
+    };
+    let (mut edits, mut out) = (Edits::new(), Vec::new());
+    let (action, info) = router.route_response(&pbx, &resp, true, &mut edits, &mut out);
+    // The phone's own Via must be one we can route back to (UDP or TCP, parseable).
+    let phone_via = sipwarden::proxy::top_via(req);
+    let routable = phone_via.is_some_and(|v| {
+        matches!(
+            v.transport,
+            sipwarden::wire::via::ViaTransport::Udp | sipwarden::wire::via::ViaTransport::Tcp
+        )
+    });
+    if !routable || req.cseq().is_none() {
+        return;
+    }
+    match action {
+        Action::Forward { to, .. } => assert_eq!(to.addr, PHONE, "answer went elsewhere"),
+        other => panic!(
+            "the PBX's answer to our own request was not routed: {other:?}\n{}",
+            show(&answer)
+        ),
+    }
+    let info = info.expect("answer info");
+    assert_eq!(info.phone, PHONE);
+    assert_eq!(info.attempt, credentials_fingerprint(req), "attempt fingerprint");
+    engine.on_answer(NOW, info.phone, &resp, info.attempt);
+}
