@@ -45,7 +45,8 @@
 # env:   SIPWARDEN_BIN (default target/release/sipwarden; never built here), KEEP=1 keeps the work
 #        dir (always kept on failure), SNIFF=0 no capture, OLD_BINARY=1 leaves [sip] flow_key out
 #        of the generated configs (a binary without that key rejects it; the two-node case then
-#        runs with two random keys, and fails).
+#        runs with two random keys, and fails).  DIRECT=1 runs the agent and cancel cases
+#        straight against Kamailio (no sipwarden): a self-test of the phones and scenarios.
 set -uo pipefail
 
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -217,7 +218,7 @@ wire() {
 # --- cases ------------------------------------------------------------------------------------
 
 start_single() {
-	[[ -n ${BG_PID[sw-single]:-} ]] && return 0
+	[[ ${DIRECT:-0} == 1 || -n ${BG_PID[sw-single]:-} ]] && return 0
 	node_config single "$SW_SIP" 127.0.0.1:8280 "$WORK/single/sipwarden.db"
 	node_start single && return 0
 	fail "$1" "sipwarden did not start (no 'ok' from $API/healthz)" "$WORK/single/sipwarden.log"
@@ -304,7 +305,7 @@ case_cancel() {
 	inv_branch=$(awk -v pbx="$PBX_ADDR:$PBX_PORT" '$2 == pbx && $3 == "INVITE" && /\| 2 INVITE \|/ { b = $NF } END { print b }' <<<"$t")
 	ack_branch=$(awk -v pbx="$PBX_ADDR:$PBX_PORT" '$2 == pbx && $3 == "ACK" && /\| 2 ACK \|/ { b = $NF } END { print b }' <<<"$t")
 	n487=$(awk -v sw="$SW_SIP" '$1 == sw && $2 ~ /^127\.0\.4\.1:/ && $4 == "487"' <<<"$t" | wc -l)
-	check cancel-ack-at-pbx "[[ -n $inv_branch && $ack_branch == $inv_branch && $n487 == 1 ]]" \
+	check cancel-ack-at-pbx "[[ -n '$inv_branch' && '$ack_branch' == '$inv_branch' && $n487 == 1 ]]" \
 		"the ACK for the 487 reached the PBX with the INVITE's branch (INVITE ${inv_branch:-none}, ACK ${ack_branch:-none}); the caller saw $n487 x 487" \
 		"$WORK/cancel-wire.txt"
 }
@@ -439,15 +440,17 @@ case_two_nodes() {
 	local invites
 	invites=$(events two-nodes-phone INVITE)
 	probe two-nodes-other-key 1003
-	local on_wire=""
+	local on_wire="not captured"
 	if [[ -n $SNIFF_FILE ]]; then
 		wire "$PROBE_CID" >"$WORK/two-nodes-other-key/wire.txt"
 		on_wire=$(awk -v sw="$SW_SIP" -v pbx="$PBX_ADDR:$PBX_PORT" '$1 == sw && $2 == pbx && $3 == "SIP/2.0" { print $4 }' \
 			"$WORK/two-nodes-other-key/wire.txt" | sort -u | tr '\n' ' ')
+		on_wire=${on_wire% }
+		on_wire=${on_wire:-no response}
 	fi
 	local got=$(($(events two-nodes-phone INVITE) - invites))
 	check two-nodes-other-key "quick_4xx '$PROBE_CODE' '$PROBE_SECS' && [[ $got == 0 ${SNIFF_FILE:+&& \" $on_wire \" == *\" 430 \"*} ]]" \
-		"a node with a different flow_key: caller got $PROBE_CODE after ${PROBE_SECS:-?} s, sipwarden answered the PBX [${on_wire:-not captured}], the phone got $got INVITEs" \
+		"a node with a different flow_key: caller got $PROBE_CODE after ${PROBE_SECS:-?} s, sipwarden answered the PBX: $on_wire, the phone got $got INVITEs" \
 		"$WORK/two-nodes-other-key/events.log" "$WORK/two-nodes-other-key/wire.txt" "$WORK/node-c/sipwarden.log"
 	node_stop node-c
 	stop_bg two-nodes-phone
@@ -504,6 +507,10 @@ main() {
 		exit 2
 	fi
 
+	if [[ ${DIRECT:-0} == 1 ]]; then
+		SW_SIP=$PBX_ADDR:$PBX_PORT
+		echo "DIRECT=1: phones talk to Kamailio at $SW_SIP, no sipwarden"
+	fi
 	WORK=$(mktemp -d "${TMPDIR:-/tmp}/sipwarden-routing.XXXXXX")
 	trap cleanup EXIT
 	trap 'exit 130' INT TERM
