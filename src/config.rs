@@ -581,7 +581,7 @@ impl Config {
         {
             return Err(invalid(
                 "sip.flow_key",
-                "must be 32 hex digits (16 random bytes, e.g. from `openssl rand -hex 16`), or empty",
+                "must be 32 to 128 hex digits (e.g. from `openssl rand -hex 16`), or empty",
             ));
         }
         if !c.sip.public_address.is_empty() {

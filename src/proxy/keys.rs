@@ -144,19 +144,26 @@ pub fn resolve(
     (keys, changed.then_some(next))
 }
 
-/// Parse a key written as 32 hex digits.
+/// Parse a key written as hex digits: 32 (16 bytes, used as they are) up to 128 (longer keys,
+/// e.g. from `openssl rand -hex 32`, are condensed to 16 bytes with SipHash-1-3-128).
 pub fn parse_hex_key(s: &str) -> Option<[u8; 16]> {
     let b = s.trim().as_bytes();
-    if b.len() != 32 {
+    if b.len() < 32 || b.len() > 128 || b.len() % 2 != 0 {
         return None;
     }
-    let mut k = [0u8; 16];
-    for (i, pair) in b.chunks_exact(2).enumerate() {
+    let mut bytes = Vec::with_capacity(b.len() / 2);
+    for pair in b.chunks_exact(2) {
         let hi = hex_digit(*pair.first()?)?;
         let lo = hex_digit(*pair.get(1)?)?;
-        *k.get_mut(i)? = hi << 4 | lo;
+        bytes.push(hi << 4 | lo);
     }
-    Some(k)
+    if let Ok(k) = <[u8; 16]>::try_from(bytes.as_slice()) {
+        return Some(k);
+    }
+    use siphasher::sip128::Hasher128;
+    let mut h = siphasher::sip128::SipHasher13::new_with_key(b"sipwarden-flowky");
+    h.write(&bytes);
+    Some(h.finish128().as_bytes())
 }
 
 pub fn hex_digit(b: u8) -> Option<u8> {
@@ -242,5 +249,10 @@ mod tests {
         );
         assert_eq!(parse_hex_key(&"ab".repeat(16)), Some([0xab; 16]));
         assert_eq!(parse_hex_key("abc"), None);
+        assert_eq!(parse_hex_key(&"g".repeat(32)), None);
+        let long = parse_hex_key(&"ab".repeat(20)).unwrap();
+        assert_ne!(long, [0xab; 16]);
+        assert_eq!(parse_hex_key(&"ab".repeat(20)), Some(long), "deterministic");
+        assert_eq!(parse_hex_key(&"a".repeat(33)), None, "odd length");
     }
 }
