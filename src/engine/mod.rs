@@ -8,8 +8,8 @@
 //! account protection, OPTIONS sweep, INVITE rate.
 
 pub mod anomaly;
+pub mod auth;
 pub mod invite;
-pub mod register;
 pub mod scanner;
 pub mod track;
 
@@ -34,8 +34,8 @@ use crate::util::printable;
 use crate::wire::{HeaderName, Message, Method, ParseError};
 
 pub use anomaly::Anomaly;
+use auth::{Answer, AuthTracker};
 use invite::{InviteCheck, InviteGuard};
-use register::{Answer, AuthTracker};
 use scanner::ScannerMatcher;
 use track::{nonzero, EngineClock, Limiters, Window};
 
@@ -280,15 +280,24 @@ impl Engine {
         self.on_anomaly(now, src, what, sample);
     }
 
-    /// A parsed request from a phone (not trusted, not whitelisted).
-    pub fn on_request(&mut self, now: Millis, src: SocketAddr, msg: &Message<'_>) -> Verdict {
+    /// A parsed request from a phone (not trusted, not whitelisted). `our_dialog`: the request
+    /// is in-dialog (To tag) and its Route names a dialog we record-routed, as the router
+    /// decided; then values another party chose and this sender only echoes are not held
+    /// against it (see [`anomaly::check_request`]).
+    pub fn on_request(
+        &mut self,
+        now: Millis,
+        src: SocketAddr,
+        msg: &Message<'_>,
+        our_dialog: bool,
+    ) -> Verdict {
         use crate::stats::DropReason as D;
         self.clock.set(now);
         let net = source_net(src.ip(), self.cfg.protection.ipv6_prefix);
         let ua = msg.user_agent();
         let observe = self.observe();
 
-        if let Some(a) = anomaly::check_request(msg) {
+        if let Some(a) = anomaly::check_request(msg, our_dialog) {
             self.on_anomaly(now, src, a, msg.buf);
             if a.is_fatal() && a != Anomaly::MaxForwardsExhausted && !observe {
                 return Verdict::Drop(D::Anomaly);
@@ -316,7 +325,7 @@ impl Engine {
         {
             self.devices.put(net, printable(ua, 80).into());
         }
-        if msg.has_credentials() && matches!(method, Method::Register | Method::Invite) {
+        if msg.has_credentials() && auth::counted_method(msg.method_bytes()) {
             self.auth.saw_credentials(now, net);
         }
 
@@ -396,14 +405,15 @@ impl Engine {
     }
 
     /// A final response from the PBX to a phone's request, with what the proxy remembered of
-    /// the request (whether it carried credentials).
-    #[allow(clippy::too_many_arguments)]
+    /// the request: `attempt` is a fingerprint of its Authorization / Proxy-Authorization
+    /// value when it carried credentials, `None` otherwise. Failures are counted per attempt
+    /// (see [`auth`]), for every method the PBX challenges or rejects.
     pub fn on_answer(
         &mut self,
         now: Millis,
         phone: SocketAddr,
         msg: &Message<'_>,
-        had_credentials: bool,
+        attempt: Option<u64>,
     ) {
         let Some(code) = msg.status() else { return };
         if code < 200 || self.is_upstream(phone.ip()) || self.lists.is_whitelisted(phone.ip()) {
@@ -419,14 +429,14 @@ impl Engine {
             method,
             code,
             user,
-            had_credentials,
+            attempt,
             call_id: msg.call_id(),
             cseq,
             evidence: clip(&format!(
-                "{} {} for {} -> {} {}",
+                "{} {}for {} -> {} {}",
                 printable(method, 12),
-                if had_credentials {
-                    "with credentials"
+                if attempt.is_some() {
+                    "with credentials "
                 } else {
                     ""
                 },

@@ -85,7 +85,10 @@ impl Shared {
         let Scratch { edits, out } = scratch;
         let action = if msg.is_request() {
             if inspect {
-                match self.node.with_engine(|e| e.on_request(now, inb.src, &msg)) {
+                match self
+                    .node
+                    .with_engine(|e| e.on_request(now, inb.src, &msg, false))
+                {
                     Verdict::Forward => {}
                     Verdict::Drop(r) => {
                         stats.drop(r);
@@ -128,8 +131,19 @@ impl Shared {
                     .route_response(&inb, &msg, from_upstream, edits, out);
             if let Some(info) = info {
                 if msg.status().is_some_and(|c| c >= 200) {
-                    self.node
-                        .with_engine(|e| e.on_answer(now, info.phone, &msg, info.had_credentials));
+                    self.node.with_engine(|e| {
+                        e.on_answer(
+                            now,
+                            info.phone,
+                            &msg,
+                            info.had_credentials.then(|| {
+                                crate::util::hash64(&[
+                                    msg.call_id(),
+                                    &msg.cseq().map_or(0, |c| c.0).to_le_bytes(),
+                                ])
+                            }),
+                        )
+                    });
                 }
             }
             action
