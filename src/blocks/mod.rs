@@ -190,4 +190,6 @@ pub enum UnblockReason {
     Manual,
     Evicted,
     Whitelisted,
+    /// An automatic blacklist entry replaced by the prefix that covers it.
+    Aggregated,
 }
