@@ -152,7 +152,8 @@ pub struct Protection {
     /// Never more than half of `max_blocks`, since permanent blocks never give way.
     pub max_auto_blacklist: usize,
     /// When `aggregate_after` automatically blacklisted sources fall in one prefix of this
-    /// length, they are replaced by the prefix (0 = off). Never over a whitelisted address or
+    /// length, they are replaced by the prefix (0 = off; a length no shorter than the tracked
+    /// source, /32 or `ipv6_prefix`, aggregates nothing). Never over a whitelisted address or
     /// the upstream; operator entries are never touched.
     pub aggregate_ipv4: u8,
     pub aggregate_ipv6: u8,
@@ -593,18 +594,19 @@ impl Config {
             c.protection.tracked_sources as u64,
         )?;
         nonzero("protection.max_blocks", c.protection.max_blocks as u64)?;
+        // A prefix no shorter than the tracked source (32, or ipv6_prefix) aggregates nothing.
         let a4 = c.protection.aggregate_ipv4;
-        if a4 != 0 && !(8..=31).contains(&a4) {
+        if a4 != 0 && !(8..=32).contains(&a4) {
             return Err(invalid(
                 "protection.aggregate_ipv4",
-                "must be 0 (off) or 8..=31",
+                "must be 0 (off) or 8..=32",
             ));
         }
         let a6 = c.protection.aggregate_ipv6;
-        if a6 != 0 && !(16..c.protection.ipv6_prefix).contains(&a6) {
+        if a6 != 0 && !(16..=128).contains(&a6) {
             return Err(invalid(
                 "protection.aggregate_ipv6",
-                "must be 0 (off) or from 16 up to less than protection.ipv6_prefix",
+                "must be 0 (off) or 16..=128",
             ));
         }
         if c.protection.aggregate_after < 2 {

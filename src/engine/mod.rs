@@ -6,6 +6,7 @@
 //! Verdict order, cheapest first: trusted upstream, block table (O(1), before any parse),
 //! whitelist, static blacklist, packet flood; after parse: anomalies, scanner User-Agent,
 //! account protection, OPTIONS sweep, INVITE rate.
+#![deny(clippy::string_slice, clippy::indexing_slicing)]
 
 pub mod anomaly;
 pub mod auth;

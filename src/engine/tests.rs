@@ -1,4 +1,5 @@
 //! Detector and verdict-order tests with explicit time.
+#![allow(clippy::indexing_slicing)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
