@@ -245,7 +245,7 @@ fuzz_target!(|data: &[u8]| {
     let (mut edits, mut out) = (Edits::new(), Vec::new());
     if msg.is_request() {
         if !from_upstream {
-            match engine.on_request(NOW, src, &msg) {
+            match engine.on_request(NOW, src, &msg, false) {
                 Verdict::Forward => {}
                 Verdict::Drop(_) => return,
                 Verdict::Reply { code, reason, .. } => {
@@ -278,7 +278,7 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Some(info) = info {
             assert!(from_upstream);
-            engine.on_answer(NOW, info.phone, &msg, info.had_credentials);
+            engine.on_answer(NOW, info.phone, &msg, info.had_credentials.then_some(1));
         }
     }
 });
