@@ -35,8 +35,11 @@ pub struct Answer<'a> {
     /// The CSeq method (the request's method).
     pub method: &'a [u8],
     pub code: u16,
-    /// The To user: the account tried.
+    /// The To user: the extension a request was for (what an enumerator varies).
     pub user: &'a [u8],
+    /// The account whose password was tried: the To user of a REGISTER, the From user of
+    /// any other request (a MESSAGE or INVITE authenticates as its sender, not its target).
+    pub account: &'a [u8],
     /// A fingerprint of the request's Authorization / Proxy-Authorization value, when it
     /// carried credentials.
     pub attempt: Option<u64>,
@@ -255,6 +258,7 @@ impl AuthTracker {
         let good_window = reg.good_history.as_millis() as Millis;
         let creds = a.had_credentials();
         let user_fp = hash64(&[a.user]) as u32;
+        let account_fp = hash64(&[a.account]) as u32;
         let s = self.sources.get_or_insert_mut(net, SourceAuth::default);
         if s.evidence.len() >= EVIDENCE {
             s.evidence.remove(0);
@@ -289,7 +293,7 @@ impl AuthTracker {
 
         c.n_ip = s.fails.add(now, rperiod, 1);
         if creds {
-            c.n_accounts = s.users_failed.add(now, pperiod, user_fp);
+            c.n_accounts = s.users_failed.add(now, pperiod, account_fp);
         }
         c.n_port = self
             .ports
@@ -297,12 +301,12 @@ impl AuthTracker {
             .add(now, rperiod, 1);
         c.n_user = self
             .users
-            .get_or_insert_mut(pair(net, a.user), Window::default)
+            .get_or_insert_mut(pair(net, a.account), Window::default)
             .add(now, rperiod, 1);
 
         let acct = self
             .accounts
-            .get_or_insert_mut(hash64(&[a.user]), Account::default);
+            .get_or_insert_mut(hash64(&[a.account]), Account::default);
         let n_src = acct
             .sources
             .add(now, pperiod, hash64(&[net.to_string().as_bytes()]) as u32);
@@ -311,7 +315,7 @@ impl AuthTracker {
             acct.protected_until = now.saturating_add(patterns.block_time.as_millis() as Millis);
             alert = Some(format!(
                 "account {} attacked from {n_src} sources: only sources that registered it recently may try it for {}",
-                crate::util::printable(a.user, 64),
+                crate::util::printable(a.account, 64),
                 humantime::format_duration(patterns.block_time)
             ));
         }
@@ -403,7 +407,7 @@ pub fn decide(cfg: &Config, net: IpNet, a: &Answer<'_>, c: &Counts) -> Option<De
                 format!(
                     "{} failed {what} for user {} from port {} within {period}; other devices at this address authenticated recently, so only this port is blocked",
                     c.n_port.max(c.n_user),
-                    crate::util::printable(a.user, 64),
+                    crate::util::printable(a.account, 64),
                     a.phone.port()
                 ),
                 reg.block_time,

@@ -429,21 +429,32 @@ impl Engine {
         };
         self.clock.set(now);
         let user = to_user(msg);
+        let account = if method == b"REGISTER" {
+            user
+        } else {
+            uri_user(msg, HeaderName::From)
+        };
         let answer = Answer {
             phone,
             method,
             code,
             user,
+            account,
             attempt,
             call_id: msg.call_id(),
             cseq,
             evidence: clip(&format!(
-                "{} {}for {} -> {} {}",
+                "{} {}{}for {} -> {} {}",
                 printable(method, 12),
                 if attempt.is_some() {
                     "with credentials "
                 } else {
                     ""
+                },
+                if account == user {
+                    String::new()
+                } else {
+                    format!("from {} ", printable(account, 40))
                 },
                 printable(user, 40),
                 code,
@@ -676,8 +687,13 @@ fn push_evidence(ev: &mut Vec<String>, line: String) {
 
 /// The user part of the To URI (the account a REGISTER is for).
 pub fn to_user<'a>(msg: &Message<'a>) -> &'a [u8] {
+    uri_user(msg, HeaderName::To)
+}
+
+/// The user part of the URI in a To or From header (empty when absent or unparseable).
+fn uri_user<'a>(msg: &Message<'a>, h: HeaderName) -> &'a [u8] {
     let b = msg.buf;
-    msg.header(HeaderName::To)
+    msg.header(h)
         .and_then(|h| crate::wire::uri::NameAddr::parse(b, h.value))
         .and_then(|na| crate::wire::uri::Uri::parse(b, na.uri))
         .map_or(&b""[..], |u| u.user(b))

@@ -180,3 +180,22 @@ fn credentials_on_any_method_mark_a_phone_that_answers_challenges() {
     }
     assert_eq!(e.block_table().len(), 0);
 }
+
+#[test]
+fn non_register_failures_are_charged_to_the_sending_account() {
+    let c = cfg();
+    let mut e = engine(&c);
+    let src = sa("192.0.2.30:5060");
+    // MESSAGEs to one target, authenticating as a different account each time.
+    for (i, account) in (4000..4005).enumerate() {
+        let r = format!(
+            "SIP/2.0 403 Forbidden\r\nVia: SIP/2.0/UDP 1.2.3.4;branch=z9hG4bK1\r\n\
+From: <sip:{account}@pbx>;tag=1\r\nTo: <sip:1000@pbx>;tag=2\r\nCall-ID: m{i}\r\n\
+CSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
+        );
+        attempt(&mut e, T0 + i as u64, src, r.as_bytes(), Some(i as u64));
+    }
+    let b = e.blocks().next().expect("blocked");
+    assert!(b.reason.contains("across 5 accounts"), "{}", b.reason);
+    assert!(b.reason.contains("MESSAGE"), "{}", b.reason);
+}
