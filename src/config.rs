@@ -164,8 +164,22 @@ pub struct Protection {
     /// Cap on the sources each detector tracks at once; the least recently seen are forgotten
     /// first, so a flood from millions of addresses costs bounded memory.
     pub tracked_sources: usize,
-    /// Cap on the block table; when full, the block closest to expiry gives way.
+    /// Cap on the block table. When full, the cheapest block gives way to a costlier one
+    /// (type, then strikes, then hits; operator and permanent blocks never), and a new block
+    /// no costlier than every block held is not stored.
     pub max_blocks: usize,
+    /// Cap on automatic static-blacklist entries (after `register.block_threshold` blocks):
+    /// permanent entries an attacker can cause, possibly for spoofed sources, stay bounded.
+    /// Once reached, repeat offenders get dynamic blocks of up to `max_block_time` instead.
+    /// Never more than half of `max_blocks`, since permanent blocks never give way.
+    pub max_auto_blacklist: usize,
+    /// When `aggregate_after` automatically blacklisted sources fall in one prefix of this
+    /// length, they are replaced by the prefix (0 = off; a length no shorter than the tracked
+    /// source, /32 or `ipv6_prefix`, aggregates nothing). Never over a whitelisted address or
+    /// the upstream; operator entries are never touched.
+    pub aggregate_ipv4: u8,
+    pub aggregate_ipv6: u8,
+    pub aggregate_after: u32,
     /// Each repeat block of the same source lasts this many times longer than the previous one.
     pub escalation: u32,
     /// Upper bound for an escalated block.
@@ -184,6 +198,10 @@ impl Default for Protection {
             blocked_reply: BlockedReply::Drop,
             tracked_sources: 100_000,
             max_blocks: 100_000,
+            max_auto_blacklist: 10_000,
+            aggregate_ipv4: 24,
+            aggregate_ipv6: 48,
+            aggregate_after: 4,
             escalation: 2,
             max_block_time: Duration::from_secs(7 * 86400),
             strike_memory: Duration::from_secs(7 * 86400),
@@ -606,6 +624,24 @@ impl Config {
             c.protection.tracked_sources as u64,
         )?;
         nonzero("protection.max_blocks", c.protection.max_blocks as u64)?;
+        // A prefix no shorter than the tracked source (32, or ipv6_prefix) aggregates nothing.
+        let a4 = c.protection.aggregate_ipv4;
+        if a4 != 0 && !(8..=32).contains(&a4) {
+            return Err(invalid(
+                "protection.aggregate_ipv4",
+                "must be 0 (off) or 8..=32",
+            ));
+        }
+        let a6 = c.protection.aggregate_ipv6;
+        if a6 != 0 && !(16..=128).contains(&a6) {
+            return Err(invalid(
+                "protection.aggregate_ipv6",
+                "must be 0 (off) or 16..=128",
+            ));
+        }
+        if c.protection.aggregate_after < 2 {
+            return Err(invalid("protection.aggregate_after", "must be at least 2"));
+        }
         nonzero("protection.escalation", c.protection.escalation as u64)?;
         nonzero("register.hit_count", c.register.hit_count as u64)?;
         positive("register.monit_period", c.register.monit_period)?;

@@ -20,11 +20,12 @@ use crate::node::Node;
 use crate::stats::{DropReason, Stats, LATENCY_BUCKETS_US};
 
 const TYPES: usize = BlockType::ALL.len();
-const WHYS: [UnblockReason; 4] = [
+const WHYS: [UnblockReason; 5] = [
     UnblockReason::Expired,
     UnblockReason::Manual,
     UnblockReason::Evicted,
     UnblockReason::Whitelisted,
+    UnblockReason::Aggregated,
 ];
 
 fn why_str(w: UnblockReason) -> &'static str {
@@ -33,6 +34,7 @@ fn why_str(w: UnblockReason) -> &'static str {
         UnblockReason::Manual => "manual",
         UnblockReason::Evicted => "evicted",
         UnblockReason::Whitelisted => "whitelisted",
+        UnblockReason::Aggregated => "aggregated",
     }
 }
 
@@ -230,7 +232,7 @@ impl Collector for NodeCollector {
             g(&s.tcp_rejected),
         )?;
 
-        let (active, observed, tracked, white, black) = node.inspect(|eng| {
+        let (active, observed, tracked, white, black, evictions) = node.inspect(|eng| {
             let mut active = [0u64; TYPES];
             let mut observed = 0u64;
             for b in eng.blocks() {
@@ -247,6 +249,7 @@ impl Collector for NodeCollector {
                 eng.tracked() as u64,
                 l.len(crate::blocks::ListKind::Whitelist) as u64,
                 l.len(crate::blocks::ListKind::Blacklist) as u64,
+                eng.block_table().evictions(),
             )
         });
         let rows: Vec<_> = BlockType::ALL
@@ -260,6 +263,14 @@ impl Collector for NodeCollector {
             MetricType::Gauge,
             "type",
             &rows,
+        )?;
+        labelled(
+            &mut e,
+            "sipwarden_block_evictions",
+            "Blocks that gave way to costlier ones in a full block table (evicted), and new blocks not stored because every block held cost as much or more (refused).",
+            MetricType::Counter,
+            "outcome",
+            &[("evicted", evictions.0), ("refused", evictions.1)],
         )?;
         gauge(
             &mut e,
@@ -374,5 +385,55 @@ impl Collector for NodeCollector {
             MetricType::Histogram,
         )?;
         m.encode_histogram::<NoLabelSet>(g(&s.latency_sum_us) as f64 / 1e6, count, &buckets, None)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blocks::BlockKey;
+    use crate::config::Config;
+    use crate::engine::Detection;
+
+    #[test]
+    fn block_evictions_rendered() {
+        let mut cfg = Config::default();
+        cfg.protection.max_blocks = 2;
+        let (node, _rx) = Node::new(cfg);
+        let now = node.now();
+        node.with_engine(|e| {
+            for (i, kind) in [BlockType::Register, BlockType::Scanner, BlockType::Register]
+                .into_iter()
+                .enumerate()
+            {
+                let ip: std::net::IpAddr = format!("192.0.2.{}", i + 1).parse().unwrap();
+                let d = Detection {
+                    key: BlockKey::whole(ip.into()),
+                    kind,
+                    reason: "test".into(),
+                    duration: std::time::Duration::from_secs(60),
+                    evidence: vec![],
+                };
+                e.block(now, d, "");
+            }
+            // A scanner block is cheaper than everything held: refused.
+            let d = Detection {
+                key: BlockKey::whole("192.0.2.9".parse::<std::net::IpAddr>().unwrap().into()),
+                kind: BlockType::Scanner,
+                reason: "test".into(),
+                duration: std::time::Duration::from_secs(60),
+                evidence: vec![],
+            };
+            e.block(now, d, "");
+        });
+        let text = render(&node, Box::leak(Box::new(EventCounters::new())));
+        let lines: Vec<&str> = text.lines().collect();
+        for want in [
+            "# TYPE sipwarden_block_evictions counter",
+            "sipwarden_block_evictions_total{outcome=\"evicted\"} 1",
+            "sipwarden_block_evictions_total{outcome=\"refused\"} 1",
+        ] {
+            assert!(lines.contains(&want), "missing {want:?} in\n{text}");
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! Who is blocked and who never is: the block table (dynamic, manual and permanent blocks with
 //! their evidence), the CIDR white- and blacklists, and the events that persistence, cluster sync
 //! and notifications consume.
+#![deny(clippy::string_slice, clippy::indexing_slicing)]
 
 mod lists;
 pub mod table;
@@ -190,4 +191,6 @@ pub enum UnblockReason {
     Manual,
     Evicted,
     Whitelisted,
+    /// An automatic blacklist entry replaced by the prefix that covers it.
+    Aggregated,
 }

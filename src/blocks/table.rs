@@ -1,4 +1,13 @@
 //! The block table: O(1) lookup by source before any parsing, expiry by time, a hard cap.
+//!
+//! When the table is full, a new block must make room, and an attacker who can cheaply make
+//! blocks (one spoofed UDP packet with a scanner User-Agent blocks its claimed source) must not
+//! be able to flush the blocks that cost a real attacker effort. So blocks give way by cost
+//! ([`Block::cost`]: how much evidence of effort the block stands for, then the source's
+//! strikes, then packets dropped since), never by nearness to expiry alone: the cheapest block
+//! goes, and a new block no costlier than the cheapest one held is the one not stored
+//! (incumbents win ties). Operator blocks and permanent blocks never give way.
+#![deny(clippy::string_slice, clippy::indexing_slicing)]
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -41,13 +50,61 @@ impl Block {
     pub fn is_expired(&self, now: Millis) -> bool {
         matches!(self.expires_at, Some(e) if e <= now)
     }
+
+    /// Whether this block may give way to a costlier one when the table is full: not a
+    /// permanent block, not one the operator made.
+    pub fn evictable(&self) -> bool {
+        self.expires_at.is_some() && rank(self.kind) != UNEVICTABLE
+    }
+
+    /// What this block is worth keeping, compared in order: the effort its type stands for,
+    /// how often the source was blocked before, and packets dropped because of it.
+    pub fn cost(&self) -> (u8, u32, u64) {
+        (rank(self.kind), self.strikes, self.hits)
+    }
 }
 
-/// Clip an evidence line to [`EVIDENCE_CHARS`] on a char boundary.
+/// The rank of [`UNEVICTABLE`] block types.
+const UNEVICTABLE: u8 = u8::MAX;
+
+/// The effort a block type stands for, cheapest first. A SCANNER block takes one packet (a
+/// spoofable datagram); ANOMALY a few; FLOOD a second of packets; SCAN (enumeration, sweeps)
+/// and TFTP tens of requests; REGISTER and INVITE (password guessing) `hit_count` requests the
+/// PBX itself answered with a failure. Operator (MANUAL) and BLACKLIST blocks never give way.
+pub fn rank(kind: BlockType) -> u8 {
+    match kind {
+        BlockType::Scanner => 0,
+        BlockType::Anomaly => 1,
+        BlockType::Flood => 2,
+        BlockType::Scan | BlockType::Tftp => 3,
+        BlockType::Invite | BlockType::Register => 4,
+        BlockType::Blacklist | BlockType::Manual => UNEVICTABLE,
+    }
+}
+
+/// When the cheapest (type, strikes) class holds several blocks, this many of them (soonest
+/// expiring first) are compared by hits to pick the victim: bounded work per eviction.
+const VICTIM_SAMPLE: usize = 16;
+
+/// What [`BlockTable::insert`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admit {
+    /// Stored (new, or replacing the block with the same key).
+    Stored,
+    /// Stored; this cheaper block gave way.
+    Evicted(Block),
+    /// Not stored: the table is full of blocks at least as costly. Returned to the caller.
+    Refused(Block),
+}
+
+/// Clip an evidence line to [`EVIDENCE_CHARS`] characters.
 pub fn clip(s: &str) -> String {
-    match s.char_indices().nth(EVIDENCE_CHARS) {
-        Some((i, _)) => format!("{}…", &s[..i]),
-        None => s.to_string(),
+    let mut chars = s.chars();
+    let head: String = chars.by_ref().take(EVIDENCE_CHARS).collect();
+    if chars.next().is_some() {
+        head + "…"
+    } else {
+        head
     }
 }
 
@@ -61,11 +118,19 @@ pub struct Hit {
 #[derive(Debug)]
 pub struct BlockTable {
     map: HashMap<BlockKey, Block>,
-    /// Expiry order, for the periodic sweep and for eviction when the table is full.
+    /// Expiry order, for the periodic sweep.
     expiries: BTreeSet<(Millis, BlockKey)>,
+    /// Evictable blocks, cheapest first: (type rank, strikes, expiry, key). Hits change on
+    /// every dropped packet and are compared only within a bounded sample, so the hot path
+    /// never touches this index.
+    by_cost: BTreeSet<(u8, u32, Millis, BlockKey)>,
     /// Number of (address, port) blocks: when zero the second lookup is skipped.
     port_blocks: usize,
     max: usize,
+    /// Blocks that gave way to costlier ones, and new blocks refused because the table was
+    /// full of costlier ones, since start (`sipwarden_block_evictions_total`).
+    evicted: u64,
+    refused: u64,
 }
 
 impl BlockTable {
@@ -73,8 +138,11 @@ impl BlockTable {
         Self {
             map: HashMap::new(),
             expiries: BTreeSet::new(),
+            by_cost: BTreeSet::new(),
             port_blocks: 0,
             max: max.max(1),
+            evicted: 0,
+            refused: 0,
         }
     }
 
@@ -121,30 +189,59 @@ impl BlockTable {
         self.map.get(key)
     }
 
+    /// For evidence, hits and the device only: the key, type, strikes and expiry of a stored
+    /// block index it and must change through [`BlockTable::insert`].
     pub fn get_mut(&mut self, key: &BlockKey) -> Option<&mut Block> {
         self.map.get_mut(key)
     }
 
-    /// Insert or replace. Returns the block evicted to make room, if the table was full.
-    pub fn insert(&mut self, block: Block) -> Option<Block> {
-        let mut evicted = None;
+    /// (blocks evicted, blocks refused) since start.
+    pub fn evictions(&self) -> (u64, u64) {
+        (self.evicted, self.refused)
+    }
+
+    /// Insert or replace. When the table is full, the cheapest evictable block gives way if
+    /// the new one costs strictly more; otherwise the new block is refused.
+    pub fn insert(&mut self, block: Block) -> Admit {
+        let mut admit = Admit::Stored;
         if !self.map.contains_key(&block.key) && self.map.len() >= self.max {
-            let victim = self.expiries.iter().next().map(|(_, k)| *k);
-            evicted = victim.and_then(|k| self.remove(&k));
-            if evicted.is_none() {
-                // Full of permanent blocks: keep what the operator set.
-                return Some(block);
+            let victim = self.victim().filter(|v| block.cost() > v.1);
+            match victim.and_then(|(k, _)| self.remove(&k)) {
+                Some(v) => {
+                    self.evicted += 1;
+                    admit = Admit::Evicted(v);
+                }
+                None => {
+                    self.refused += 1;
+                    return Admit::Refused(block);
+                }
             }
         }
         self.remove(&block.key);
         if let Some(e) = block.expires_at {
             self.expiries.insert((e, block.key));
         }
+        if block.evictable() {
+            self.by_cost.insert(cost_key(&block));
+        }
         if block.key.port.is_some() {
             self.port_blocks += 1;
         }
         self.map.insert(block.key, block);
-        evicted
+        admit
+    }
+
+    /// The cheapest evictable block and its cost: the lowest (type rank, strikes) class, and
+    /// within it the least hit of the first [`VICTIM_SAMPLE`] by expiry.
+    fn victim(&self) -> Option<(BlockKey, (u8, u32, u64))> {
+        let (rank, strikes, _, _) = *self.by_cost.first()?;
+        self.by_cost
+            .iter()
+            .take_while(|(r, s, _, _)| (*r, *s) == (rank, strikes))
+            .take(VICTIM_SAMPLE)
+            .filter_map(|(_, _, _, k)| self.map.get(k))
+            .min_by_key(|b| b.hits)
+            .map(|b| (b.key, b.cost()))
     }
 
     pub fn remove(&mut self, key: &BlockKey) -> Option<Block> {
@@ -152,6 +249,7 @@ impl BlockTable {
         if let Some(e) = b.expires_at {
             self.expiries.remove(&(e, b.key));
         }
+        self.by_cost.remove(&cost_key(&b));
         if b.key.port.is_some() {
             self.port_blocks -= 1;
         }
@@ -191,6 +289,15 @@ impl BlockTable {
         }
         m
     }
+}
+
+fn cost_key(b: &Block) -> (u8, u32, Millis, BlockKey) {
+    (
+        rank(b.kind),
+        b.strikes,
+        b.expires_at.unwrap_or(Millis::MAX),
+        b.key,
+    )
 }
 
 #[cfg(test)]
@@ -238,15 +345,88 @@ mod tests {
         let mut t = BlockTable::new(2);
         t.insert(block([10, 0, 0, 1], None, Some(500)));
         t.insert(block([10, 0, 0, 2], None, None));
-        let evicted = t.insert(block([10, 0, 0, 3], None, Some(900)));
-        assert_eq!(
-            evicted.map(|b| b.key.net.addr()),
-            Some(Ipv4Addr::new(10, 0, 0, 1).into())
+        // As costly as the cheapest held: the incumbent stays.
+        let refused = t.insert(block([10, 0, 0, 3], None, Some(900)));
+        assert!(matches!(refused, Admit::Refused(_)));
+        // One repeat offence more: the first block gives way.
+        let mut b = block([10, 0, 0, 3], None, Some(900));
+        b.strikes = 2;
+        let evicted = t.insert(b);
+        assert!(
+            matches!(&evicted, Admit::Evicted(v) if v.key.net.addr() == IpAddr::from([10, 0, 0, 1])),
+            "{evicted:?}"
         );
+        assert_eq!(t.evictions(), (1, 1));
         assert_eq!(t.len(), 2);
         let gone = t.expire(900);
         assert_eq!(gone.len(), 1);
         assert_eq!(t.len(), 1);
+    }
+
+    fn typed(i: u32, kind: BlockType, expires: Millis) -> Block {
+        let mut b = block(
+            Ipv4Addr::from(0x0a00_0000 + i).octets(),
+            None,
+            Some(expires),
+        );
+        b.kind = kind;
+        b
+    }
+
+    #[test]
+    fn cheap_blocks_never_evict_costly_ones() {
+        let mut t = BlockTable::new(100);
+        // A real brute forcer, blocked for an hour, who keeps knocking.
+        let mut brute = typed(0, BlockType::Register, 3_600_000);
+        brute.hits = 40;
+        let brute_key = brute.key;
+        t.insert(brute);
+        // A burst of one-packet scanner blocks from spoofed sources, expiring much sooner.
+        for i in 1..10_000 {
+            t.insert(typed(i, BlockType::Scanner, 60_000));
+        }
+        assert!(
+            t.get(&brute_key).is_some(),
+            "the brute forcer stays blocked"
+        );
+        assert_eq!(t.len(), 100);
+        let (evicted, refused) = t.evictions();
+        assert_eq!(evicted, 0);
+        assert_eq!(refused, 10_000 - 100);
+        // A costlier block evicts the cheapest: a scanner block, the least hit.
+        t.check(0, SocketAddr::from(([10, 0, 0, 1], 5060)), 64);
+        let admit = t.insert(typed(20_000, BlockType::Anomaly, 60_000));
+        let Admit::Evicted(v) = admit else {
+            panic!("{admit:?}")
+        };
+        assert_eq!(v.kind, BlockType::Scanner);
+        assert_ne!(
+            v.key.net.addr(),
+            IpAddr::from([10, 0, 0, 1]),
+            "hit one kept"
+        );
+    }
+
+    #[test]
+    fn operator_and_permanent_blocks_never_give_way() {
+        let mut t = BlockTable::new(2);
+        let mut manual = typed(1, BlockType::Manual, 1000);
+        manual.strikes = 0;
+        t.insert(manual);
+        t.insert(block([10, 0, 0, 2], None, None));
+        let mut costly = typed(3, BlockType::Register, 1000);
+        costly.strikes = 9;
+        assert!(matches!(t.insert(costly), Admit::Refused(_)));
+        assert_eq!(t.len(), 2);
+    }
+
+    #[test]
+    fn clip_counts_characters() {
+        let long = "é".repeat(EVIDENCE_CHARS + 5);
+        let c = clip(&long);
+        assert_eq!(c.chars().count(), EVIDENCE_CHARS + 1);
+        assert!(c.ends_with('…'));
+        assert_eq!(clip("short"), "short");
     }
 
     #[test]

@@ -56,6 +56,13 @@ fn unknown_keys_wrong_types_and_bad_values_name_the_key() {
     assert!(err("[upstream]\naddress = \"pbx:99999\"\n").contains("upstream.address"));
     assert!(err("[sip]\nlisten_udp = [\"nowhere\"]\n").contains("sip.listen_udp"));
     assert!(err("[admin]\nlisten = \"0.0.0.0:8080\"\n").contains("admin.token"));
+    assert!(err("[protection]\naggregate_ipv4 = 4\n").contains("protection.aggregate_ipv4"));
+    assert!(err("[protection]\naggregate_ipv6 = 129\n").contains("protection.aggregate_ipv6"));
+    assert!(err("[protection]\naggregate_after = 1\n").contains("protection.aggregate_after"));
+    assert!(
+        err("[protection]\nmax_auto_blacklist = -1\n").contains("protection.max_auto_blacklist")
+    );
+    assert!(Config::from_toml("[protection]\nipv6_prefix = 48\n").is_ok());
     assert!(Config::from_toml("[admin]\nlisten = \"0.0.0.0:8080\"\ntoken = \"s3cret\"\n").is_ok());
 }
 

@@ -1,5 +1,12 @@
 //! Protocol anomalies: what makes a packet broken, and how much each kind counts towards a
 //! source's score.
+//!
+//! A request is held to what its sender wrote. In a dialog we record-routed, several values
+//! were chosen by the other party and are only echoed (the remote tag and display name in
+//! To/From, the remote target as Request-URI, Route built from Record-Route): a defect there
+//! says nothing about the sender, so it is neither fatal nor scored (Kamailio forwards such
+//! requests too).
+#![deny(clippy::string_slice, clippy::indexing_slicing)]
 
 use crate::wire::uri::{name_addr_well_formed, Uri};
 use crate::wire::via::Via;
@@ -75,7 +82,10 @@ fn missing_mandatory(msg: &Message<'_>) -> Option<Anomaly> {
 }
 
 /// Checks on a parsed request beyond what the scan enforces (RFC 3261 §8.1.1, §8.2.2).
-pub fn check_request(msg: &Message<'_>) -> Option<Anomaly> {
+/// `our_dialog`: an in-dialog request of a dialog we record-routed (the router decides); then
+/// the To/From values and the Request-URI, which the other party chose, are not checked.
+/// Out-of-dialog requests get the full strictness.
+pub fn check_request(msg: &Message<'_>, our_dialog: bool) -> Option<Anomaly> {
     if let Some(a) = missing_mandatory(msg) {
         return Some(a);
     }
@@ -106,9 +116,10 @@ pub fn check_request(msg: &Message<'_>) -> Option<Anomaly> {
         return Some(Anomaly::BadVia);
     }
     for (h, name) in [(HeaderName::From, "From"), (HeaderName::To, "To")] {
-        if msg
-            .header(h)
-            .is_some_and(|h| !name_addr_well_formed(buf, h.value))
+        if !our_dialog
+            && msg
+                .header(h)
+                .is_some_and(|h| !name_addr_well_formed(buf, h.value))
         {
             return Some(Anomaly::BadAddress(name));
         }
@@ -120,10 +131,10 @@ pub fn check_request(msg: &Message<'_>) -> Option<Anomaly> {
     if bad_contact {
         return Some(Anomaly::BadAddress("Contact"));
     }
-    if let Some(ruri) = msg.request_uri() {
+    if let Some(ruri) = msg.request_uri().filter(|_| !our_dialog) {
         let u = ruri.of(buf);
-        let sip = u.len() > 4
-            && (u[..4].eq_ignore_ascii_case(b"sip:") || u[..5].eq_ignore_ascii_case(b"sips:"));
+        let starts = |p: &[u8]| u.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p));
+        let sip = u.len() > 4 && (starts(b"sip:") || starts(b"sips:"));
         if sip && Uri::parse(buf, ruri).is_none_or(|u| u.has_headers()) {
             return Some(Anomaly::BadRequestUri);
         }
@@ -154,5 +165,7 @@ pub fn is_keepalive(buf: &[u8]) -> bool {
         return true;
     }
     // STUN (RFC 5389): type with the top two bits clear and the magic cookie.
-    buf.len() >= 20 && buf[0] & 0xc0 == 0 && buf[4..8] == [0x21, 0x12, 0xa4, 0x42]
+    buf.len() >= 20
+        && buf.first().is_some_and(|b| b & 0xc0 == 0)
+        && buf.get(4..8) == Some(&[0x21, 0x12, 0xa4, 0x42][..])
 }

@@ -6,10 +6,12 @@
 //! Verdict order, cheapest first: trusted upstream, block table (O(1), before any parse),
 //! whitelist, static blacklist, packet flood; after parse: anomalies, scanner User-Agent,
 //! account protection, OPTIONS sweep, INVITE rate.
+#![deny(clippy::string_slice, clippy::indexing_slicing)]
 
 pub mod anomaly;
+pub mod auth;
+mod blocking;
 pub mod invite;
-pub mod register;
 pub mod scanner;
 pub mod track;
 
@@ -34,8 +36,8 @@ use crate::util::printable;
 use crate::wire::{HeaderName, Message, Method, ParseError};
 
 pub use anomaly::Anomaly;
+use auth::{Answer, AuthTracker};
 use invite::{InviteCheck, InviteGuard};
-use register::{Answer, AuthTracker};
 use scanner::ScannerMatcher;
 use track::{nonzero, EngineClock, Limiters, Window};
 
@@ -225,7 +227,10 @@ impl Engine {
                 duration: self.cfg.flood.block_time,
                 evidence: vec![format!("packet rate over {pps}/s")],
             };
-            if self.block(now, d, "") && !self.observe() {
+            // Dropped even when the table had no room for the block: the limiter alone
+            // says this source is over the rate.
+            self.block(now, d, "");
+            if !self.observe() {
                 return Pre::Blocked {
                     kind: BlockType::Flood,
                     reply_403: false,
@@ -279,7 +284,10 @@ impl Engine {
         self.on_anomaly(now, src, what, sample);
     }
 
-    /// A parsed request from a phone (not trusted, not whitelisted).
+    /// A parsed request from a phone (not trusted, not whitelisted). `our_dialog`: the request
+    /// is in-dialog (To tag) and its Route names a dialog we record-routed, as the router
+    /// decided; then values another party chose and this sender only echoes are not held
+    /// against it (see [`anomaly::check_request`]).
     pub fn on_request(
         &mut self,
         now: Millis,
@@ -294,7 +302,7 @@ impl Engine {
         let ua = msg.user_agent();
         let observe = self.observe();
 
-        if let Some(a) = anomaly::check_request(msg) {
+        if let Some(a) = anomaly::check_request(msg, our_dialog) {
             self.on_anomaly(now, src, a, msg.buf);
             if a.is_fatal() && a != Anomaly::MaxForwardsExhausted && !observe {
                 return Verdict::Drop(D::Anomaly);
@@ -322,7 +330,7 @@ impl Engine {
         {
             self.devices.put(net, printable(ua, 80).into());
         }
-        if msg.has_credentials() && matches!(method, Method::Register | Method::Invite) {
+        if msg.has_credentials() && auth::counted_method(msg.method_bytes()) {
             self.auth.saw_credentials(now, net);
         }
 
@@ -402,8 +410,9 @@ impl Engine {
     }
 
     /// A final response from the PBX to a phone's request, with what the proxy remembered of
-    /// the request (whether it carried credentials).
-    #[allow(clippy::too_many_arguments)]
+    /// the request: `attempt` is a fingerprint of its Authorization / Proxy-Authorization
+    /// value when it carried credentials, `None` otherwise. Failures are counted per attempt
+    /// (see [`auth`]), for every method the PBX challenges or rejects.
     pub fn on_answer(
         &mut self,
         now: Millis,
@@ -411,7 +420,6 @@ impl Engine {
         msg: &Message<'_>,
         attempt: Option<u64>,
     ) {
-        let had_credentials = attempt.is_some();
         let Some(code) = msg.status() else { return };
         if code < 200 || self.is_upstream(phone.ip()) || self.lists.is_whitelisted(phone.ip()) {
             return;
@@ -421,21 +429,32 @@ impl Engine {
         };
         self.clock.set(now);
         let user = to_user(msg);
+        let account = if method == b"REGISTER" {
+            user
+        } else {
+            uri_user(msg, HeaderName::From)
+        };
         let answer = Answer {
             phone,
             method,
             code,
             user,
-            had_credentials,
+            account,
+            attempt,
             call_id: msg.call_id(),
             cseq,
             evidence: clip(&format!(
-                "{} {} for {} -> {} {}",
+                "{} {}{}for {} -> {} {}",
                 printable(method, 12),
-                if had_credentials {
-                    "with credentials"
+                if attempt.is_some() {
+                    "with credentials "
                 } else {
                     ""
+                },
+                if account == user {
+                    String::new()
+                } else {
+                    format!("from {} ", printable(account, 40))
                 },
                 printable(user, 40),
                 code,
@@ -473,151 +492,6 @@ impl Engine {
     }
 
     // ---- blocks ---------------------------------------------------------------------------
-
-    /// Make (or refresh) a block. Returns true when a new block was made. Never blocks the
-    /// upstream or a whitelisted source. Repeat blocks of the same source last longer; after
-    /// `register.block_threshold` dynamic blocks the source joins the static blacklist.
-    pub fn block(&mut self, now: Millis, d: Detection, device: &str) -> bool {
-        if self.is_upstream(d.key.net.addr()) || self.lists.whitelist_covers(d.key.net) {
-            return false;
-        }
-        let enforced = !self.observe();
-        if let Some(b) = self.table.get_mut(&d.key) {
-            if !b.is_expired(now) && (b.enforced || !enforced) {
-                for e in d.evidence {
-                    push_evidence(&mut b.evidence, e);
-                }
-                b.hits += 1;
-                return false;
-            }
-        }
-        let p = &self.cfg.protection;
-        let strike = {
-            let s = self.strikes.get_or_insert_mut(d.key.net, Strike::default);
-            if s.count > 0 && now.saturating_sub(s.last) > p.strike_memory.as_millis() as Millis {
-                s.count = 0;
-            }
-            if enforced {
-                s.count += 1;
-                s.last = now;
-            }
-            *s
-        };
-        let factor = (p.escalation as u64).saturating_pow(strike.count.saturating_sub(1).min(30));
-        let duration = d
-            .duration
-            .saturating_mul(factor.min(u32::MAX as u64) as u32)
-            .min(p.max_block_time.max(d.duration));
-        let threshold = self.cfg.register.block_threshold;
-        let to_blacklist =
-            enforced && threshold > 0 && strike.count >= threshold && d.key.port.is_none();
-        let device = match (device, self.devices.peek(&d.key.net)) {
-            ("", Some(seen)) => seen.to_string(),
-            (given, _) => given.to_string(),
-        };
-        let mut block = Block {
-            key: d.key,
-            kind: d.kind,
-            device,
-            reason: d.reason,
-            blocked_at: now,
-            expires_at: Some(now.saturating_add(duration.as_millis() as Millis)),
-            strikes: strike.count.max(1),
-            hits: 1,
-            evidence: Vec::new(),
-            enforced,
-        };
-        for e in d.evidence {
-            push_evidence(&mut block.evidence, e);
-        }
-        if to_blacklist {
-            block.expires_at = None;
-            block.reason = format!(
-                "{} ({} blocks: now on the static blacklist)",
-                block.reason, strike.count
-            );
-            let entry = ListEntry {
-                comment: format!("auto: {} blocks, last {}", strike.count, block.kind),
-                added_at: now,
-                source: "auto".into(),
-            };
-            self.lists
-                .add(ListKind::Blacklist, d.key.net, entry.clone());
-            self.events.push(Event::ListAdded {
-                list: ListKind::Blacklist,
-                net: d.key.net,
-                entry,
-            });
-        }
-        if let Some(ev) = self.table.insert(block.clone()) {
-            if ev.key == block.key {
-                // The table is full of permanent blocks: nothing was stored.
-                return false;
-            }
-            self.events.push(Event::Unblocked {
-                key: ev.key,
-                kind: ev.kind,
-                why: UnblockReason::Evicted,
-            });
-        }
-        self.events.push(Event::Strikes {
-            net: d.key.net,
-            strikes: strike.count,
-            last: strike.last,
-        });
-        self.events.push(Event::Blocked(block));
-        true
-    }
-
-    /// A manual block from the operator.
-    pub fn manual_block(
-        &mut self,
-        now: Millis,
-        key: BlockKey,
-        duration: Option<Duration>,
-        reason: &str,
-    ) -> Result<Block, String> {
-        if self.is_upstream(key.net.addr()) {
-            return Err(format!(
-                "{} is the upstream PBX and cannot be blocked",
-                key.ip_text()
-            ));
-        }
-        if self.lists.whitelist_covers(key.net) {
-            return Err(format!(
-                "{} is whitelisted; remove it from the whitelist first",
-                key.ip_text()
-            ));
-        }
-        let block = Block {
-            key,
-            kind: BlockType::Manual,
-            device: String::new(),
-            reason: if reason.is_empty() {
-                "blocked by the operator".into()
-            } else {
-                clip(reason)
-            },
-            blocked_at: now,
-            expires_at: duration.map(|d| now.saturating_add(d.as_millis() as Millis)),
-            strikes: self.strikes.peek(&key.net).map_or(0, |s| s.count),
-            hits: 0,
-            evidence: Vec::new(),
-            enforced: true,
-        };
-        if let Some(ev) = self.table.insert(block.clone()) {
-            if ev.key == block.key {
-                return Err("the block table is full of permanent blocks".into());
-            }
-            self.events.push(Event::Unblocked {
-                key: ev.key,
-                kind: ev.kind,
-                why: UnblockReason::Evicted,
-            });
-        }
-        self.events.push(Event::Blocked(block.clone()));
-        Ok(block)
-    }
 
     /// Remove blocks on `net` (all its port blocks too when `port` is None). Returns them.
     pub fn unblock(&mut self, net: IpNet, port: Option<u16>) -> Vec<Block> {
@@ -813,8 +687,13 @@ fn push_evidence(ev: &mut Vec<String>, line: String) {
 
 /// The user part of the To URI (the account a REGISTER is for).
 pub fn to_user<'a>(msg: &Message<'a>) -> &'a [u8] {
+    uri_user(msg, HeaderName::To)
+}
+
+/// The user part of the URI in a To or From header (empty when absent or unparseable).
+fn uri_user<'a>(msg: &Message<'a>, h: HeaderName) -> &'a [u8] {
     let b = msg.buf;
-    msg.header(HeaderName::To)
+    msg.header(h)
         .and_then(|h| crate::wire::uri::NameAddr::parse(b, h.value))
         .and_then(|na| crate::wire::uri::Uri::parse(b, na.uri))
         .map_or(&b""[..], |u| u.user(b))

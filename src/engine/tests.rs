@@ -1,4 +1,5 @@
 //! Detector and verdict-order tests with explicit time.
+#![allow(clippy::indexing_slicing)]
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
@@ -8,25 +9,25 @@ use crate::blocks::parse_net;
 use crate::stats::DropReason;
 use crate::wire::{parse, Framing};
 
-const T0: Millis = 1_700_000_000_000;
+pub(super) const T0: Millis = 1_700_000_000_000;
 
-fn cfg() -> Config {
+pub(super) fn cfg() -> Config {
     let mut c = Config::default();
     c.upstream.address = "10.0.0.1:5060".into();
     c
 }
 
-fn engine(c: &Config) -> Engine {
+pub(super) fn engine(c: &Config) -> Engine {
     let mut e = Engine::new(c, T0);
     e.set_upstream(vec!["10.0.0.1".parse().unwrap()]);
     e
 }
 
-fn sa(s: &str) -> SocketAddr {
+pub(super) fn sa(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-fn req(method: &str, user: &str, ua: &str, extra: &str) -> Vec<u8> {
+pub(super) fn req(method: &str, user: &str, ua: &str, extra: &str) -> Vec<u8> {
     format!(
         "{method} sip:{user}@pbx SIP/2.0\r\nVia: SIP/2.0/UDP 1.2.3.4;branch=z9hG4bK1\r\nMax-Forwards: 70\r\n\
 From: <sip:{user}@pbx>;tag=1\r\nTo: <sip:{user}@pbx>\r\nCall-ID: c1\r\nCSeq: 1 {method}\r\n\
@@ -35,7 +36,7 @@ User-Agent: {ua}\r\n{extra}Content-Length: 0\r\n\r\n"
     .into_bytes()
 }
 
-fn resp(code: u16, method: &str, user: &str, cseq: u32) -> Vec<u8> {
+pub(super) fn resp(code: u16, method: &str, user: &str, cseq: u32) -> Vec<u8> {
     format!(
         "SIP/2.0 {code} X\r\nVia: SIP/2.0/UDP 1.2.3.4;branch=z9hG4bK1\r\nFrom: <sip:{user}@pbx>;tag=1\r\n\
 To: <sip:{user}@pbx>;tag=2\r\nCall-ID: c{cseq}{user}\r\nCSeq: {cseq} {method}\r\nContent-Length: 0\r\n\r\n"
@@ -43,14 +44,16 @@ To: <sip:{user}@pbx>;tag=2\r\nCall-ID: c{cseq}{user}\r\nCSeq: {cseq} {method}\r\
     .into_bytes()
 }
 
-fn on_req(e: &mut Engine, now: Millis, src: SocketAddr, b: &[u8]) -> Verdict {
+pub(super) fn on_req(e: &mut Engine, now: Millis, src: SocketAddr, b: &[u8]) -> Verdict {
     let m = parse(b, Framing::Datagram).unwrap();
     e.on_request(now, src, &m, false)
 }
 
+/// An answer; with `creds` the request's credentials differ per Call-ID and CSeq.
 fn answer(e: &mut Engine, now: Millis, phone: SocketAddr, b: &[u8], creds: bool) {
     let m = parse(b, Framing::Datagram).unwrap();
-    e.on_answer(now, phone, &m, creds.then(|| crate::util::hash64(&[b])));
+    let fp = crate::util::hash64(&[m.call_id(), &m.cseq().map_or(0, |c| c.0).to_le_bytes()]);
+    e.on_answer(now, phone, &m, creds.then_some(fp));
 }
 
 #[test]
@@ -453,4 +456,39 @@ fn account_under_attack_admits_only_known_sources() {
         .take_events()
         .iter()
         .any(|ev| matches!(ev, Event::Alert { .. })));
+}
+
+#[test]
+fn echoed_defects_in_our_dialog_are_forwarded_and_not_scored() {
+    let c = cfg();
+    let mut e = engine(&c);
+    let caller = sa("192.0.2.110:5060");
+    // The callee's UA put '@' in its To tag and a '?header' in its Contact (now the
+    // Request-URI); the caller merely echoes both in its BYE.
+    let bye = b"BYE sip:callee@192.0.2.111?X=1 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.110;branch=z9hG4bK9\r\n\
+Max-Forwards: 70\r\nRoute: <sip:proxy;lr>\r\nFrom: <sip:caller@pbx>;tag=1\r\nTo: <sip:callee@pbx>;tag=a@b\r\n\
+Call-ID: d1\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n";
+    let m = parse(bye, Framing::Datagram).unwrap();
+    assert!(
+        anomaly::check_request(&m, false).is_some(),
+        "strict out of dialog"
+    );
+    assert_eq!(anomaly::check_request(&m, true), None);
+    for i in 0..20 {
+        assert_eq!(e.on_request(T0 + i, caller, &m, true), Verdict::Forward);
+    }
+    assert_eq!(e.block_table().len(), 0, "the caller is not blamed");
+    // The same bytes outside a dialog of ours keep today's strictness.
+    assert_eq!(
+        e.on_request(T0 + 100, caller, &m, false),
+        Verdict::Drop(DropReason::Anomaly)
+    );
+    // The sender's own defects still count in a dialog: a missing CSeq.
+    let no_cseq = b"BYE sip:callee@192.0.2.111 SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.110;branch=z9hG4bK9\r\n\
+From: <sip:caller@pbx>;tag=1\r\nTo: <sip:callee@pbx>;tag=2\r\nCall-ID: d1\r\nContent-Length: 0\r\n\r\n";
+    let m = parse(no_cseq, Framing::Datagram).unwrap();
+    assert_eq!(
+        e.on_request(T0 + 101, caller, &m, true),
+        Verdict::Drop(DropReason::Anomaly)
+    );
 }

@@ -161,9 +161,12 @@ impl<const N: usize> Distinct<N> {
             self.len = 0;
         }
         let len = self.len as usize;
-        if !self.seen[..len].contains(&fp) && len < N {
-            self.seen[len] = fp;
-            self.len += 1;
+        if !self.seen.get(..len).unwrap_or(&[]).contains(&fp) {
+            // Full at N: further fingerprints are not recorded.
+            if let Some(slot) = self.seen.get_mut(len) {
+                *slot = fp;
+                self.len += 1;
+            }
         }
         self.len as usize
     }

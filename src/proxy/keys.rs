@@ -148,7 +148,7 @@ pub fn resolve(
 /// e.g. from `openssl rand -hex 32`, are condensed to 16 bytes with SipHash-1-3-128).
 pub fn parse_hex_key(s: &str) -> Option<[u8; 16]> {
     let b = s.trim().as_bytes();
-    if b.len() < 32 || b.len() > 128 || b.len() % 2 != 0 {
+    if b.len() < 32 || b.len() > 128 || !b.len().is_multiple_of(2) {
         return None;
     }
     let mut bytes = Vec::with_capacity(b.len() / 2);

@@ -72,7 +72,8 @@ async fn register_brute_force_through_the_proxy() {
     let pbx = Ua::bind("127.0.0.1").await;
     let proxy = start(pbx.addr, |_| {}).await;
     let attacker = Ua::bind("127.0.0.4").await;
-    let auth = "Authorization: Digest username=\"1004\", response=\"bad\"\r\n";
+    // A new guess each time (the same credentials again would be the same attempt).
+    let auth = |i: u32| format!("Authorization: Digest username=\"1004\", response=\"bad{i}\"\r\n");
     for i in 0..5u32 {
         let reg = request(
             "REGISTER",
@@ -83,7 +84,7 @@ async fn register_brute_force_through_the_proxy() {
             "1004",
             "guess",
             i + 1,
-            auth,
+            &auth(i),
         );
         attacker.send(proxy.udp, &reg).await;
         let (seen, from) = pbx.recv().await;
@@ -100,7 +101,7 @@ async fn register_brute_force_through_the_proxy() {
         "1004",
         "guess",
         9,
-        auth,
+        &auth(9),
     );
     attacker.send(proxy.udp, &reg).await;
     assert!(pbx.silent(300).await, "blocked after 5 failures");
