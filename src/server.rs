@@ -380,6 +380,9 @@ pub async fn start(
 
     // Reload: SIGHUP and the admin API both come through this channel.
     let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    // The address the admin API is really bound to: a reload cannot move it, so the token rule
+    // is checked against it, not against the file's (possibly changed) `admin.listen`.
+    let admin_bound = bound.admin.as_ref().and_then(|l| l.local_addr().ok());
     {
         let node = node.clone();
         let stop = stopped();
@@ -392,7 +395,7 @@ pub async fn start(
                 };
                 let result = match &config_path {
                     None => Err("no config file to reload".to_string()),
-                    Some(p) => reload(&node, p),
+                    Some(p) => reload(&node, p, admin_bound),
                 };
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "config reload refused; the running config is unchanged");
@@ -450,9 +453,16 @@ pub async fn start(
 
 /// Load, validate and apply the config file. Listener addresses need a restart; everything
 /// else (lists, thresholds, scanner patterns, mode) changes in place without losing state.
-pub fn reload(node: &Node, path: &std::path::Path) -> Result<(), String> {
+/// `admin_bound` is where the admin API is actually listening (see [`check_reload`]). On error
+/// the running config stays in force and the message goes back to the SIGHUP/API caller.
+pub fn reload(
+    node: &Node,
+    path: &std::path::Path,
+    admin_bound: Option<SocketAddr>,
+) -> Result<(), String> {
     let cfg = Config::load(path).map_err(|e| e.to_string())?;
     let old = node.config();
+    check_reload(&cfg, admin_bound)?;
     if cfg.sip.listen_udp != old.sip.listen_udp
         || cfg.sip.listen_tcp != old.sip.listen_tcp
         || cfg.admin.listen != old.admin.listen
@@ -470,4 +480,58 @@ pub fn reload(node: &Node, path: &std::path::Path) -> Result<(), String> {
     node.reconfigure(cfg);
     tracing::info!(path = %path.display(), "config reloaded");
     Ok(())
+}
+
+/// The rules a reloaded config must meet beyond [`Config::validate`], which judges the file on
+/// its own. `admin.listen` changes only on restart, so a file that moves it to loopback and drops
+/// the token would otherwise leave the API, still bound to a public address, open to anyone.
+pub fn check_reload(new: &Config, admin_bound: Option<SocketAddr>) -> Result<(), String> {
+    if let Some(a) = admin_bound {
+        if !a.ip().is_loopback() && new.admin.token.is_empty() {
+            return Err(format!(
+                "admin.token: required while the admin API is bound to {a}, a non-loopback \
+                 address (admin.listen changes only on restart)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node_with_token(token: &str) -> Arc<Node> {
+        let mut cfg = Config::default();
+        cfg.admin.listen = "0.0.0.0:8080".parse().unwrap();
+        cfg.admin.token = token.into();
+        Node::new(cfg).0
+    }
+
+    #[test]
+    fn reload_refuses_dropping_the_token_of_a_public_admin_api() {
+        let node = node_with_token("secret");
+        let f = tempfile::NamedTempFile::new().unwrap();
+        // Valid on its own (loopback needs no token), but the API stays on 0.0.0.0 until restart.
+        std::fs::write(
+            f.path(),
+            "[admin]\nlisten = \"127.0.0.1:8080\"\ntoken = \"\"\n[register]\nhit_count = 9\n",
+        )
+        .unwrap();
+        let bound = Some("0.0.0.0:8080".parse().unwrap());
+        let err = reload(&node, f.path(), bound).unwrap_err();
+        assert!(err.starts_with("admin.token: required"), "{err}");
+        assert!(err.contains("0.0.0.0:8080"), "{err}");
+        // The running config is untouched.
+        assert_eq!(node.config().admin.token, "secret");
+        assert_eq!(node.config().register.hit_count, 5);
+
+        // With a token the same change is accepted; on a loopback API none is needed.
+        std::fs::write(f.path(), "[admin]\ntoken = \"new\"\n").unwrap();
+        reload(&node, f.path(), bound).unwrap();
+        assert_eq!(node.config().admin.token, "new");
+        std::fs::write(f.path(), "[register]\nhit_count = 9\n").unwrap();
+        reload(&node, f.path(), Some("127.0.0.1:8080".parse().unwrap())).unwrap();
+        assert_eq!(node.config().register.hit_count, 9);
+    }
 }
