@@ -68,6 +68,15 @@ pub struct Sip {
     /// connection (byte-at-a-time headers).
     #[serde(with = "humantime_serde")]
     pub tcp_message_timeout: Duration,
+    /// Bytes queued to one TCP connection's writer. A peer that does not read what we send it
+    /// (or reads slower than it makes us send) would otherwise grow our memory without bound:
+    /// a message that does not fit closes the connection (SIP over TCP has no retransmission
+    /// to lose it silently to; a live phone reconnects).
+    pub tcp_write_queue_bytes: usize,
+    /// One write that does not complete in this long (the peer stopped reading) closes the
+    /// connection.
+    #[serde(with = "humantime_serde")]
+    pub tcp_write_timeout: Duration,
 }
 
 impl Default for Sip {
@@ -81,6 +90,8 @@ impl Default for Sip {
             max_connections_per_ip: 64,
             tcp_idle_timeout: Duration::from_secs(900),
             tcp_message_timeout: Duration::from_secs(10),
+            tcp_write_queue_bytes: 256 * 1024,
+            tcp_write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -554,6 +565,14 @@ impl Config {
         )?;
         positive("sip.tcp_idle_timeout", c.sip.tcp_idle_timeout)?;
         positive("sip.tcp_message_timeout", c.sip.tcp_message_timeout)?;
+        positive("sip.tcp_write_timeout", c.sip.tcp_write_timeout)?;
+        if c.sip.tcp_write_queue_bytes < 2 * c.sip.max_message_bytes {
+            return Err(invalid(
+                "sip.tcp_write_queue_bytes",
+                "must be at least twice sip.max_message_bytes (a forwarded message grows by the \
+                 headers sipwarden adds)",
+            ));
+        }
         if !c.sip.public_address.is_empty() {
             let h = &c.sip.public_address;
             let ok = h.parse::<IpAddr>().is_ok()
