@@ -186,24 +186,24 @@ pub fn quoted_end(v: &[u8]) -> Option<usize> {
 pub fn params_well_formed(v: &[u8]) -> bool {
     let (s, e) = trim(v, 0, v.len());
     let mut rest = sub(v, s, e);
-    while !rest.is_empty() {
-        if at(rest, 0) != b';' {
+    while let Some((&semi, after)) = rest.split_first() {
+        if semi != b';' {
             return false;
         }
-        rest = tail(rest, 1);
         // The parameter runs to the next ';' outside a quoted string.
         let mut end = 0;
-        while end < rest.len() && at(rest, end) != b';' {
-            if at(rest, end) == b'"' {
-                match quoted_end(tail(rest, end)) {
+        loop {
+            match after.get(end) {
+                None | Some(b';') => break,
+                Some(b'"') => match quoted_end(tail(after, end)) {
                     Some(n) => end += n,
                     None => return false,
-                }
-            } else {
-                end += 1;
+                },
+                Some(_) => end += 1,
             }
         }
-        let p = sub(rest, 0, end);
+        let (p, next) = after.split_at_checked(end).unwrap_or((after, &[]));
+        rest = next;
         let (name, value) = match memchr::memchr(b'=', p) {
             Some(i) => (sub(p, 0, i), Some(tail(p, i + 1))),
             None => (p, None),
@@ -227,7 +227,6 @@ pub fn params_well_formed(v: &[u8]) -> bool {
                 return false;
             }
         }
-        rest = tail(rest, end);
     }
     true
 }
