@@ -4,6 +4,7 @@
 //! opened. The writer is bounded in bytes (`sip.tcp_write_queue_bytes`) and in time
 //! (`sip.tcp_write_timeout`): a peer that does not read is cut off, not buffered.
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
+#![warn(unreachable_pub)]
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;

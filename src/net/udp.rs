@@ -1,5 +1,6 @@
 //! UDP listener: a few receive loops per socket share it, each with its own buffers.
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
+#![warn(unreachable_pub)]
 
 use std::sync::Arc;
 

@@ -2,6 +2,7 @@
 //! grammars the proxy needs (Via, URIs, name-addr lists), TCP framing, and an editor that splices
 //! changes into the original bytes. No I/O and no clock here.
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
+#![warn(unreachable_pub)]
 
 pub mod edit;
 pub mod frame;
