@@ -207,11 +207,11 @@ pub struct ListCounts {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TcpCounts {
-    /// Accepted since start.
-    pub connections: u64,
     /// Open now.
+    pub connections: u64,
+    /// Accepted since start.
     #[serde(default)]
-    pub open: u64,
+    pub accepted: u64,
     pub rejected: u64,
     /// Closed because their write queue went over `sip.tcp_write_queue_bytes`.
     #[serde(default)]
@@ -611,8 +611,8 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
         alerts: g(&s.alerts),
         events_dropped: g(&s.events_dropped),
         tcp: TcpCounts {
-            connections: g(&s.tcp_connections),
-            open: g(&s.tcp_open),
+            connections: g(&s.tcp_open),
+            accepted: g(&s.tcp_connections),
             rejected: g(&s.tcp_rejected),
             write_overflows: g(&s.tcp_write_overflows),
             write_timeouts: g(&s.tcp_write_timeouts),

@@ -410,7 +410,7 @@ async fn stats_counts_and_history() {
     assert_eq!(s["listeners"], serde_json::json!([]));
     assert_eq!(
         s["tcp"],
-        serde_json::json!({"connections": 0, "open": 0, "rejected": 0, "write_overflows": 0, "write_timeouts": 0})
+        serde_json::json!({"connections": 0, "accepted": 0, "rejected": 0, "write_overflows": 0, "write_timeouts": 0})
     );
     let h = &s["history"];
     assert_eq!(h["step_secs"], 60);
