@@ -68,6 +68,15 @@ pub struct Sip {
     /// connection (byte-at-a-time headers).
     #[serde(with = "humantime_serde")]
     pub tcp_message_timeout: Duration,
+    /// Bytes queued to one TCP connection's writer. A peer that does not read what we send it
+    /// (or reads slower than it makes us send) would otherwise grow our memory without bound:
+    /// a message that does not fit closes the connection (SIP over TCP has no retransmission
+    /// to lose it silently to; a live phone reconnects).
+    pub tcp_write_queue_bytes: usize,
+    /// One write that does not complete in this long (the peer stopped reading) closes the
+    /// connection.
+    #[serde(with = "humantime_serde")]
+    pub tcp_write_timeout: Duration,
     /// How requests for a phone find it: `auto` (its flow when behind NAT, on outbound or on a
     /// connection, else its Contact), `always-flow`, or `never` (always the Contact).
     pub nat_detection: NatDetection,
@@ -103,6 +112,8 @@ impl Default for Sip {
             nat_detection: NatDetection::Auto,
             flow_key: String::new(),
             flow_key_grace: Duration::from_secs(7 * 24 * 3600),
+            tcp_write_queue_bytes: 256 * 1024,
+            tcp_write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -600,6 +611,14 @@ impl Config {
             return Err(invalid(
                 "sip.flow_key",
                 "must be 32 to 128 hex digits (e.g. from `openssl rand -hex 16`), or empty",
+            ));
+        }
+        positive("sip.tcp_write_timeout", c.sip.tcp_write_timeout)?;
+        if c.sip.tcp_write_queue_bytes < 2 * c.sip.max_message_bytes {
+            return Err(invalid(
+                "sip.tcp_write_queue_bytes",
+                "must be at least twice sip.max_message_bytes (a forwarded message grows by the \
+                 headers sipwarden adds)",
             ));
         }
         if !c.sip.public_address.is_empty() {

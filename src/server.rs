@@ -353,24 +353,39 @@ pub async fn start(
     });
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
+    let stopped = {
+        let stop_rx = stop_rx.clone();
+        move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
         }
     };
     let mut tasks = Vec::new();
+    // Listener tasks run supervised: one that ends (a panic that escaped, an error) is
+    // restarted, counted and logged, and /healthz fails until it serves again.
     for sock in &udp {
+        let name = match sock.local_addr() {
+            Ok(a) => format!("udp:{a}"),
+            Err(_) => "udp".to_string(),
+        };
         for _ in 0..udp_workers() {
-            tasks.push(tokio::spawn(udp::serve(
-                sock.clone(),
-                shared.clone(),
-                stopped(),
-            )));
+            let (sock, shared, stopped) = (sock.clone(), shared.clone(), stopped.clone());
+            tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
+                udp::serve(sock.clone(), shared.clone(), stopped())
+            }));
         }
     }
     for l in bound.tcp {
-        tasks.push(tokio::spawn(tcp::serve(l, shared.clone(), stopped())));
+        let name = match l.local_addr() {
+            Ok(a) => format!("tcp:{a}"),
+            Err(_) => "tcp".to_string(),
+        };
+        let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
+        tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
+            tcp::serve(l.clone(), shared.clone(), stopped())
+        }));
     }
 
     // Expire blocks once a second.
@@ -424,6 +439,9 @@ pub async fn start(
 
     // Reload: SIGHUP and the admin API both come through this channel.
     let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    // The address the admin API is really bound to: a reload cannot move it, so the token rule
+    // is checked against it, not against the file's (possibly changed) `admin.listen`.
+    let admin_bound = bound.admin.as_ref().and_then(|l| l.local_addr().ok());
     {
         let node = node.clone();
         let stop = stopped();
@@ -436,7 +454,7 @@ pub async fn start(
                 };
                 let result = match &config_path {
                     None => Err("no config file to reload".to_string()),
-                    Some(p) => reload(&node, p),
+                    Some(p) => reload(&node, p, admin_bound),
                 };
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "config reload refused; the running config is unchanged");
@@ -479,8 +497,14 @@ pub async fn start(
     }
     // The TFTP provisioning guard, sharing the block table with SIP.
     if let Some(sock) = bound.tftp {
-        let (node, stop) = (node.clone(), stopped());
-        tasks.push(tokio::spawn(crate::net::tftp::run(sock, node, stop)));
+        let name = match sock.local_addr() {
+            Ok(a) => format!("tftp:{a}"),
+            Err(_) => "tftp".to_string(),
+        };
+        let (sock, n, stopped) = (Arc::new(sock), node.clone(), stopped.clone());
+        tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
+            crate::net::tftp::run(sock.clone(), n.clone(), stopped())
+        }));
     }
 
     Ok(Running {
@@ -492,11 +516,92 @@ pub async fn start(
     })
 }
 
+/// First wait before restarting a listener that ended; doubled on each quick failure.
+const RESTART_MIN: Duration = Duration::from_millis(100);
+/// Longest wait between restarts (a listener that fails at once keeps failing at this pace).
+const RESTART_MAX: Duration = Duration::from_secs(5);
+/// A listener that ran this long before ending is restarted after [`RESTART_MIN`] again.
+const RESTART_STABLE: Duration = Duration::from_secs(30);
+
+async fn stop_requested(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Run a listener task (`make` builds it, again after each end) until `stop` turns true. A task
+/// that ends while not stopping, by panic or by returning, is restarted after a backoff, counted
+/// in `sipwarden_listener_restarts_total{listener=name}` and logged; while it is down its slot
+/// in [`crate::stats::Listeners`] says "not serving", which fails `/healthz`.
+pub(crate) fn supervise<F, Fut>(
+    node: Arc<Node>,
+    name: &str,
+    mut stop: watch::Receiver<bool>,
+    mut make: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let listeners = &node.stats.listeners;
+    let slot = listeners.register(name);
+    let name = name.to_string();
+    tokio::spawn(async move {
+        let listeners = &node.stats.listeners;
+        let mut backoff = RESTART_MIN;
+        loop {
+            let started = tokio::time::Instant::now();
+            let mut task = tokio::spawn(make());
+            listeners.set_serving(slot, true);
+            let ended = tokio::select! {
+                _ = stop_requested(&mut stop) => {
+                    // The task watches the same signal and returns by itself; one that does not
+                    // within a second is aborted.
+                    if tokio::time::timeout(Duration::from_secs(1), &mut task).await.is_err() {
+                        task.abort();
+                    }
+                    listeners.set_serving(slot, false);
+                    return;
+                }
+                r = &mut task => r,
+            };
+            listeners.set_serving(slot, false);
+            if *stop.borrow() {
+                return;
+            }
+            listeners.restarted(slot);
+            if started.elapsed() >= RESTART_STABLE {
+                backoff = RESTART_MIN;
+            }
+            match ended {
+                Err(e) if e.is_panic() => tracing::error!(
+                    listener = %name, retry_in = ?backoff,
+                    "listener task panicked; restarting it"
+                ),
+                _ => tracing::error!(
+                    listener = %name, retry_in = ?backoff,
+                    "listener task ended unexpectedly; restarting it"
+                ),
+            }
+            tokio::select! {
+                _ = stop_requested(&mut stop) => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(RESTART_MAX);
+        }
+    })
+}
+
 /// Load, validate and apply the config file. Listener addresses need a restart; everything
 /// else (lists, thresholds, scanner patterns, mode) changes in place without losing state.
-pub fn reload(node: &Node, path: &std::path::Path) -> Result<(), String> {
+/// `admin_bound` is where the admin API is actually listening (see [`check_reload`]). On error
+/// the running config stays in force and the message goes back to the SIGHUP/API caller.
+pub fn reload(
+    node: &Node,
+    path: &std::path::Path,
+    admin_bound: Option<SocketAddr>,
+) -> Result<(), String> {
     let cfg = Config::load(path).map_err(|e| e.to_string())?;
     let old = node.config();
+    check_reload(&cfg, admin_bound)?;
     if cfg.sip.listen_udp != old.sip.listen_udp
         || cfg.sip.listen_tcp != old.sip.listen_tcp
         || cfg.admin.listen != old.admin.listen
@@ -516,4 +621,240 @@ pub fn reload(node: &Node, path: &std::path::Path) -> Result<(), String> {
     node.reconfigure(cfg);
     tracing::info!(path = %path.display(), "config reloaded");
     Ok(())
+}
+
+/// The rules a reloaded config must meet beyond [`Config::validate`], which judges the file on
+/// its own. `admin.listen` changes only on restart, so a file that moves it to loopback and drops
+/// the token would otherwise leave the API, still bound to a public address, open to anyone.
+pub fn check_reload(new: &Config, admin_bound: Option<SocketAddr>) -> Result<(), String> {
+    if let Some(a) = admin_bound {
+        if !a.ip().is_loopback() && new.admin.token.is_empty() {
+            return Err(format!(
+                "admin.token: required while the admin API is bound to {a}, a non-loopback \
+                 address (admin.listen changes only on restart)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node_with_token(token: &str) -> Arc<Node> {
+        let mut cfg = Config::default();
+        cfg.admin.listen = "0.0.0.0:8080".parse().unwrap();
+        cfg.admin.token = token.into();
+        Node::new(cfg).0
+    }
+
+    #[test]
+    fn reload_refuses_dropping_the_token_of_a_public_admin_api() {
+        let node = node_with_token("secret");
+        let f = tempfile::NamedTempFile::new().unwrap();
+        // Valid on its own (loopback needs no token), but the API stays on 0.0.0.0 until restart.
+        std::fs::write(
+            f.path(),
+            "[admin]\nlisten = \"127.0.0.1:8080\"\ntoken = \"\"\n[register]\nhit_count = 9\n",
+        )
+        .unwrap();
+        let bound = Some("0.0.0.0:8080".parse().unwrap());
+        let err = reload(&node, f.path(), bound).unwrap_err();
+        assert!(err.starts_with("admin.token: required"), "{err}");
+        assert!(err.contains("0.0.0.0:8080"), "{err}");
+        // The running config is untouched.
+        assert_eq!(node.config().admin.token, "secret");
+        assert_eq!(node.config().register.hit_count, 5);
+
+        // With a token the same change is accepted; on a loopback API none is needed.
+        std::fs::write(f.path(), "[admin]\ntoken = \"new\"\n").unwrap();
+        reload(&node, f.path(), bound).unwrap();
+        assert_eq!(node.config().admin.token, "new");
+        std::fs::write(f.path(), "[register]\nhit_count = 9\n").unwrap();
+        reload(&node, f.path(), Some("127.0.0.1:8080".parse().unwrap())).unwrap();
+        assert_eq!(node.config().register.hit_count, 9);
+    }
+
+    async fn health(node: &Arc<Node>) -> (u16, String) {
+        use tower::ServiceExt;
+        let req = axum::http::Request::builder()
+            .uri("/healthz")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let r = crate::admin::router(node.clone(), None)
+            .oneshot(req)
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    async fn metrics(node: &Arc<Node>) -> String {
+        crate::admin::metrics::render(node, &crate::admin::metrics::EVENTS)
+    }
+
+    type BoxFut = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_listener_that_dies_is_restarted_and_healthz_fails_meanwhile() {
+        let node = Node::new(Config::default()).0;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (die_tx, die_rx) = oneshot::channel::<()>();
+        let mut die_rx = Some(die_rx);
+        let runs = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (r, stop_inner) = (runs.clone(), stop_rx.clone());
+        let sup = supervise(node.clone(), "udp:127.0.0.1:5060", stop_rx, move || {
+            r.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let fut: BoxFut = match die_rx.take() {
+                // The first run panics when told to.
+                Some(rx) => Box::pin(async move {
+                    let _ = rx.await;
+                    panic!("injected listener panic");
+                }),
+                None => {
+                    let mut stop = stop_inner.clone();
+                    Box::pin(async move { stop_requested(&mut stop).await })
+                }
+            };
+            fut
+        });
+        let settle = || async {
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+        };
+        settle().await;
+        assert_eq!(health(&node).await, (200, "ok".into()));
+        die_tx.send(()).unwrap();
+        settle().await;
+        // Down during the backoff (the clock is paused, so the test sees it deterministically).
+        let (status, body) = health(&node).await;
+        assert_eq!(status, 503);
+        assert!(body.contains("udp:127.0.0.1:5060"), "{body}");
+        let m = metrics(&node).await;
+        assert!(
+            m.contains("sipwarden_listener_restarts_total{listener=\"udp:127.0.0.1:5060\"} 1"),
+            "{m}"
+        );
+        assert!(
+            m.contains("sipwarden_listener_up{listener=\"udp:127.0.0.1:5060\"} 0"),
+            "{m}"
+        );
+        tokio::time::advance(RESTART_MIN).await;
+        settle().await;
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(health(&node).await, (200, "ok".into()));
+        assert!(metrics(&node)
+            .await
+            .contains("sipwarden_listener_up{listener=\"udp:127.0.0.1:5060\"} 1"));
+        // A requested stop is not a failure: no restart.
+        stop_tx.send(true).unwrap();
+        sup.await.unwrap();
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+        assert_eq!(node.stats.listeners.states()[0].restarts, 1);
+    }
+
+    fn register(via_host: std::net::SocketAddr, transport: &str, call_id: &str) -> String {
+        format!(
+            "REGISTER sip:pbx.test SIP/2.0\r\n\
+Via: SIP/2.0/{transport} {via_host};branch=z9hG4bK{call_id};rport\r\n\
+Max-Forwards: 70\r\n\
+From: <sip:1001@pbx.test>;tag=f1\r\nTo: <sip:1001@pbx.test>\r\n\
+Call-ID: {call_id}\r\nCSeq: 1 REGISTER\r\n\
+Contact: <sip:1001@{via_host}>\r\nContent-Length: 0\r\n\r\n"
+        )
+    }
+
+    /// Bounded wait for a condition the node reaches asynchronously (no timing is asserted).
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..500 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never happened: {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_on_the_packet_path_does_not_stop_serving() {
+        use crate::net::PANIC_PROBE;
+        use std::sync::atomic::Ordering::Relaxed;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let wait = Duration::from_secs(5);
+        let dir = tempfile::tempdir().unwrap();
+        let pbx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut cfg = Config::default();
+        cfg.sip.listen_udp = vec!["127.0.0.1:0".parse().unwrap()];
+        cfg.sip.listen_tcp = vec!["127.0.0.1:0".parse().unwrap()];
+        cfg.sip.max_connections_per_ip = 1;
+        cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
+        cfg.upstream.address = pbx.local_addr().unwrap().to_string();
+        cfg.state.path = dir.path().join("state.db").display().to_string();
+        let cfg = cfg.validate().unwrap();
+        let bound = bind(&cfg).await.unwrap();
+        let udp = bound.udp[0].local_addr().unwrap();
+        let tcp = bound.tcp[0].local_addr().unwrap();
+        let running = start(cfg, None, bound).await.unwrap();
+        let node = running.node.clone();
+        let mut probe = PANIC_PROBE.to_vec();
+        probe.extend_from_slice(b"Content-Length: 0\r\n\r\n");
+        let mut buf = vec![0u8; 65536];
+
+        // UDP: eight panicking datagrams, then a phone is still served.
+        let phone = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        for _ in 0..8 {
+            phone.send_to(&probe, udp).await.unwrap();
+        }
+        eventually("8 panics counted", || node.stats.panics.load(Relaxed) == 8).await;
+        let reg = register(phone.local_addr().unwrap(), "UDP", "udp-after-panic");
+        phone.send_to(reg.as_bytes(), udp).await.unwrap();
+        let (n, _) = tokio::time::timeout(wait, pbx.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("udp-after-panic"));
+        assert_eq!(health(&node).await, (200, "ok".into()));
+        let m = metrics(&node).await;
+        assert!(m.lines().any(|l| l == "sipwarden_panics_total 8"), "{m}");
+        assert!(
+            m.contains(&format!(
+                "sipwarden_listener_restarts_total{{listener=\"udp:{udp}\"}} 0"
+            )),
+            "{m}"
+        );
+
+        // TCP, one connection allowed per address: the panic closes the connection and frees
+        // its slot, so the same address connects again and is served.
+        let connect = || async {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            s.bind("127.0.0.3:0".parse().unwrap()).unwrap();
+            s.connect(tcp).await.unwrap()
+        };
+        let mut c = connect().await;
+        c.write_all(&probe).await.unwrap();
+        let n = tokio::time::timeout(wait, c.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        assert_eq!(n, 0, "the connection is closed after the panic");
+        eventually("9 panics counted", || node.stats.panics.load(Relaxed) == 9).await;
+        eventually("the slot is released", || {
+            node.stats.tcp_open.load(Relaxed) == 0
+        })
+        .await;
+        let mut c = connect().await;
+        let reg = register(c.local_addr().unwrap(), "TCP", "tcp-after-panic");
+        c.write_all(reg.as_bytes()).await.unwrap();
+        let (n, _) = tokio::time::timeout(wait, pbx.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).contains("tcp-after-panic"));
+        assert_eq!(node.stats.tcp_rejected.load(Relaxed), 0);
+        assert_eq!(node.stats.tcp_connections.load(Relaxed), 2);
+        running.shutdown().await;
+    }
 }

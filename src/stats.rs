@@ -3,6 +3,8 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use parking_lot::Mutex;
+
 /// Why a packet was not forwarded. The names are the `reason` label in metrics and stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DropReason {
@@ -104,8 +106,22 @@ pub struct Stats {
     pub replies_sent: AtomicU64,
     pub keepalives: AtomicU64,
     dropped: [AtomicU64; DropReason::ALL.len()],
+    /// TCP connections accepted (a counter: it only goes up).
     pub tcp_connections: AtomicU64,
+    /// TCP connections open now (a gauge).
+    pub tcp_open: AtomicU64,
     pub tcp_rejected: AtomicU64,
+    /// TCP connections closed because their write queue went over `sip.tcp_write_queue_bytes`
+    /// (a peer that does not read what we send it).
+    pub tcp_write_overflows: AtomicU64,
+    /// TCP connections closed because one write took longer than `sip.tcp_write_timeout`.
+    pub tcp_write_timeouts: AtomicU64,
+    /// Panics caught on the packet path (a bug an attacker may be able to trigger at will).
+    pub panics: AtomicU64,
+    /// Unix second of the last panic logged: panic logs are limited to one a second.
+    panic_logged_at: AtomicU64,
+    /// Listener tasks and whether each is serving; `/healthz` fails while one is not.
+    pub listeners: Listeners,
     pub alerts: AtomicU64,
     /// State changes not persisted because the queue to the state task was full.
     pub events_dropped: AtomicU64,
@@ -162,5 +178,95 @@ impl Stats {
 
     pub fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    /// Count a caught panic; true when it should be logged (the first one in unix second
+    /// `now_s`), so an attacker who found a panic cannot flood the log with it.
+    pub fn panic_caught(&self, now_s: u64) -> bool {
+        inc(&self.panics);
+        let last = self.panic_logged_at.load(Ordering::Relaxed);
+        last != now_s
+            && self
+                .panic_logged_at
+                .compare_exchange(last, now_s, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
+/// The registry of listener tasks (UDP receive loops, TCP accept loops, the TFTP relay) that
+/// the supervisor in `server` keeps up to date. One slot per task; several tasks (the UDP
+/// workers of one socket) may share a name. Its size is fixed by the config, not by traffic.
+#[derive(Debug, Default)]
+pub struct Listeners {
+    slots: Mutex<Vec<ListenerSlot>>,
+}
+
+#[derive(Debug, Clone)]
+struct ListenerSlot {
+    name: String,
+    serving: bool,
+    restarts: u64,
+}
+
+/// A listener's state as shown by `/metrics` and `/api/stats` (tasks of one name merged).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerState {
+    pub name: String,
+    /// Every task of this name is serving.
+    pub serving: bool,
+    pub restarts: u64,
+}
+
+impl Listeners {
+    /// Add a task (not serving until [`Listeners::set_serving`]); returns its slot.
+    pub fn register(&self, name: &str) -> usize {
+        let mut v = self.slots.lock();
+        v.push(ListenerSlot {
+            name: name.to_string(),
+            serving: false,
+            restarts: 0,
+        });
+        v.len() - 1
+    }
+
+    pub fn set_serving(&self, slot: usize, serving: bool) {
+        if let Some(s) = self.slots.lock().get_mut(slot) {
+            s.serving = serving;
+        }
+    }
+
+    pub fn restarted(&self, slot: usize) {
+        if let Some(s) = self.slots.lock().get_mut(slot) {
+            s.restarts += 1;
+        }
+    }
+
+    /// One entry per listener name, in registration order.
+    pub fn states(&self) -> Vec<ListenerState> {
+        let v = self.slots.lock();
+        let mut out: Vec<ListenerState> = Vec::new();
+        for s in v.iter() {
+            match out.iter_mut().find(|o| o.name == s.name) {
+                Some(o) => {
+                    o.serving &= s.serving;
+                    o.restarts += s.restarts;
+                }
+                None => out.push(ListenerState {
+                    name: s.name.clone(),
+                    serving: s.serving,
+                    restarts: s.restarts,
+                }),
+            }
+        }
+        out
+    }
+
+    /// Names of the listeners with a task not serving now.
+    pub fn not_serving(&self) -> Vec<String> {
+        self.states()
+            .into_iter()
+            .filter(|s| !s.serving)
+            .map(|s| s.name)
+            .collect()
     }
 }

@@ -166,6 +166,11 @@ pub struct StatsView {
     pub alerts: u64,
     pub events_dropped: u64,
     pub tcp: TcpCounts,
+    /// Panics caught on the packet path.
+    #[serde(default)]
+    pub panics: u64,
+    #[serde(default)]
+    pub listeners: Vec<ListenerView>,
     pub tftp: TftpCounts,
     pub latency: Latency,
     /// Blocks per type and alerts per minute over the last hour.
@@ -202,8 +207,26 @@ pub struct ListCounts {
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TcpCounts {
+    /// Open now.
     pub connections: u64,
+    /// Accepted since start.
+    #[serde(default)]
+    pub accepted: u64,
     pub rejected: u64,
+    /// Closed because their write queue went over `sip.tcp_write_queue_bytes`.
+    #[serde(default)]
+    pub write_overflows: u64,
+    /// Closed because a write took longer than `sip.tcp_write_timeout`.
+    #[serde(default)]
+    pub write_timeouts: u64,
+}
+
+/// A listener task as the supervisor sees it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListenerView {
+    pub name: String,
+    pub serving: bool,
+    pub restarts: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -588,9 +611,23 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
         alerts: g(&s.alerts),
         events_dropped: g(&s.events_dropped),
         tcp: TcpCounts {
-            connections: g(&s.tcp_connections),
+            connections: g(&s.tcp_open),
+            accepted: g(&s.tcp_connections),
             rejected: g(&s.tcp_rejected),
+            write_overflows: g(&s.tcp_write_overflows),
+            write_timeouts: g(&s.tcp_write_timeouts),
         },
+        panics: g(&s.panics),
+        listeners: s
+            .listeners
+            .states()
+            .into_iter()
+            .map(|l| ListenerView {
+                name: l.name,
+                serving: l.serving,
+                restarts: l.restarts,
+            })
+            .collect(),
         tftp: TftpCounts {
             requests: g(&s.tftp_requests),
             transfers: g(&s.tftp_transfers),

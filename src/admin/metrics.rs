@@ -225,11 +225,60 @@ impl Collector for NodeCollector {
             "TCP connections accepted.",
             g(&s.tcp_connections),
         )?;
+        gauge(
+            &mut e,
+            "sipwarden_tcp_connections_open",
+            "TCP connections open now.",
+            g(&s.tcp_open),
+        )?;
         counter(
             &mut e,
             "sipwarden_tcp_rejected",
             "TCP connections refused by the connection limits.",
             g(&s.tcp_rejected),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_tcp_write_overflows",
+            "TCP connections closed because their write queue exceeded sip.tcp_write_queue_bytes.",
+            g(&s.tcp_write_overflows),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_tcp_write_timeouts",
+            "TCP connections closed because a write took longer than sip.tcp_write_timeout.",
+            g(&s.tcp_write_timeouts),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_panics",
+            "Panics caught while handling a message (a bug: please report it).",
+            g(&s.panics),
+        )?;
+        let listeners = s.listeners.states();
+        let restarts: Vec<_> = listeners
+            .iter()
+            .map(|l| (l.name.as_str(), l.restarts))
+            .collect();
+        labelled(
+            &mut e,
+            "sipwarden_listener_restarts",
+            "Listener tasks restarted by the supervisor after they ended unexpectedly.",
+            MetricType::Counter,
+            "listener",
+            &restarts,
+        )?;
+        let up: Vec<_> = listeners
+            .iter()
+            .map(|l| (l.name.as_str(), u64::from(l.serving)))
+            .collect();
+        labelled(
+            &mut e,
+            "sipwarden_listener_up",
+            "1 while every task of the listener is serving, 0 while one is being restarted.",
+            MetricType::Gauge,
+            "listener",
+            &up,
         )?;
 
         let (active, observed, tracked, white, black, evictions) = node.inspect(|eng| {

@@ -92,7 +92,7 @@ pub(crate) fn router_with(
         .layer(middleware::from_fn_with_state(state.clone(), guard));
     Router::new()
         .route("/", get(dashboard::page))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_handler))
         .nest("/api", api)
         .fallback(not_found)
@@ -241,6 +241,21 @@ fn same_origin(h: &HeaderMap) -> Result<(), ApiError> {
         }
     }
     Ok(())
+}
+
+/// `GET /healthz`: 200 `ok` while every listener task is serving; 503 naming the ones that are
+/// not (a listener being restarted by the supervisor), so a load balancer or monitor notices.
+async fn healthz(State(st): State<Arc<AppState>>) -> Response {
+    let down = st.node.stats.listeners.not_serving();
+    if down.is_empty() {
+        (StatusCode::OK, "ok").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not serving: {}\n", down.join(", ")),
+        )
+            .into_response()
+    }
 }
 
 async fn metrics_handler(State(st): State<Arc<AppState>>) -> Response {

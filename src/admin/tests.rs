@@ -409,6 +409,12 @@ async fn stats_counts_and_history() {
         s["lists"],
         serde_json::json!({"whitelist": 0, "blacklist": 0})
     );
+    assert_eq!(s["panics"], 0);
+    assert_eq!(s["listeners"], serde_json::json!([]));
+    assert_eq!(
+        s["tcp"],
+        serde_json::json!({"connections": 0, "accepted": 0, "rejected": 0, "write_overflows": 0, "write_timeouts": 0})
+    );
     let h = &s["history"];
     assert_eq!(h["step_secs"], 60);
     assert_eq!(h["alerts"].as_array().map(Vec::len), Some(60));
@@ -602,6 +608,17 @@ async fn metrics_exact_lines() {
     s.latency(8);
     s.latency(40);
     s.latency(100_000);
+    // Two panics in the same second: both counted (one logged).
+    assert!(s.panic_caught(1_700_000_000));
+    assert!(!s.panic_caught(1_700_000_000));
+    s.tcp_write_overflows
+        .fetch_add(3, std::sync::atomic::Ordering::Relaxed);
+    s.tcp_open
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let udp = s.listeners.register("udp:0.0.0.0:5060");
+    s.listeners.set_serving(udp, true);
+    let tcp = s.listeners.register("tcp:0.0.0.0:5060");
+    s.listeners.restarted(tcp);
     t.post("/api/blocks", r#"{"ip":"192.0.2.1"}"#).await;
     let now = t.node.now();
     t.events.record(&scanner_block(now), now);
@@ -640,6 +657,17 @@ async fn metrics_exact_lines() {
         "sipwarden_unblocks_total{type=\"SCANNER\",why=\"manual\"} 0",
         "sipwarden_alerts_total 0",
         "sipwarden_tftp_requests_total 0",
+        "sipwarden_panics_total 2",
+        "# TYPE sipwarden_tcp_connections_open gauge",
+        "sipwarden_tcp_connections_open 1",
+        "sipwarden_tcp_write_overflows_total 3",
+        "sipwarden_tcp_write_timeouts_total 0",
+        "# TYPE sipwarden_listener_restarts counter",
+        "sipwarden_listener_restarts_total{listener=\"udp:0.0.0.0:5060\"} 0",
+        "sipwarden_listener_restarts_total{listener=\"tcp:0.0.0.0:5060\"} 1",
+        "# TYPE sipwarden_listener_up gauge",
+        "sipwarden_listener_up{listener=\"udp:0.0.0.0:5060\"} 1",
+        "sipwarden_listener_up{listener=\"tcp:0.0.0.0:5060\"} 0",
         "# TYPE sipwarden_forward_latency_seconds histogram",
         "# UNIT sipwarden_forward_latency_seconds seconds",
         "sipwarden_forward_latency_seconds_sum 0.100048",

@@ -95,7 +95,13 @@ fn inc(c: &AtomicU64) {
 
 /// Run the relay on a bound listen socket until `shutdown` resolves; open transfers are then
 /// aborted (their sockets close with them).
-pub async fn run(socket: UdpSocket, node: Arc<Node>, shutdown: impl Future<Output = ()>) {
+pub async fn run(
+    socket: impl Into<Arc<UdpSocket>>,
+    node: Arc<Node>,
+    shutdown: impl Future<Output = ()>,
+) {
+    // Shared so that the supervisor can restart the relay on the same socket.
+    let socket: Arc<UdpSocket> = socket.into();
     let bind_ip = socket
         .local_addr()
         .map(|a| a.ip())

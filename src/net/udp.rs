@@ -1,14 +1,18 @@
 //! UDP listener: a few receive loops per socket share it, each with its own buffers.
+#![deny(clippy::string_slice, clippy::indexing_slicing)]
+#![warn(unreachable_pub)]
 
 use std::sync::Arc;
 
 use tokio::net::UdpSocket;
 
+use super::handle_caught;
 use super::handler::{Scratch, Shared};
 use crate::proxy::Inbound;
 use crate::stats::Transport;
 
-/// Receive datagrams until `shutdown` resolves.
+/// Receive datagrams until `shutdown` resolves. A panic while handling one datagram is caught
+/// and counted ([`handle_caught`]): the loop goes on with the next.
 pub async fn serve(
     sock: Arc<UdpSocket>,
     shared: Arc<Shared>,
@@ -24,7 +28,8 @@ pub async fn serve(
             r = sock.recv_from(&mut buf) => match r {
                 Ok((n, src)) => {
                     let inb = Inbound { transport: Transport::Udp, src: canonical(src) };
-                    shared.handle(inb, &buf[..n], &mut scratch).await;
+                    let Some(dgram) = buf.get(..n) else { continue };
+                    handle_caught(&shared, inb, dgram, &mut scratch).await;
                 }
                 Err(e) => {
                     // ICMP port unreachable surfaces here on some systems; keep serving.

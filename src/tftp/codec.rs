@@ -226,7 +226,7 @@ impl<'a> Options<'a> {
     }
 
     fn as_slice(&self) -> &[(&'a [u8], &'a [u8])] {
-        &self.pairs[..self.len.min(MAX_OPTIONS)]
+        self.pairs.get(..self.len).unwrap_or(&self.pairs)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&'a [u8], &'a [u8])> + '_ {
@@ -324,7 +324,7 @@ impl<'a> Packet<'a> {
             return Err(DecodeError::DataTooLarge(buf.len()));
         }
         let op = opcode(buf).ok_or(DecodeError::Truncated)?;
-        let body = &buf[2..];
+        let body = buf.get(2..).ok_or(DecodeError::Truncated)?;
         match op {
             OP_RRQ | OP_WRQ => {
                 if buf.len() > MAX_REQUEST {
@@ -341,7 +341,7 @@ impl<'a> Packet<'a> {
                 let block = be16(body).ok_or(DecodeError::Truncated)?;
                 Ok(Packet::Data {
                     block,
-                    data: &body[2..],
+                    data: body.get(2..).unwrap_or_default(),
                 })
             }
             OP_ACK => {
@@ -353,7 +353,8 @@ impl<'a> Packet<'a> {
             }
             OP_ERROR => {
                 let code = be16(body).ok_or(DecodeError::Truncated)?;
-                let (message, rest) = take_str(&body[2..], Field::ErrorMessage)?;
+                let (message, rest) =
+                    take_str(body.get(2..).unwrap_or_default(), Field::ErrorMessage)?;
                 if !rest.is_empty() {
                     return Err(DecodeError::TrailingBytes);
                 }
@@ -439,7 +440,11 @@ fn decode_options(mut rest: &[u8]) -> Result<Options<'_>, DecodeError> {
 /// A NUL-terminated string and what follows it.
 fn take_str(buf: &[u8], field: Field) -> Result<(&[u8], &[u8]), DecodeError> {
     let end = memchr::memchr(0, buf).ok_or(DecodeError::Unterminated(field))?;
-    Ok((&buf[..end], &buf[end + 1..]))
+    // `end` is the index of a byte of `buf`: both halves exist.
+    let (s, rest) = buf
+        .split_at_checked(end)
+        .ok_or(DecodeError::Unterminated(field))?;
+    Ok((s, rest.get(1..).unwrap_or_default()))
 }
 
 fn put_str(out: &mut Vec<u8>, s: &[u8], field: Field) -> Result<(), EncodeError> {

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use super::Span;
+use super::{sub, tail, Span};
 
 #[derive(Debug, Clone, Copy)]
 struct Op {
@@ -83,11 +83,11 @@ impl Edits {
             if s < pos || e > src.len() {
                 continue;
             }
-            out.extend_from_slice(&src[pos..s]);
-            out.extend_from_slice(&self.scratch[op.text.0 as usize..op.text.1 as usize]);
+            out.extend_from_slice(sub(src, pos, s));
+            out.extend_from_slice(sub(&self.scratch, op.text.0 as usize, op.text.1 as usize));
             pos = e;
         }
-        out.extend_from_slice(&src[pos..]);
+        out.extend_from_slice(tail(src, pos));
     }
 }
 

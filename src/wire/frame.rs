@@ -2,6 +2,7 @@
 //! bare CRLFs between messages are keep-alives (RFC 5626 §3.5.1).
 
 use super::scan::{parse, Framing, ParseError};
+use super::sub;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Frame {
@@ -41,7 +42,7 @@ pub fn next_frame(buf: &[u8], max: usize) -> Result<Frame, ParseError> {
         return Err(ParseError::Oversized);
     }
     // Scan only the header part to learn Content-Length; on a stream it is mandatory.
-    let msg = parse(&buf[..body_start], Framing::HeadersOnly)?;
+    let msg = parse(sub(buf, 0, body_start), Framing::HeadersOnly)?;
     let cl = msg.content_length.ok_or(ParseError::BadContentLength)?;
     let total = body_start + cl;
     if total > max {
@@ -76,10 +77,10 @@ mod tests {
         two.extend_from_slice(MSG);
         assert_eq!(next_frame(&two, 4096), Ok(Frame::Message(MSG.len())));
         assert_eq!(
-            next_frame(&MSG[..MSG.len() - 1], 4096),
+            next_frame(sub(MSG, 0, MSG.len() - 1), 4096),
             Ok(Frame::Incomplete)
         );
-        assert_eq!(next_frame(&MSG[..20], 4096), Ok(Frame::Incomplete));
+        assert_eq!(next_frame(sub(MSG, 0, 20), 4096), Ok(Frame::Incomplete));
     }
 
     #[test]
@@ -98,7 +99,7 @@ mod tests {
         let first = b"OPTIONS sip:a@b SIP/2.0\nl: 0\n\n".len();
         assert_eq!(next_frame(lf, 4096), Ok(Frame::Message(first)));
         assert_eq!(
-            next_frame(&lf[first..], 4096),
+            next_frame(crate::wire::tail(lf, first), 4096),
             Ok(Frame::Message(lf.len() - first))
         );
     }

@@ -33,7 +33,7 @@ impl HeaderName {
     pub fn parse(name: &[u8]) -> HeaderName {
         use HeaderName::*;
         if name.len() == 1 {
-            return match name[0].to_ascii_lowercase() {
+            return match super::at(name, 0).to_ascii_lowercase() {
                 b'v' => Via,
                 b'f' => From,
                 b't' => To,

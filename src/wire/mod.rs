@@ -1,6 +1,8 @@
 //! The SIP wire format, ours on purpose: a zero-copy scan of messages into byte ranges, the value
 //! grammars the proxy needs (Via, URIs, name-addr lists), TCP framing, and an editor that splices
 //! changes into the original bytes. No I/O and no clock here.
+#![deny(clippy::string_slice, clippy::indexing_slicing)]
+#![warn(unreachable_pub)]
 
 pub mod edit;
 pub mod frame;
@@ -52,6 +54,25 @@ impl Span {
     }
 }
 
+/// `buf[i]`, or 0 past the end (a byte no grammar here accepts, so scanning loops stop on it).
+/// As cheap as indexing (one bounds check) and it cannot panic.
+#[inline]
+pub(crate) fn at(buf: &[u8], i: usize) -> u8 {
+    buf.get(i).copied().unwrap_or(0)
+}
+
+/// `buf[s..e]`, or empty when the range is reversed or out of bounds.
+#[inline]
+pub(crate) fn sub(buf: &[u8], s: usize, e: usize) -> &[u8] {
+    buf.get(s..e).unwrap_or_default()
+}
+
+/// `buf[s..]`, or empty past the end.
+#[inline]
+pub(crate) fn tail(buf: &[u8], s: usize) -> &[u8] {
+    buf.get(s..).unwrap_or_default()
+}
+
 /// Linear white space, folded line breaks included.
 pub fn is_lws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n')
@@ -59,10 +80,10 @@ pub fn is_lws(b: u8) -> bool {
 
 /// Trim LWS from both ends of `buf[s..e]`.
 pub fn trim(buf: &[u8], mut s: usize, mut e: usize) -> (usize, usize) {
-    while s < e && is_lws(buf[s]) {
+    while s < e && is_lws(at(buf, s)) {
         s += 1;
     }
-    while e > s && is_lws(buf[e - 1]) {
+    while e > s && is_lws(at(buf, e - 1)) {
         e -= 1;
     }
     (s, e)
@@ -77,7 +98,7 @@ pub fn split_commas(value: &[u8], base: usize) -> impl Iterator<Item = Span> + '
             let start = pos;
             let (mut quoted, mut angle, mut escaped) = (false, false, false);
             while pos < value.len() {
-                let b = value[pos];
+                let b = at(value, pos);
                 if quoted {
                     if escaped {
                         escaped = false;
@@ -114,15 +135,15 @@ pub fn params(buf: &[u8], s: usize, e: usize) -> impl Iterator<Item = (Span, Opt
     let mut pos = s;
     std::iter::from_fn(move || {
         while pos < e {
-            if buf[pos] != b';' {
+            if at(buf, pos) != b';' {
                 pos += 1;
                 continue;
             }
             let ps = pos + 1;
             let mut pe = ps;
             let (mut quoted, mut escaped) = (false, false);
-            while pe < e && (quoted || buf[pe] != b';') {
-                match buf[pe] {
+            while pe < e && (quoted || at(buf, pe) != b';') {
+                match at(buf, pe) {
                     _ if escaped => escaped = false,
                     b'\\' if quoted => escaped = true,
                     b'"' => quoted = !quoted,
@@ -135,7 +156,7 @@ pub fn params(buf: &[u8], s: usize, e: usize) -> impl Iterator<Item = (Span, Opt
             if ns == ne {
                 continue;
             }
-            return Some(match memchr::memchr(b'=', &buf[ns..ne]) {
+            return Some(match memchr::memchr(b'=', sub(buf, ns, ne)) {
                 Some(i) => {
                     let (n0, n1) = trim(buf, ns, ns + i);
                     let (v0, v1) = trim(buf, ns + i + 1, ne);
@@ -152,7 +173,7 @@ pub fn params(buf: &[u8], s: usize, e: usize) -> impl Iterator<Item = (Span, Opt
 pub fn quoted_end(v: &[u8]) -> Option<usize> {
     let mut i = 1;
     while i < v.len() {
-        match v[i] {
+        match at(v, i) {
             b'\\' => i += 2,
             b'"' => return Some(i + 1),
             _ => i += 1,
@@ -165,36 +186,36 @@ pub fn quoted_end(v: &[u8]) -> Option<usize> {
 /// token, host or quoted string.
 pub fn params_well_formed(v: &[u8]) -> bool {
     let (s, e) = trim(v, 0, v.len());
-    let mut rest = &v[s..e];
-    while !rest.is_empty() {
-        if rest[0] != b';' {
+    let mut rest = sub(v, s, e);
+    while let Some((&semi, after)) = rest.split_first() {
+        if semi != b';' {
             return false;
         }
-        rest = &rest[1..];
         // The parameter runs to the next ';' outside a quoted string.
         let mut end = 0;
-        while end < rest.len() && rest[end] != b';' {
-            if rest[end] == b'"' {
-                match quoted_end(&rest[end..]) {
+        loop {
+            match after.get(end) {
+                None | Some(b';') => break,
+                Some(b'"') => match quoted_end(tail(after, end)) {
                     Some(n) => end += n,
                     None => return false,
-                }
-            } else {
-                end += 1;
+                },
+                Some(_) => end += 1,
             }
         }
-        let p = &rest[..end];
+        let (p, next) = after.split_at_checked(end).unwrap_or((after, &[]));
+        rest = next;
         let (name, value) = match memchr::memchr(b'=', p) {
-            Some(i) => (&p[..i], Some(&p[i + 1..])),
+            Some(i) => (sub(p, 0, i), Some(tail(p, i + 1))),
             None => (p, None),
         };
         let (a, b) = trim(name, 0, name.len());
-        if a == b || !name[a..b].iter().all(|c| scan::is_token(*c)) {
+        if a == b || !sub(name, a, b).iter().all(|c| scan::is_token(*c)) {
             return false;
         }
         if let Some(value) = value {
             let (a, b) = trim(value, 0, value.len());
-            let value = &value[a..b];
+            let value = sub(value, a, b);
             let ok = if value.first() == Some(&b'"') {
                 quoted_end(value) == Some(value.len())
             } else {
@@ -207,7 +228,6 @@ pub fn params_well_formed(v: &[u8]) -> bool {
                 return false;
             }
         }
-        rest = &rest[end..];
     }
     true
 }

@@ -5,7 +5,7 @@
 use smallvec::SmallVec;
 
 use super::header::HeaderName;
-use super::{trim, Span};
+use super::{at, sub, tail, trim, Span};
 
 /// Headers kept inline before the list spills to the heap; typical phone traffic has 10–20.
 pub const INLINE_HEADERS: usize = 32;
@@ -133,8 +133,8 @@ pub enum Framing {
 
 fn line_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
     // Returns (end of line content, start of next line). Accepts CRLF and bare LF.
-    let i = memchr::memchr(b'\n', &buf[from..])? + from;
-    let content_end = if i > from && buf[i - 1] == b'\r' {
+    let i = memchr::memchr(b'\n', tail(buf, from))? + from;
+    let content_end = if i > from && at(buf, i - 1) == b'\r' {
         i - 1
     } else {
         i
@@ -151,7 +151,7 @@ pub fn is_token(b: u8) -> bool {
 /// a body shorter than Content-Length is rejected.
 pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
     let mut pos = 0;
-    while pos < buf.len() && (buf[pos] == b'\r' || buf[pos] == b'\n') {
+    while pos < buf.len() && (at(buf, pos) == b'\r' || at(buf, pos) == b'\n') {
         pos += 1;
     }
     if pos >= buf.len() {
@@ -173,7 +173,7 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
             next = after;
             break;
         }
-        let first = buf[next];
+        let first = at(buf, next);
         if first == b' ' || first == b'\t' {
             // Folded continuation of the previous header (RFC 3261 §7.3.1).
             let h = headers.last_mut().ok_or(ParseError::BadHeader)?;
@@ -189,14 +189,15 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
             if headers.len() >= MAX_HEADERS {
                 return Err(ParseError::TooManyHeaders);
             }
-            let colon = memchr::memchr(b':', &buf[next..end]).ok_or(ParseError::BadHeader)? + next;
+            let colon =
+                memchr::memchr(b':', sub(buf, next, end)).ok_or(ParseError::BadHeader)? + next;
             let (ns, ne) = trim(buf, next, colon);
-            if ns == ne || !buf[ns..ne].iter().all(|&b| is_token(b)) {
+            if ns == ne || !sub(buf, ns, ne).iter().all(|&b| is_token(b)) {
                 return Err(ParseError::BadHeader);
             }
             let (vs, ve) = trim(buf, colon + 1, end);
             headers.push(Header {
-                name: HeaderName::parse(&buf[ns..ne]),
+                name: HeaderName::parse(sub(buf, ns, ne)),
                 line: Span::new(next, after),
                 value: Span::new(vs, ve),
             });
@@ -239,15 +240,15 @@ pub fn parse(buf: &[u8], framing: Framing) -> Result<Message<'_>, ParseError> {
 }
 
 fn parse_start_line(buf: &[u8], s: usize, e: usize) -> Result<StartLine, ParseError> {
-    let line = &buf[s..e];
+    let line = sub(buf, s, e);
     if let Some(rest) = line.strip_prefix(b"SIP/2.0 ") {
-        if rest.len() < 3 || !rest[..3].iter().all(u8::is_ascii_digit) {
+        if rest.len() < 3 || !sub(rest, 0, 3).iter().all(u8::is_ascii_digit) {
             return Err(ParseError::BadStartLine);
         }
-        if rest.len() > 3 && rest[3] != b' ' {
+        if rest.len() > 3 && at(rest, 3) != b' ' {
             return Err(ParseError::BadStartLine);
         }
-        let code = rest[..3]
+        let code = sub(rest, 0, 3)
             .iter()
             .fold(0u16, |a, d| a * 10 + (d - b'0') as u16);
         if !(100..=699).contains(&code) {
@@ -260,7 +261,7 @@ fn parse_start_line(buf: &[u8], s: usize, e: usize) -> Result<StartLine, ParseEr
         });
     }
     let sp1 = memchr::memchr(b' ', line).ok_or(ParseError::NotSip)?;
-    let method = &line[..sp1];
+    let method = sub(line, 0, sp1);
     if method.is_empty() || !method.iter().all(|&b| is_token(b)) {
         return Err(ParseError::NotSip);
     }
@@ -268,7 +269,7 @@ fn parse_start_line(buf: &[u8], s: usize, e: usize) -> Result<StartLine, ParseEr
     if sp2 <= sp1 + 1 {
         return Err(ParseError::BadStartLine);
     }
-    let version = &line[sp2 + 1..];
+    let version = tail(line, sp2 + 1);
     if !version.eq_ignore_ascii_case(b"SIP/2.0") {
         return Err(
             if version.starts_with(b"SIP/") || version.starts_with(b"sip/") {
@@ -278,7 +279,7 @@ fn parse_start_line(buf: &[u8], s: usize, e: usize) -> Result<StartLine, ParseEr
             },
         );
     }
-    let uri = &line[sp1 + 1..sp2];
+    let uri = sub(line, sp1 + 1, sp2);
     if uri.contains(&b' ') || !is_absolute_uri(uri) {
         return Err(ParseError::BadStartLine);
     }
@@ -295,7 +296,7 @@ fn is_absolute_uri(uri: &[u8]) -> bool {
     let Some(colon) = memchr::memchr(b':', uri) else {
         return false;
     };
-    let scheme = &uri[..colon];
+    let scheme = sub(uri, 0, colon);
     scheme.first().is_some_and(u8::is_ascii_alphabetic)
         && scheme
             .iter()
@@ -381,7 +382,7 @@ impl<'a> Message<'a> {
             .take_while(|d| **d == b'0')
             .count()
             .min(v.len() - 1);
-        let v = &v[zeros..];
+        let v = tail(v, zeros);
         if v.len() > 3 {
             return Some(Err(()));
         }
@@ -399,7 +400,7 @@ impl<'a> Message<'a> {
 
     /// The whole message as framed (trailing bytes after the body excluded).
     pub fn framed(&self) -> &'a [u8] {
-        &self.buf[..self.body.end as usize]
+        sub(self.buf, 0, self.body.end as usize)
     }
 }
 

@@ -1,6 +1,6 @@
 //! SIP URIs and name-addr values (`"Bob" <sip:bob@host;lr>;tag=1`), as spans.
 
-use super::{params, params_well_formed, parse_port, quoted_end, trim, Span};
+use super::{at, params, params_well_formed, parse_port, quoted_end, sub, tail, trim, Span};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Uri {
@@ -17,9 +17,9 @@ impl Uri {
     /// Parse `buf[sp]` as a sip: or sips: URI.
     pub fn parse(buf: &[u8], sp: Span) -> Option<Uri> {
         let (s, e) = trim(buf, sp.start as usize, sp.end as usize);
-        let slice = &buf[s..e];
+        let slice = sub(buf, s, e);
         let colon = memchr::memchr(b':', slice)?;
-        let scheme = &slice[..colon];
+        let scheme = sub(slice, 0, colon);
         if !(scheme.eq_ignore_ascii_case(b"sip") || scheme.eq_ignore_ascii_case(b"sips")) {
             return None;
         }
@@ -27,25 +27,26 @@ impl Uri {
         // The user part ends at the last '@': a user may contain ';', '?' and '/' (RFC 3261
         // user-unreserved; RFC 4475 §3.1.1.2), but neither parameters nor headers may hold an
         // unescaped '@'. Headers start at the first '?' after the host.
-        let at = memchr::memrchr(b'@', &buf[rest_start..e]).map(|i| rest_start + i);
-        let host_from = at.map_or(rest_start, |a| a + 1);
-        let hdr_q = memchr::memchr(b'?', &buf[host_from..e]).map_or(e, |i| host_from + i);
-        let (user, host_start) = match at {
+        let at_sign = memchr::memrchr(b'@', sub(buf, rest_start, e)).map(|i| rest_start + i);
+        let host_from = at_sign.map_or(rest_start, |a| a + 1);
+        let hdr_q = memchr::memchr(b'?', sub(buf, host_from, e)).map_or(e, |i| host_from + i);
+        let (user, host_start) = match at_sign {
             Some(a) => {
-                let ue = memchr::memchr(b':', &buf[rest_start..a]).map_or(a, |i| rest_start + i);
+                let ue =
+                    memchr::memchr(b':', sub(buf, rest_start, a)).map_or(a, |i| rest_start + i);
                 (Some(Span::new(rest_start, ue)), a + 1)
             }
             None => (None, rest_start),
         };
         let params_start =
-            memchr::memchr(b';', &buf[host_start..hdr_q]).map_or(hdr_q, |i| host_start + i);
-        let hostport = &buf[host_start..params_start];
+            memchr::memchr(b';', sub(buf, host_start, hdr_q)).map_or(hdr_q, |i| host_start + i);
+        let hostport = sub(buf, host_start, params_start);
         if hostport.is_empty() {
             return None;
         }
-        let (host, port) = if hostport[0] == b'[' {
+        let (host, port) = if at(hostport, 0) == b'[' {
             let close = memchr::memchr(b']', hostport)?;
-            let port = match &hostport[close + 1..] {
+            let port = match tail(hostport, close + 1) {
                 [] => None,
                 [b':', p @ ..] => Some(parse_port(p)?),
                 _ => return None,
@@ -55,7 +56,7 @@ impl Uri {
             match memchr::memchr(b':', hostport) {
                 Some(i) => (
                     Span::new(host_start, host_start + i),
-                    Some(parse_port(&hostport[i + 1..])?),
+                    Some(parse_port(tail(hostport, i + 1))?),
                 ),
                 None => (Span::new(host_start, params_start), None),
             }
@@ -106,35 +107,35 @@ pub fn name_addr_well_formed(buf: &[u8], sp: Span) -> bool {
             return false;
         };
         let (a, b) = trim(v, close, v.len());
-        let after = &v[a..b];
+        let after = sub(v, a, b);
         if after.first() != Some(&b'<') {
             return false;
         }
         after
     } else if let Some(lt) = memchr::memchr(b'<', v) {
-        if !v[..lt].iter().all(is_display) {
+        if !sub(v, 0, lt).iter().all(is_display) {
             return false;
         }
-        &v[lt..]
+        tail(v, lt)
     } else {
         // addr-spec: the URI runs to the first ';', and may not hold '?' or ','.
         let semi = memchr::memchr(b';', v).unwrap_or(v.len());
         let (a, b) = trim(v, 0, semi);
-        let uri = &v[a..b];
+        let uri = sub(v, a, b);
         return has_scheme(uri)
             && !uri
                 .iter()
                 .any(|c| super::is_lws(*c) || matches!(c, b'?' | b',' | b'"' | b'<' | b'>'))
-            && params_well_formed(&v[semi..]);
+            && params_well_formed(tail(v, semi));
     };
     // `rest` starts at '<'.
     let Some(gt) = memchr::memchr(b'>', rest) else {
         return false;
     };
-    let uri = &rest[1..gt];
+    let uri = sub(rest, 1, gt);
     has_scheme(uri)
         && !uri.iter().any(|c| super::is_lws(*c) || *c == b'<')
-        && params_well_formed(&rest[gt + 1..])
+        && params_well_formed(tail(rest, gt + 1))
 }
 
 fn has_scheme(uri: &[u8]) -> bool {
@@ -142,8 +143,8 @@ fn has_scheme(uri: &[u8]) -> bool {
         return false;
     };
     colon + 1 < uri.len()
-        && uri[0].is_ascii_alphabetic()
-        && uri[..colon]
+        && at(uri, 0).is_ascii_alphabetic()
+        && sub(uri, 0, colon)
             .iter()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'))
 }
@@ -160,14 +161,14 @@ pub struct NameAddr {
 impl NameAddr {
     pub fn parse(buf: &[u8], sp: Span) -> Option<NameAddr> {
         let (s, e) = trim(buf, sp.start as usize, sp.end as usize);
-        let slice = &buf[s..e];
+        let slice = sub(buf, s, e);
         // Skip a quoted display name, which may contain '<'.
         let mut i = 0;
         if slice.first() == Some(&b'"') {
             i = 1;
             let mut esc = false;
             while i < slice.len() {
-                match slice[i] {
+                match at(slice, i) {
                     _ if esc => esc = false,
                     b'\\' => esc = true,
                     b'"' => break,
@@ -176,10 +177,10 @@ impl NameAddr {
                 i += 1;
             }
         }
-        match memchr::memchr(b'<', &slice[i.min(slice.len())..]) {
+        match memchr::memchr(b'<', tail(slice, i.min(slice.len()))) {
             Some(lt) => {
                 let lt = i + lt;
-                let gt = memchr::memchr(b'>', &slice[lt..])? + lt;
+                let gt = memchr::memchr(b'>', tail(slice, lt))? + lt;
                 Some(NameAddr {
                     uri: Span::new(s + lt + 1, s + gt),
                     params: Span::new(s + gt + 1, e),

@@ -1,6 +1,6 @@
 //! One Via element: `SIP/2.0/UDP host:port;branch=..;received=..;rport`.
 
-use super::{params, parse_port, trim, Span};
+use super::{at, params, parse_port, sub, tail, trim, Span};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ViaTransport {
@@ -41,18 +41,18 @@ impl Via {
         let mut pos = 0;
         let mut transport = ViaTransport::Other;
         for i in 0..3 {
-            while pos < slice.len() && super::is_lws(slice[pos]) {
+            while pos < slice.len() && super::is_lws(at(slice, pos)) {
                 pos += 1;
             }
             let ts = pos;
             while pos < slice.len()
-                && !super::is_lws(slice[pos])
-                && slice[pos] != b'/'
-                && slice[pos] != b';'
+                && !super::is_lws(at(slice, pos))
+                && at(slice, pos) != b'/'
+                && at(slice, pos) != b';'
             {
                 pos += 1;
             }
-            let tok = &slice[ts..pos];
+            let tok = sub(slice, ts, pos);
             if tok.is_empty() {
                 return None;
             }
@@ -68,24 +68,24 @@ impl Via {
                 };
                 break;
             }
-            while pos < slice.len() && super::is_lws(slice[pos]) {
+            while pos < slice.len() && super::is_lws(at(slice, pos)) {
                 pos += 1;
             }
-            if pos >= slice.len() || slice[pos] != b'/' {
+            if pos >= slice.len() || at(slice, pos) != b'/' {
                 return None;
             }
             pos += 1;
         }
         let sb_start = s + pos;
-        let sb_end = memchr::memchr(b';', &slice[pos..]).map_or(e, |i| s + pos + i);
+        let sb_end = memchr::memchr(b';', tail(slice, pos)).map_or(e, |i| s + pos + i);
         let (hs, he) = trim(buf, sb_start, sb_end);
         if hs == he {
             return None;
         }
-        let hostport = &buf[hs..he];
-        let (host, port) = if hostport[0] == b'[' {
+        let hostport = sub(buf, hs, he);
+        let (host, port) = if at(hostport, 0) == b'[' {
             let close = memchr::memchr(b']', hostport)?;
-            let rest = &hostport[close + 1..];
+            let rest = tail(hostport, close + 1);
             let port = match rest.strip_prefix(b":") {
                 Some(p) => Some(parse_port(trim_slice(p))?),
                 None if rest.iter().all(|b| super::is_lws(*b)) => None,
@@ -98,7 +98,7 @@ impl Via {
                     let (h0, h1) = trim(buf, hs, hs + i);
                     (
                         Span::new(h0, h1),
-                        Some(parse_port(trim_slice(&hostport[i + 1..]))?),
+                        Some(parse_port(trim_slice(tail(hostport, i + 1)))?),
                     )
                 }
                 None => (Span::new(hs, he), None),
@@ -110,7 +110,7 @@ impl Via {
         let host_ok = host.of(buf).iter().all(|b| {
             b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'[' | b']' | b':')
         });
-        if host.is_empty() || !host_ok || !super::params_well_formed(&buf[sb_end..e]) {
+        if host.is_empty() || !host_ok || !super::params_well_formed(sub(buf, sb_end, e)) {
             return None;
         }
         let mut via = Via {
@@ -145,7 +145,7 @@ impl Via {
 
 fn trim_slice(b: &[u8]) -> &[u8] {
     let (s, e) = trim(b, 0, b.len());
-    &b[s..e]
+    sub(b, s, e)
 }
 
 #[cfg(test)]

@@ -1,4 +1,5 @@
 //! Codec tests: round trips of every packet type, real client bytes, malformed input.
+#![allow(clippy::indexing_slicing)]
 
 use super::*;
 
