@@ -338,8 +338,14 @@ h8_tcp_memory() {
 	log "VmRSS ${rss0} KiB -> peak ${peak} KiB; peak flood connections $seen, closed: $closed after $((SECONDS - t0)) s"
 	check h8-rss "[[ $((peak - rss0)) -lt $bound ]]" \
 		"RSS growth $((peak - rss0)) KiB with 16 peers that never read (bound $bound KiB)" "$SW_LOG"
-	check h8-closed "[[ $seen -ge 1 && $closed == 1 ]]" \
-		"sipwarden closed the never-reading connections within 25 s (peak $seen open)" "$WORK/h8-stats.json" "$SW_LOG"
+	# sipwarden's own view too: all 16 accepted, none open any more although the peers still
+	# hold them, each cut for a full write queue or a write timeout (a close can be too quick
+	# for the 0.5 s polling of ss to see the connections open at all).
+	local accepted open cut
+	read -r accepted open cut < <(jq -r '"\(.tcp.accepted // 0) \(.tcp.connections // -1) \((.tcp.write_overflows // 0) + (.tcp.write_timeouts // 0))"' \
+		"$WORK/h8-stats.json" 2>/dev/null || echo "0 -1 0")
+	check h8-closed "[[ ( \$seen -ge 1 && \$closed == 1 ) || ( \$accepted -ge 16 && \$open == 0 && \$cut -ge 16 ) ]]" \
+		"sipwarden closed the never-reading connections within 25 s (ss: peak $seen open, closed $closed; sipwarden: $accepted accepted, $open open, $cut cut for a full queue or a write timeout)" "$WORK/h8-stats.json" "$SW_LOG"
 	stop_bg h8-flood
 	legit h8-after
 }
