@@ -181,6 +181,15 @@ impl Router {
         })
     }
 
+    /// A Contact naming one of our sockets or the PBX is no way to reach a phone: requests for
+    /// it would come back to us or go to the PBX itself (a loop an attacker could start).
+    fn not_a_phone(&self, a: SocketAddr) -> bool {
+        self.is_self(Flow {
+            transport: Transport::Udp,
+            addr: a,
+        }) || self.upstreams.contains(&canonical(a))
+    }
+
     /// One of the addresses we advertise (the host's own addresses as far as we know them).
     fn is_local_ip(&self, ip: IpAddr) -> bool {
         self.cfg
@@ -381,10 +390,7 @@ impl Router {
             None
         } else if dialog || registering {
             Some(nat::target(self.cfg.nat, inb, Some(&top), msg, |a| {
-                self.is_self(Flow {
-                    transport: Transport::Udp,
-                    addr: a,
-                })
+                self.not_a_phone(a)
             }))
         } else {
             None
@@ -505,12 +511,7 @@ impl Router {
                 let code = msg.status().unwrap_or(0);
                 let dialog = Method::parse(cseq_method).creates_dialog();
                 if dialog && (101..300).contains(&code) {
-                    let target = nat::target(self.cfg.nat, inb, None, msg, |a| {
-                        self.is_self(Flow {
-                            transport: Transport::Udp,
-                            addr: a,
-                        })
-                    });
+                    let target = nat::target(self.cfg.nat, inb, None, msg, |a| self.not_a_phone(a));
                     contact::rewrite(self, msg, &target.flow, edits);
                 }
             }

@@ -20,8 +20,8 @@ pub struct Target {
 }
 
 /// Where requests for the sender of `msg` (a REGISTER or a dialog-creating request or
-/// response from a phone) should go. `is_ours` recognises our own addresses, which are never a
-/// target.
+/// response from a phone) should go. `is_ours` recognises our own addresses and the PBX's,
+/// which are never a target.
 pub fn target(
     mode: NatDetection,
     inb: &Inbound,
@@ -42,7 +42,7 @@ pub fn target(
             },
             why: "Contact reachable directly (no NAT detected)",
         },
-        Ok(_) => by_flow("Contact names sipwarden itself"),
+        Ok(_) => by_flow("Contact names sipwarden or the PBX"),
         Err(why) => by_flow(why),
     }
 }

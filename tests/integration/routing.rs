@@ -400,3 +400,39 @@ async fn the_pbx_ip_on_another_port_is_a_phone() {
     assert!(target.silent(100).await);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_contact_naming_the_pbx_or_us_is_never_a_target() {
+    let pbx = Ua::bind("127.0.0.1").await;
+    let proxy = start(pbx.addr, |_| {}).await;
+    for (i, bad) in [pbx.addr, proxy.udp].into_iter().enumerate() {
+        // A local process (the PBX's own address, another port) registers a Contact naming
+        // the PBX or sipwarden: the PBX's calls go down its flow, never back into a loop.
+        let phone = Ua::bind("127.0.0.1").await;
+        let path = register_via(
+            &phone,
+            &pbx,
+            proxy.udp,
+            &format!("UDP {}", phone.addr),
+            &format!("Contact: <sip:1001@{bad}>\r\n"),
+        )
+        .await;
+        pbx.send(
+            proxy.udp,
+            &pbx_invite(
+                &pbx,
+                &format!("sip:1001@{bad}"),
+                &path,
+                &format!("loop-{i}"),
+            ),
+        )
+        .await;
+        let (got, _) = phone.recv().await;
+        assert!(first_line(&got).starts_with("INVITE"), "{got}");
+        assert!(
+            pbx.silent(200).await,
+            "the PBX does not get its own INVITE back"
+        );
+    }
+    proxy.stop().await;
+}
