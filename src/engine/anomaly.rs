@@ -28,8 +28,9 @@ pub enum Anomaly {
     BadAddress(&'static str),
     /// A sip/sips Request-URI that does not parse or carries `?headers` (RFC 4475 §3.1.2.11).
     BadRequestUri,
-    /// A response through a Via that looks like ours but whose branch MAC does not verify: an
-    /// attempt to make us route a response we did not cause.
+    /// A response through a Via that looks like ours but whose branch MAC does not verify, or a
+    /// request whose own Via claims to be ours: an attempt to make us route what we did not
+    /// cause.
     ForgedResponse,
 }
 
@@ -62,7 +63,7 @@ impl Anomaly {
             Anomaly::Duplicate(h) => format!("more than one {h}"),
             Anomaly::BadAddress(h) => format!("malformed {h}"),
             Anomaly::BadRequestUri => "malformed Request-URI".into(),
-            Anomaly::ForgedResponse => "forged response (our Via, branch does not verify)".into(),
+            Anomaly::ForgedResponse => "forged Via of ours (branch does not verify)".into(),
         }
     }
 }

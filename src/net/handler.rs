@@ -148,6 +148,13 @@ impl Shared {
                         action
                     }
                 }
+                // A request whose own Via claims to be ours: score the sender.
+                Action::Drop(DropReason::Forged) if inspect => {
+                    self.node.with_engine(|e| {
+                        e.on_anomaly(now, inb.src, anomaly::Anomaly::ForgedResponse, bytes)
+                    });
+                    action
+                }
                 a => a,
             }
         } else {

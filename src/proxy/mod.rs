@@ -269,6 +269,12 @@ impl Router {
         let Some(top) = top_via(msg) else {
             return Action::Drop(DropReason::Malformed);
         };
+        // A sender's own Via naming us with our branch mark: a forgery (a request we sent never
+        // reaches us again without another hop's Via on top, and our own sockets' packets are
+        // dropped before this). Forwarded, it would make the PBX's answer look like a bounce.
+        if top.branch(buf).starts_with(BRANCH_PREFIX) && self.is_ours(top.host.of(buf), top.port) {
+            return Action::Drop(DropReason::Forged);
+        }
 
         // URI scheme (§16.3 step 2): what a PBX can route.
         let scheme_ok = msg.request_uri().is_some_and(|s| {

@@ -436,3 +436,31 @@ async fn a_contact_naming_the_pbx_or_us_is_never_a_target() {
     }
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn a_request_whose_via_claims_to_be_ours_is_dropped_and_scored() {
+    let pbx = Ua::bind("127.0.0.1").await;
+    let proxy = start(pbx.addr, |_| {}).await;
+    let attacker = Ua::bind("127.0.0.5").await;
+    // Found by the fuzzer: forwarded, the PBX's answer would carry two Vias of ours in a row.
+    let via = format!(
+        "UDP {};branch=z9hG4bKsw20123456789abcdef01234567fedcba9876543210",
+        proxy.udp
+    );
+    let inv = request(
+        "INVITE",
+        "sip:1002@pbx.test",
+        &via,
+        "x",
+        "1001",
+        "1002",
+        "ours-1",
+        1,
+        "",
+    )
+    .replace(";branch=x;rport", ";rport");
+    attacker.send(proxy.udp, &inv).await;
+    assert!(pbx.silent(300).await, "not forwarded");
+    assert_eq!(proxy.node().stats.dropped(DropReason::Forged), 1);
+    proxy.stop().await;
+}
