@@ -19,6 +19,29 @@ fn init_logging(cfg: &Config) {
     }
 }
 
+/// Panics on attacker input are caught per message and counted (`sipwarden_panics_total`), but
+/// the default hook would still print each one: an attacker who finds one could flood the log.
+/// Report at most one a second, with how many were left out since the last report.
+fn rate_limit_panic_reports() {
+    use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+    static LAST_SECOND: AtomicU64 = AtomicU64::new(0);
+    static LEFT_OUT: AtomicU64 = AtomicU64::new(0);
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let now = sipwarden::clock::wall_ms() / 1000;
+        let last = LAST_SECOND.load(Relaxed);
+        if now != last && LAST_SECOND.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+            let left_out = LEFT_OUT.swap(0, Relaxed);
+            if left_out > 0 {
+                tracing::error!(left_out, "more panics since the last report");
+            }
+            default(info);
+        } else {
+            LEFT_OUT.fetch_add(1, Relaxed);
+        }
+    }));
+}
+
 fn runtime(mut builder: tokio::runtime::Builder) -> Option<tokio::runtime::Runtime> {
     builder
         .enable_all()
@@ -48,6 +71,7 @@ fn main() -> ExitCode {
         }
         Command::Run => {
             init_logging(&cfg);
+            rate_limit_panic_reports();
             let Some(rt) = runtime(tokio::runtime::Builder::new_multi_thread()) else {
                 return ExitCode::FAILURE;
             };
