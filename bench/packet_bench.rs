@@ -3,9 +3,17 @@
 //! of the receiving process (utime+stime from /proc), not wall-clock rate: it does not care
 //! whether a sender or a neighbour stole the core meanwhile. Capacity = 1 s / CPU per packet.
 //!
-//! 1. a blocked source's packets: sipwarden (release binary) vs a bare UDP receive loop;
+//! 1. a blocked source's packets: sipwarden (release binary) vs a bare UDP receive loop, both
+//!    a blocking one (the kernel's floor) and one on the same socket setup as sipwarden's
+//!    (socket2 with 4 MiB buffers and SO_REUSEPORT, non-blocking, tokio `recv_from` on a
+//!    two-worker runtime);
 //! 2. clean traffic forwarded through the protection pipeline vs the same traffic from a
 //!    whitelisted source (which skips every detector).
+//!
+//! `packet_bench callgrind BIN...` instead counts instructions per blocked packet under
+//! `valgrind --tool=callgrind` for each binary (repeatable on a noisy machine): counters are
+//! zeroed once the proxy is up and the source blocked, `CG_PACKETS` packets are sent, the
+//! counters dumped, and an idle window of the same length is subtracted.
 //!
 //! Every phase sends a bounded number of datagrams and stops by itself.
 //! Run: `bench/packets.sh` (builds the release binary and this example, then runs it).
@@ -97,6 +105,171 @@ fn sink(addr: &str) {
         }
     }
     println!("{n}");
+}
+
+/// The bare loop on sipwarden's socket setup: same options, tokio `recv_from` on a two-worker
+/// runtime. Counts datagrams until 1 s of silence, then prints the count.
+fn sink_async(addr: &str) {
+    let addr: SocketAddr = addr.parse().expect("addr");
+    let raw =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
+    raw.set_recv_buffer_size(4 << 20).ok();
+    raw.set_send_buffer_size(4 << 20).ok();
+    raw.set_reuse_port(true).ok();
+    raw.set_nonblocking(true).expect("nonblocking");
+    raw.bind(&addr.into()).expect("bind sink");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let n = rt.block_on(async move {
+        let sock = tokio::net::UdpSocket::from_std(raw.into()).expect("tokio socket");
+        let mut buf = vec![0u8; 65536];
+        let mut n = 0u64;
+        let mut wait = Duration::from_secs(20);
+        while let Ok(Ok(_)) = tokio::time::timeout(wait, sock.recv_from(&mut buf)).await {
+            n += 1;
+            wait = Duration::from_secs(1);
+        }
+        n
+    });
+    println!("{n}");
+}
+
+/// Run a sink (`mode` = "sink" or "sink-async") in its own process: CPU seconds and packets.
+fn bare_phase(me: &PathBuf, mode: &str) -> (f64, u64) {
+    let sink_addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .unwrap();
+    let mut bare = Command::new(me)
+        .args([mode, &sink_addr.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start sink");
+    std::thread::sleep(Duration::from_millis(300));
+    let pid = bare.id();
+    let cpu0 = cpu_secs(pid);
+    blast("127.0.0.9:0", sink_addr);
+    std::thread::sleep(Duration::from_millis(100));
+    let cpu = cpu_secs(pid) - cpu0;
+    let mut out = String::new();
+    if let Some(mut so) = bare.stdout.take() {
+        let _ = so.read_to_string(&mut out);
+    }
+    let _ = bare.wait();
+    (cpu, out.trim().parse().unwrap_or(0))
+}
+
+/// Packets sent in the measured callgrind window (valgrind runs the proxy ~50x slower).
+const CG_PACKETS: u64 = 3_000;
+
+/// The "summary:"/"totals:" instruction count of the newest callgrind dump in `dir`.
+fn newest_dump_ir(dir: &std::path::Path) -> Option<u64> {
+    let newest = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("cg.out"))
+        .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())?;
+    let text = std::fs::read_to_string(newest.path()).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("summary:").or(l.strip_prefix("totals:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+fn callgrind_control(args: &[&str]) {
+    let _ = Command::new("callgrind_control")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// Instructions per blocked packet for one binary under callgrind.
+fn callgrind(bin: &str) -> Option<f64> {
+    let dir = tempfile::tempdir().ok()?;
+    let pbx = UdpSocket::bind("127.0.0.1:0").ok()?;
+    let sip: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
+        .parse()
+        .ok()?;
+    let admin = format!("127.0.0.1:{}", free_port("127.0.0.1"));
+    let cfg = format!(
+        "[sip]\nlisten_udp = [\"{sip}\"]\nlisten_tcp = []\n[upstream]\naddress = \"{}\"\n\
+[admin]\nlisten = \"{admin}\"\n[state]\npath = \"{}\"\n[log]\nlevel = \"warn\"\n",
+        pbx.local_addr().ok()?,
+        dir.path().join("state.db").display()
+    );
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, cfg).ok()?;
+    let out = format!("--callgrind-out-file={}/cg.out", dir.path().display());
+    let child = Command::new("valgrind")
+        .args(["--tool=callgrind", &out, bin, "-c"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .ok()?;
+    let p = Proxy {
+        child,
+        admin,
+        sip,
+        _dir: tempfile::tempdir().ok()?,
+    };
+    let up = (0..600).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        http(&p.admin, "GET", "/healthz", "").is_some()
+    });
+    if !up {
+        eprintln!("{bin}: did not start under valgrind");
+        return None;
+    }
+    http(
+        &p.admin,
+        "POST",
+        "/api/blocks",
+        r#"{"ip":"127.0.0.9","reason":"bench"}"#,
+    )?;
+    let blocked = |v: &serde_json::Value| v["dropped"]["blocked"].as_u64().unwrap_or(0);
+    let sock = UdpSocket::bind("127.0.0.9:0").ok()?;
+    let msgs: Vec<Vec<u8>> = (0..64).map(invite).collect();
+    let send = |n: u64| {
+        for i in 0..n {
+            let _ = sock.send_to(&msgs[(i % 64) as usize], p.sip);
+            if i % 25 == 24 {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    };
+    // Warm up (first-packet allocations, lazy statics), then settle.
+    send(200);
+    std::thread::sleep(Duration::from_secs(3));
+    let before = stat(&p, blocked);
+    let pid = p.child.id().to_string();
+    let window = Duration::from_secs(8);
+    callgrind_control(&["-z", &pid]);
+    let t0 = Instant::now();
+    send(CG_PACKETS);
+    std::thread::sleep(window.saturating_sub(t0.elapsed()));
+    callgrind_control(&["-d", &pid]);
+    std::thread::sleep(Duration::from_millis(500));
+    let busy = newest_dump_ir(dir.path())?;
+    let handled = stat(&p, blocked).saturating_sub(before);
+    // The same window with no traffic: timers, the expiry sweep, the runtime's idle work.
+    callgrind_control(&["-z", &pid]);
+    std::thread::sleep(window);
+    callgrind_control(&["-d", &pid]);
+    std::thread::sleep(Duration::from_millis(500));
+    let idle = newest_dump_ir(dir.path())?;
+    drop(p);
+    if handled == 0 {
+        return None;
+    }
+    let per = busy.saturating_sub(idle) as f64 / handled as f64;
+    println!(
+        "callgrind {bin}: {handled} blocked packets, {busy} Ir busy, {idle} Ir idle window: {per:.0} instructions/packet"
+    );
+    Some(per)
 }
 
 fn free_port(ip: &str) -> u16 {
@@ -211,36 +384,36 @@ fn line(name: &str, cpu: f64, n: u64) -> f64 {
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("sink") {
-        sink(args.get(2).map_or("127.0.0.1:0", String::as_str));
-        return;
+    match args.get(1).map(String::as_str) {
+        Some("sink") => {
+            sink(args.get(2).map_or("127.0.0.1:0", String::as_str));
+            return;
+        }
+        Some("sink-async") => {
+            sink_async(args.get(2).map_or("127.0.0.1:0", String::as_str));
+            return;
+        }
+        Some("callgrind") => {
+            let bins: Vec<&String> = args.iter().skip(2).collect();
+            let r: Vec<Option<f64>> = bins.iter().map(|b| callgrind(b)).collect();
+            if let [Some(before), Some(after)] = r[..] {
+                println!(
+                    "ratio instructions per blocked packet after / before = {:.2}",
+                    after / before
+                );
+            }
+            return;
+        }
+        _ => {}
     }
     let me = std::env::current_exe().expect("exe");
     let bin = std::env::var_os("SIPWARDEN_BIN")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from("target/release/sipwarden"));
 
-    // 1a. The bare receive loop, in its own process like sipwarden.
-    let sink_addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
-        .parse()
-        .unwrap();
-    let mut bare = Command::new(&me)
-        .args(["sink", &sink_addr.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start sink");
-    std::thread::sleep(Duration::from_millis(200));
-    let pid = bare.id();
-    let cpu0 = cpu_secs(pid);
-    blast("127.0.0.9:0", sink_addr);
-    std::thread::sleep(Duration::from_millis(100));
-    let bare_cpu = cpu_secs(pid) - cpu0;
-    let mut out = String::new();
-    if let Some(mut so) = bare.stdout.take() {
-        let _ = so.read_to_string(&mut out);
-    }
-    let _ = bare.wait();
-    let bare_n: u64 = out.trim().parse().unwrap_or(0);
+    // 1a. The bare receive loops, each in its own process like sipwarden.
+    let (bare_cpu, bare_n) = bare_phase(&me, "sink");
+    let (same_cpu, same_n) = bare_phase(&me, "sink-async");
 
     // The PBX for the forwarding phases: a socket nobody reads (the kernel drops the excess).
     let pbx = UdpSocket::bind("127.0.0.1:0").expect("bind pbx");
@@ -271,13 +444,18 @@ fn main() {
     drop(p);
 
     println!("{PACKETS} INVITEs (~700 bytes) sent per phase on loopback");
-    let b = line("bare UDP receive loop", bare_cpu, bare_n);
+    let b = line("bare UDP receive loop (blocking)", bare_cpu, bare_n);
+    let s = line("bare loop, sipwarden's socket setup", same_cpu, same_n);
     let d = line("sipwarden: blocked source dropped", drop_cpu, drop_n);
     let pr = line("sipwarden: clean, all detectors", prot_cpu, prot_n);
     let w = line("sipwarden: clean, whitelisted", wl_cpu, wl_n);
     println!(
         "ratio blocked-drop capacity / bare receive capacity = {:.2}",
         b / d
+    );
+    println!(
+        "ratio blocked-drop capacity / bare loop, same socket setup = {:.2}",
+        s / d
     );
     println!(
         "ratio protected / unprotected forwarding capacity   = {:.2}",

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::blocks::Event;
+use crate::blocks::{Event, Gate};
 use crate::clock::{Clock, Millis};
 use crate::config::Config;
 use crate::engine::Engine;
@@ -31,6 +31,8 @@ pub struct NotDurable;
 pub struct Node {
     config: RwLock<Arc<Config>>,
     engine: Mutex<Engine>,
+    /// The engine's drop gate, read by the packet path without the engine lock.
+    gate: Arc<Gate>,
     pub stats: Stats,
     pub clock: Clock,
     events: mpsc::Sender<Batch>,
@@ -42,8 +44,10 @@ impl Node {
         let clock = Clock::new();
         let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         let engine = Engine::new(&cfg, clock.now());
+        let gate = engine.gate().clone();
         let node = Node {
             config: RwLock::new(Arc::new(cfg)),
+            gate,
             engine: Mutex::new(engine),
             stats: Stats::default(),
             clock,
@@ -73,6 +77,7 @@ impl Node {
         let (r, events) = {
             let mut e = self.engine.lock();
             let r = f(&mut e);
+            e.sync_gate();
             let ev = if e.has_events() {
                 e.take_events()
             } else {
@@ -101,6 +106,7 @@ impl Node {
         let (r, events) = {
             let mut e = self.engine.lock();
             let r = f(&mut e);
+            e.sync_gate();
             (r, e.take_events())
         };
         if events.is_empty() {
@@ -132,8 +138,16 @@ impl Node {
         }
     }
 
-    /// Read-only access to the engine (block table, lists) for the admin surface.
+    /// Read-only access to the engine (block table, lists) for the admin surface. The hits
+    /// the gate counted are folded into the block rows first, so readers see them.
     pub fn inspect<R>(&self, f: impl FnOnce(&Engine) -> R) -> R {
-        f(&self.engine.lock())
+        let mut e = self.engine.lock();
+        e.fold_gate_hits();
+        f(&e)
+    }
+
+    /// The drop gate: is a source blocked, without the engine's lock.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
     }
 }

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::RwLock;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -43,12 +42,38 @@ pub struct Bound {
     pub tftp: Option<UdpSocket>,
 }
 
-/// UDP receive loops per socket: one per core keeps both busy under load.
+/// UDP sockets per listen address, each with its own receive task: one per core keeps every
+/// core busy under load without the tasks sharing one socket's queue. Capped at 8.
 fn udp_workers() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8))
 }
 
-fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+/// `n` sockets bound to `addr` with SO_REUSEPORT, so the kernel spreads datagrams over them by
+/// flow hash. The first binds `addr` (an ephemeral port when it says 0); the others join its
+/// actual address. Linux lets only sockets of the same user join a reuse-port group; the
+/// first bind still fails if another program holds the port without SO_REUSEPORT.
+fn udp_sockets(addr: SocketAddr, n: usize) -> std::io::Result<Vec<UdpSocket>> {
+    // Without SO_REUSEPORT (other systems) a second bind would fail: one socket.
+    let n = if cfg!(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "macos"
+    )) {
+        n
+    } else {
+        1
+    };
+    let first = udp_socket(addr, n > 1)?;
+    let actual = first.local_addr()?;
+    let mut v = vec![first];
+    for _ in 1..n {
+        v.push(udp_socket(actual, true)?);
+    }
+    Ok(v)
+}
+
+fn udp_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
@@ -58,6 +83,22 @@ fn udp_socket(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     // Large buffers absorb bursts (a REGISTER storm after a power cut) instead of dropping.
     let _ = s.set_recv_buffer_size(4 << 20);
     let _ = s.set_send_buffer_size(4 << 20);
+    #[cfg(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "macos"
+    ))]
+    if reuse_port {
+        s.set_reuse_port(true)?;
+    }
+    #[cfg(not(any(
+        target_os = "linux",
+        target_os = "android",
+        target_os = "freebsd",
+        target_os = "macos"
+    )))]
+    let _ = reuse_port;
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     UdpSocket::from_std(s.into())
@@ -84,12 +125,13 @@ pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
         tftp: None,
     };
     for &addr in &cfg.sip.listen_udp {
-        b.udp
-            .push(udp_socket(addr).map_err(|source| ServerError::Bind {
+        b.udp.extend(
+            udp_sockets(addr, udp_workers()).map_err(|source| ServerError::Bind {
                 what: "SIP UDP",
                 addr,
                 source,
-            })?);
+            })?,
+        );
     }
     for &addr in &cfg.sip.listen_tcp {
         b.tcp
@@ -154,11 +196,13 @@ fn router_config(
     upstream: SocketAddr,
     keys: crate::proxy::Keys,
 ) -> RouterConfig {
-    let udp = bound
-        .udp
-        .iter()
-        .filter_map(|s| s.local_addr().ok())
-        .collect::<Vec<_>>();
+    // Several sockets share each UDP address (SO_REUSEPORT): name each address once.
+    let mut udp = Vec::new();
+    for a in bound.udp.iter().filter_map(|s| s.local_addr().ok()) {
+        if !udp.contains(&a) {
+            udp.push(a);
+        }
+    }
     let tcp = bound
         .tcp
         .iter()
@@ -343,7 +387,7 @@ pub async fn start(
         .cloned();
     let shared = Arc::new(Shared {
         node: node.clone(),
-        router: RwLock::new(router),
+        router: arc_swap::ArcSwap::from_pointee(router),
         transports: Transports {
             udp4,
             udp6,
@@ -370,12 +414,11 @@ pub async fn start(
             Ok(a) => format!("udp:{a}"),
             Err(_) => "udp".to_string(),
         };
-        for _ in 0..udp_workers() {
-            let (sock, shared, stopped) = (sock.clone(), shared.clone(), stopped.clone());
-            tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
-                udp::serve(sock.clone(), shared.clone(), stopped())
-            }));
-        }
+        // One receive task per socket (several sockets per address, see `udp_sockets`).
+        let (sock, shared, stopped) = (sock.clone(), shared.clone(), stopped.clone());
+        tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
+            udp::serve(sock.clone(), shared.clone(), stopped())
+        }));
     }
     for l in bound.tcp {
         let name = match l.local_addr() {
@@ -424,7 +467,9 @@ pub async fn start(
                         wait = r.ttl.unwrap_or(crate::net::upstream::MAX_TTL);
                         let cfg = shared.node.config();
                         if let Some(&a) = r.addrs.first() {
-                            shared.router.write().set_upstreams(upstream_flow(&cfg, a), &r.addrs);
+                            let mut next = Router::clone(&shared.router.load());
+                            next.set_upstreams(upstream_flow(&cfg, a), &r.addrs);
+                            shared.router.store(Arc::new(next));
                         }
                         shared.node.with_engine(|e| e.set_upstream(r.addrs.iter().map(|a| a.ip()).collect()));
                     }

@@ -3,9 +3,11 @@
 //! and notifications consume.
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
 
+pub mod gate;
 mod lists;
 pub mod table;
 
+pub use gate::{Gate, GateVerdict, Policy};
 pub use lists::{ListEntry, ListKind, Lists};
 pub use table::{Block, BlockTable, Hit};
 

@@ -11,10 +11,11 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::{source_net, BlockKey, BlockType};
+use super::{gate::Gate, source_net, BlockKey, BlockType};
 use crate::clock::Millis;
 
 /// Evidence lines kept per block, and their length: enough for an operator to see why, small
@@ -131,10 +132,18 @@ pub struct BlockTable {
     /// full of costlier ones, since start (`sipwarden_block_evictions_total`).
     evicted: u64,
     refused: u64,
+    /// The lock-free mirror of the enforced blocks the packet path reads first: every change
+    /// to `map` goes through `insert` and `remove`, which keep it in step.
+    gate: Arc<Gate>,
 }
 
 impl BlockTable {
     pub fn new(max: usize) -> Self {
+        Self::with_gate(max, Gate::new())
+    }
+
+    /// A table that mirrors its enforced blocks into `gate`.
+    pub fn with_gate(max: usize, gate: Arc<Gate>) -> Self {
         Self {
             map: HashMap::new(),
             expiries: BTreeSet::new(),
@@ -143,7 +152,28 @@ impl BlockTable {
             max: max.max(1),
             evicted: 0,
             refused: 0,
+            gate,
         }
+    }
+
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.gate
+    }
+
+    /// Add the packets the gate dropped since the last fold to the rows' `hits`. O(blocks):
+    /// for readers of the whole table (the admin API, snapshots), not for the packet path.
+    pub fn fold_gate_hits(&mut self) {
+        let map = &mut self.map;
+        self.gate.drain_hits(|k, n| {
+            if let Some(b) = map.get_mut(k) {
+                b.hits = b.hits.saturating_add(n);
+            }
+        });
+    }
+
+    /// A row's hits including those the gate counted and not yet folded.
+    pub fn hits(&self, b: &Block) -> u64 {
+        b.hits.saturating_add(self.gate.hits(&b.key))
     }
 
     pub fn set_max(&mut self, max: usize) {
@@ -227,6 +257,7 @@ impl BlockTable {
         if block.key.port.is_some() {
             self.port_blocks += 1;
         }
+        self.gate.put(&block);
         self.map.insert(block.key, block);
         admit
     }
@@ -240,12 +271,17 @@ impl BlockTable {
             .take_while(|(r, s, _, _)| (*r, *s) == (rank, strikes))
             .take(VICTIM_SAMPLE)
             .filter_map(|(_, _, _, k)| self.map.get(k))
-            .min_by_key(|b| b.hits)
-            .map(|b| (b.key, b.cost()))
+            .min_by_key(|b| self.hits(b))
+            .map(|b| {
+                let (rank, strikes, _) = b.cost();
+                (b.key, (rank, strikes, self.hits(b)))
+            })
     }
 
+    /// Remove a block (its gate hits folded into the returned row).
     pub fn remove(&mut self, key: &BlockKey) -> Option<Block> {
-        let b = self.map.remove(key)?;
+        let mut b = self.map.remove(key)?;
+        b.hits = b.hits.saturating_add(self.gate.remove(key));
         if let Some(e) = b.expires_at {
             self.expiries.remove(&(e, b.key));
         }

@@ -156,6 +156,7 @@ impl Engine {
 
     fn list_insert(&mut self, net: IpNet, entry: ListEntry) {
         self.lists.add(ListKind::Blacklist, net, entry.clone());
+        self.publish_policy();
         self.events.push(Event::ListAdded {
             list: ListKind::Blacklist,
             net,

@@ -27,8 +27,8 @@ use ipnet::IpNet;
 use lru::LruCache;
 
 use crate::blocks::{
-    canonical_ip, source_net, table::clip, Block, BlockKey, BlockTable, BlockType, Event,
-    ListEntry, ListKind, Lists, UnblockReason,
+    canonical_ip, source_net, table::clip, Block, BlockKey, BlockTable, BlockType, Event, Gate,
+    ListEntry, ListKind, Lists, Policy, UnblockReason,
 };
 use crate::clock::Millis;
 use crate::config::{Config, InviteAction, Mode};
@@ -99,6 +99,9 @@ pub struct Engine {
     /// block comes from the PBX's answers (which carry the PBX's Server header, not the UA).
     devices: LruCache<IpNet, Box<str>>,
     events: Vec<Event>,
+    /// The lists changed since the gate's policy was last published (restore batches many
+    /// changes; see [`Engine::sync_gate`]).
+    lists_dirty: bool,
 }
 
 fn flood_quota(cfg: &Config) -> Quota {
@@ -125,13 +128,48 @@ impl Engine {
             options: LruCache::new(nonzero(cap)),
             devices: LruCache::new(nonzero(cap / 4 + 1)),
             events: Vec::new(),
+            lists_dirty: false,
             clock,
         };
         e.lists
             .replace_config(ListKind::Whitelist, &cfg.lists.whitelist, now);
         e.lists
             .replace_config(ListKind::Blacklist, &cfg.lists.blacklist, now);
+        e.publish_policy();
         e
+    }
+
+    /// The lock-free drop gate this engine keeps in step with its block table, lists and
+    /// policy: the packet path asks it before taking the engine's lock.
+    pub fn gate(&self) -> &std::sync::Arc<Gate> {
+        self.table.gate()
+    }
+
+    /// Publish the lists and policy to the gate if a batch of changes ([`Engine::restore`])
+    /// left them unpublished. Cheap when nothing changed; the node calls it after every engine
+    /// entry.
+    pub fn sync_gate(&mut self) {
+        if self.lists_dirty {
+            self.publish_policy();
+        }
+    }
+
+    /// Copy the lists and the policy that reads them into the gate. O(list entries): lists
+    /// change at operator pace (and the automatic blacklist is bounded).
+    pub(crate) fn publish_policy(&mut self) {
+        self.lists_dirty = false;
+        let p = &self.cfg.protection;
+        self.table.gate().set_policy(Policy {
+            lists: self.lists.clone(),
+            observe: p.mode == Mode::Observe,
+            reply_403: p.blocked_reply == crate::config::BlockedReply::Forbidden,
+            ipv6_prefix: p.ipv6_prefix,
+        });
+    }
+
+    /// Fold the packets the gate dropped into the block rows' hits (for readers of the table).
+    pub fn fold_gate_hits(&mut self) {
+        self.table.fold_gate_hits();
     }
 
     /// Apply a reloaded config: thresholds, lists from the file and scanner patterns change;
@@ -174,6 +212,7 @@ impl Engine {
             }
         }
         self.cfg = cfg.clone();
+        self.publish_policy();
     }
 
     pub fn config(&self) -> &Config {
@@ -580,6 +619,7 @@ impl Engine {
         if list == ListKind::Whitelist {
             self.unblock_covered(net, UnblockReason::Whitelisted);
         }
+        self.publish_policy();
         self.events.push(Event::ListAdded {
             list,
             net,
@@ -592,6 +632,7 @@ impl Engine {
         let net = net.trunc();
         let removed = self.lists.remove(list, net).is_some();
         if removed {
+            self.publish_policy();
             self.events.push(Event::ListRemoved { list, net });
             if list == ListKind::Blacklist {
                 // A source that was auto-blacklisted keeps a permanent table entry: drop it too.
@@ -639,6 +680,7 @@ impl Engine {
             }
             Event::ListAdded { list, net, entry } => {
                 self.lists.add(list, net, entry);
+                self.lists_dirty = true;
                 if list == ListKind::Whitelist {
                     for b in self.table.remove_net(net) {
                         drop(b);
@@ -647,6 +689,7 @@ impl Engine {
             }
             Event::ListRemoved { list, net } => {
                 self.lists.remove(list, net);
+                self.lists_dirty = true;
             }
             Event::Strikes { net, strikes, last } => {
                 let s = self.strikes.get_or_insert_mut(net, Strike::default);

@@ -1,12 +1,14 @@
-//! The packet path, for UDP datagrams and TCP-framed messages alike: pre-check (no parse),
-//! parse, verdict, route, send.
+//! The packet path, for UDP datagrams and TCP-framed messages alike: the drop gate (no lock,
+//! no parse), pre-check, parse, verdict, route, send.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use parking_lot::RwLock;
+use arc_swap::ArcSwap;
+use tokio::net::UdpSocket;
 
 use super::Transports;
+use crate::blocks::GateVerdict;
 use crate::engine::{anomaly, Pre, Verdict};
 use crate::node::Node;
 use crate::proxy::{Action, Flow, Inbound, Router};
@@ -16,7 +18,9 @@ use crate::wire::{parse, Edits, Framing};
 /// Everything the packet path shares between sockets.
 pub struct Shared {
     pub node: Arc<Node>,
-    pub router: RwLock<Router>,
+    /// Read on every packet, written only on upstream re-resolution: a snapshot swap, so
+    /// readers never wait and never touch a shared lock word.
+    pub router: ArcSwap<Router>,
     pub transports: Transports,
     pub max_message_bytes: usize,
 }
@@ -27,6 +31,19 @@ pub struct Shared {
 pub struct Scratch {
     edits: Edits,
     out: Vec<u8>,
+    /// The UDP socket this task receives on: UDP replies and forwards of the same address
+    /// family leave from it, so they carry the address the request arrived on.
+    udp: Option<Arc<UdpSocket>>,
+}
+
+impl Scratch {
+    /// Scratch for a receive task on `sock`.
+    pub fn for_socket(sock: Arc<UdpSocket>) -> Scratch {
+        Scratch {
+            udp: Some(sock),
+            ..Scratch::default()
+        }
+    }
 }
 
 impl Shared {
@@ -41,21 +58,25 @@ impl Shared {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
-        // One read of the router for the whole packet (reloads and re-resolution write it).
-        let (own, from_upstream) = {
-            let router = self.router.read();
-            (router.is_own_socket(&inb), router.is_upstream(&inb))
-        };
+        // One snapshot of the router for the whole packet (re-resolution swaps it).
+        let router = self.router.load();
+        let (own, from_upstream) = (router.is_own_socket(&inb), router.is_upstream(&inb));
         if own {
             // Our own packet coming back (a forged Via or Contact made us send to ourselves).
             stats.drop(DropReason::Loop);
             return;
         }
         let now = self.node.now();
+        // The gate first: a blocked or blacklisted source is dropped here, without the engine
+        // lock and without parsing; only what passes goes on to the engine.
         let pre = if from_upstream {
             Pre::Trusted
         } else {
-            self.node.with_engine(|e| e.precheck(now, inb.src))
+            match self.node.gate().check(now, inb.src) {
+                GateVerdict::Blocked { kind, reply_403 } => Pre::Blocked { kind, reply_403 },
+                GateVerdict::Whitelisted => Pre::Whitelisted,
+                GateVerdict::Inspect => self.node.with_engine(|e| e.precheck(now, inb.src)),
+            }
         };
         if let Pre::Blocked { kind, reply_403 } = pre {
             stats.drop(if kind == crate::blocks::BlockType::Blacklist {
@@ -64,6 +85,7 @@ impl Shared {
                 DropReason::Blocked
             });
             if reply_403 {
+                drop(router);
                 self.reply_forbidden(inb, bytes, scratch).await;
             }
             return;
@@ -95,10 +117,11 @@ impl Shared {
                 return;
             }
         };
-        let Scratch { edits, out } = scratch;
+        let Scratch { edits, out, udp } = scratch;
+        let local = udp.as_deref();
         let action = if msg.is_request() {
             if inspect {
-                let our_dialog = self.router.read().is_our_dialog(&msg);
+                let our_dialog = router.is_our_dialog(&msg);
                 match self
                     .node
                     .with_engine(|e| e.on_request(now, inb.src, &msg, our_dialog))
@@ -115,11 +138,9 @@ impl Shared {
                     } => {
                         let extra =
                             retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
-                        let a = self
-                            .router
-                            .read()
-                            .reply(&inb, &msg, code, reason, &extra, out);
-                        self.send(a, out, false).await;
+                        let a = router.reply(&inb, &msg, code, reason, &extra, out);
+                        drop(router);
+                        self.send(a, out, false, local).await;
                         if code == 503 {
                             stats.drop(DropReason::InviteRate);
                         }
@@ -127,10 +148,7 @@ impl Shared {
                     }
                 }
             }
-            let action = self
-                .router
-                .read()
-                .route_request(&inb, &msg, from_upstream, edits, out);
+            let action = router.route_request(&inb, &msg, from_upstream, edits, out);
             match action {
                 // The PBX's request for a phone whose TCP connection is gone: 430 Flow Failed
                 // (RFC 5626 §5.3) at once rather than a timeout.
@@ -140,10 +158,10 @@ impl Shared {
                     }
                     if from_upstream
                         && to.transport == Transport::Tcp
-                        && to != self.router.read().upstream()
+                        && to != router.upstream()
                         && self.transports.conns.get(&to.addr).is_none()
                     {
-                        self.router.read().flow_failed(&inb, &msg, out)
+                        router.flow_failed(&inb, &msg, out)
                     } else {
                         action
                     }
@@ -166,10 +184,7 @@ impl Shared {
                     return;
                 }
             }
-            let (action, info) =
-                self.router
-                    .read()
-                    .route_response(&inb, &msg, from_upstream, edits, out);
+            let (action, info) = router.route_response(&inb, &msg, from_upstream, edits, out);
             if action == Action::Drop(DropReason::Forged) && inspect {
                 // A response we did not cause, through a Via that looks like ours: an attempt
                 // to steer us. Score the sender (who is not the PBX).
@@ -186,13 +201,21 @@ impl Shared {
             action
         };
         let request = msg.is_request();
-        if self.send(action, out, request).await {
+        drop(router);
+        if self.send(action, out, request, local).await {
             stats.latency(t0.elapsed().as_micros() as u64);
         }
     }
 
-    /// Send an action's output. Returns true when a forward went out.
-    async fn send(self: &Arc<Self>, action: Action, out: &[u8], request: bool) -> bool {
+    /// Send an action's output (UDP from `local` when given and of the right family). Returns
+    /// true when a forward went out.
+    async fn send(
+        self: &Arc<Self>,
+        action: Action,
+        out: &[u8],
+        request: bool,
+        local: Option<&UdpSocket>,
+    ) -> bool {
         let stats = &self.node.stats;
         match action {
             Action::Drop(r) => {
@@ -200,7 +223,7 @@ impl Shared {
                 false
             }
             Action::Reply { to } => {
-                if self.transports.send(to, out).await.is_ok() {
+                if self.send_on(to, out, local).await.is_ok() {
                     stats
                         .replies_sent
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -209,14 +232,14 @@ impl Shared {
             }
             Action::FlowFailed { to } => {
                 stats.drop(DropReason::FlowFailed);
-                if self.transports.send(to, out).await.is_ok() {
+                if self.send_on(to, out, local).await.is_ok() {
                     stats
                         .replies_sent
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 false
             }
-            Action::Forward { to, .. } => match self.send_to(to, out).await {
+            Action::Forward { to, .. } => match self.send_to(to, out, local).await {
                 Ok(()) => {
                     stats.forwarded(request);
                     true
@@ -229,10 +252,38 @@ impl Shared {
         }
     }
 
+    /// Send on an existing transport; over UDP from `local` (the socket the packet arrived
+    /// on) when it is of the destination's address family.
+    async fn send_on(
+        &self,
+        to: Flow,
+        out: &[u8],
+        local: Option<&UdpSocket>,
+    ) -> Result<(), DropReason> {
+        if to.transport == Transport::Udp {
+            if let Some(sock) = local.filter(|s| {
+                s.local_addr()
+                    .is_ok_and(|a| a.is_ipv4() == to.addr.is_ipv4())
+            }) {
+                return sock
+                    .send_to(out, to.addr)
+                    .await
+                    .map(|_| ())
+                    .map_err(|_| DropReason::SendFailed);
+            }
+        }
+        self.transports.send(to, out).await
+    }
+
     /// Send, opening a TCP connection to the upstream on demand.
-    async fn send_to(self: &Arc<Self>, to: Flow, out: &[u8]) -> Result<(), DropReason> {
-        let upstream = self.router.read().upstream();
-        match self.transports.send(to, out).await {
+    async fn send_to(
+        self: &Arc<Self>,
+        to: Flow,
+        out: &[u8],
+        local: Option<&UdpSocket>,
+    ) -> Result<(), DropReason> {
+        let upstream = self.router.load().upstream();
+        match self.send_on(to, out, local).await {
             Err(DropReason::NoRoute) if to.transport == Transport::Tcp && to == upstream => {
                 super::tcp::connect_upstream(self, to.addr).await?;
                 self.transports.send(to, out).await
@@ -250,9 +301,10 @@ impl Shared {
             if msg.is_request() {
                 let a =
                     self.router
-                        .read()
+                        .load()
                         .reply(&inb, &msg, 403, "Forbidden", "", &mut scratch.out);
-                self.send(a, &scratch.out, false).await;
+                self.send(a, &scratch.out, false, scratch.udp.as_deref())
+                    .await;
             }
         }
     }

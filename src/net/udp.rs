@@ -1,4 +1,5 @@
-//! UDP listener: a few receive loops per socket share it, each with its own buffers.
+//! UDP listener: one receive loop per socket (several sockets per address with SO_REUSEPORT),
+//! each with its own buffers; what it sends over UDP leaves from the same socket.
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
 #![warn(unreachable_pub)]
 
@@ -20,7 +21,7 @@ pub async fn serve(
 ) {
     // One byte more than the limit, to tell an oversized datagram from one that fits exactly.
     let mut buf = vec![0u8; shared.max_message_bytes.max(65_535) + 1];
-    let mut scratch = Scratch::default();
+    let mut scratch = Scratch::for_socket(sock.clone());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {

@@ -110,6 +110,7 @@ impl AnswerInfo {
     }
 }
 
+#[derive(Clone)]
 pub struct Router {
     cfg: RouterConfig,
     /// Where requests from phones go.
