@@ -64,6 +64,12 @@ fn udp_sockets(addr: SocketAddr, n: usize) -> std::io::Result<Vec<UdpSocket>> {
     } else {
         1
     };
+    if n > 1 && addr.port() != 0 {
+        // A plain bind first: if another process (a second sipwarden started by mistake) holds
+        // the port, even with SO_REUSEPORT, this fails instead of us silently sharing its
+        // datagrams. The probe is closed before our group binds.
+        drop(udp_socket(addr, false)?);
+    }
     let first = udp_socket(addr, n > 1)?;
     let actual = first.local_addr()?;
     let mut v = vec![first];
