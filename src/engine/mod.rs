@@ -11,6 +11,7 @@
 pub mod anomaly;
 pub mod auth;
 mod blocking;
+pub mod fraud;
 pub mod invite;
 pub mod scanner;
 pub mod track;
