@@ -927,3 +927,199 @@ impl FraudGuard {
         }
     }
 }
+
+// ---- the engine's hooks ---------------------------------------------------------------------
+
+/// The username of the request's Proxy-Authorization or Authorization (empty when absent).
+pub fn credentials_user<'a>(msg: &crate::wire::Message<'a>) -> &'a [u8] {
+    use crate::wire::HeaderName;
+    let value = msg
+        .value(HeaderName::ProxyAuthorization)
+        .or_else(|| msg.value(HeaderName::Authorization))
+        .unwrap_or(b"");
+    auth_param(value, b"username")
+}
+
+/// One parameter of a Digest credentials value, unquoted (no escapes: usernames have none).
+fn auth_param<'a>(value: &'a [u8], name: &[u8]) -> &'a [u8] {
+    let mut rest = value;
+    while let Some(at) = rest
+        .windows(name.len())
+        .position(|w| w.eq_ignore_ascii_case(name))
+    {
+        let before_ok = at == 0
+            || rest
+                .get(at - 1)
+                .is_some_and(|b| matches!(b, b' ' | b',' | b'\t'));
+        let after = rest.get(at + name.len()..).unwrap_or(b"");
+        let after_trim = after.trim_ascii_start();
+        if before_ok {
+            if let Some(v) = after_trim.strip_prefix(b"=") {
+                let v = v.trim_ascii_start();
+                return match v.strip_prefix(b"\"") {
+                    Some(q) => q.split(|b| *b == b'"').next().unwrap_or(b""),
+                    None => v.split(|b| *b == b',').next().unwrap_or(b"").trim_ascii(),
+                };
+            }
+        }
+        rest = after;
+    }
+    b""
+}
+
+impl super::Engine {
+    /// From `on_request`, after every other check passed: the toll-fraud rules for an initial
+    /// INVITE, call-state tracking for ACK and BYE. `Some` rejects the request.
+    pub(super) fn fraud_on_request(
+        &mut self,
+        now: Millis,
+        src: std::net::SocketAddr,
+        net: IpNet,
+        msg: &crate::wire::Message<'_>,
+    ) -> Option<super::Verdict> {
+        use crate::wire::{HeaderName, Method};
+        if !self.fraud.enabled() {
+            return None;
+        }
+        let call_id = msg.call_id();
+        match msg.method()? {
+            Method::Ack => self.fraud.on_ack(call_id),
+            Method::Bye => self.fraud.on_bye(now, call_id),
+            Method::Invite => {
+                let in_dialog = msg
+                    .header(HeaderName::To)
+                    .and_then(|h| crate::wire::uri::NameAddr::parse(msg.buf, h.value))
+                    .is_some_and(|na| na.tag(msg.buf).is_some());
+                if in_dialog {
+                    return None;
+                }
+                let creds = credentials_user(msg);
+                let account = if creds.is_empty() {
+                    super::uri_user(msg, HeaderName::From)
+                } else {
+                    creds
+                };
+                let dialled = msg
+                    .request_uri()
+                    .and_then(|sp| crate::wire::uri::Uri::parse(msg.buf, sp))
+                    .map_or(&b""[..], |u| u.user(msg.buf));
+                let enforce = !self.observe();
+                let d = self
+                    .fraud
+                    .on_invite(now, net, account, dialled, call_id, enforce);
+                for f in &d.alerts {
+                    self.fraud_alert(f, src);
+                }
+                if let Some(f) = d.block_source {
+                    let det = super::Detection {
+                        key: crate::blocks::BlockKey::whole(net),
+                        kind: crate::blocks::BlockType::Fraud,
+                        reason: format!(
+                            "toll fraud: account {}, group {}: {} {} over {}",
+                            crate::util::printable(account, 64),
+                            if f.group.is_empty() { "any" } else { &f.group },
+                            f.metric.as_str(),
+                            f.value,
+                            f.limit
+                        ),
+                        duration: self.cfg.fraud.block_time,
+                        evidence: vec![super::request_evidence(msg)],
+                    };
+                    let ua = crate::util::printable(msg.user_agent(), 80);
+                    self.block(now, det, &ua);
+                }
+                if let Some(f) = d.reject {
+                    self.fraud_alert(&f, src);
+                    let code = self.cfg.fraud.reject_code;
+                    return Some(super::Verdict::Reply {
+                        code,
+                        reason: f.metric.reason(code),
+                        retry_after: None,
+                    });
+                }
+            }
+            _ => {}
+        }
+        None
+    }
+
+    fn fraud_alert(&mut self, f: &Finding, src: std::net::SocketAddr) {
+        self.events.push(crate::blocks::Event::Alert {
+            kind: crate::blocks::BlockType::Fraud,
+            source: src.ip().to_string(),
+            message: f.describe(),
+        });
+    }
+
+    /// From `on_answer`: the PBX's final answer to an INVITE or a BYE.
+    pub(super) fn fraud_on_answer(
+        &mut self,
+        now: Millis,
+        msg: &crate::wire::Message<'_>,
+        code: u16,
+    ) {
+        if !self.fraud.enabled() {
+            return;
+        }
+        match msg.cseq() {
+            Some((_, b"INVITE")) => self.fraud.on_invite_answer(now, msg.call_id(), code),
+            Some((_, b"BYE")) => self.fraud.on_bye_answer(msg.call_id(), code),
+            _ => {}
+        }
+    }
+
+    /// A request from the PBX towards a phone (trusted): its BYE ends the call.
+    pub fn on_upstream_request(&mut self, msg: &crate::wire::Message<'_>) {
+        if self.fraud.enabled() && msg.method() == Some(crate::wire::Method::Bye) {
+            self.fraud.on_upstream_bye(msg.call_id());
+        }
+    }
+
+    pub(super) fn fraud_tick(&mut self, now: Millis) {
+        for f in self.fraud.tick(now) {
+            self.events.push(crate::blocks::Event::Alert {
+                kind: crate::blocks::BlockType::Fraud,
+                source: f.who.to_string(),
+                message: f.describe(),
+            });
+        }
+    }
+
+    pub fn fraud(&self) -> &FraudGuard {
+        &self.fraud
+    }
+
+    pub fn fraud_mut(&mut self) -> &mut FraudGuard {
+        &mut self.fraud
+    }
+}
+
+/// The detector snapshots the state store keeps (see [`super::Engine::durable_snapshots`]).
+pub const SNAPSHOT_NAMES: [&str; 1] = ["fraud"];
+
+impl super::Engine {
+    /// Whole-state snapshots to persist, by name (JSON). Empty when there is nothing to keep.
+    pub fn durable_snapshots(&self) -> Vec<(&'static str, Vec<u8>)> {
+        let mut out = Vec::new();
+        if self.fraud.tracked() > 0 || self.fraud.enabled() {
+            if let Ok(b) = serde_json::to_vec(&self.fraud.snapshot()) {
+                out.push(("fraud", b));
+            }
+        }
+        out
+    }
+
+    /// Load a snapshot saved by an earlier run; false when it cannot be decoded.
+    pub fn restore_snapshot(&mut self, name: &str, bytes: &[u8]) -> bool {
+        match name {
+            "fraud" => match serde_json::from_slice::<Snapshot>(bytes) {
+                Ok(s) => {
+                    self.fraud.restore(s);
+                    true
+                }
+                Err(_) => false,
+            },
+            _ => false,
+        }
+    }
+}

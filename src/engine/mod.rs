@@ -38,6 +38,7 @@ use crate::wire::{HeaderName, Message, Method, ParseError};
 
 pub use anomaly::Anomaly;
 use auth::{Answer, AuthTracker};
+pub use fraud::SNAPSHOT_NAMES;
 use invite::{InviteCheck, InviteGuard};
 use scanner::ScannerMatcher;
 use track::{nonzero, EngineClock, Limiters, Window};
@@ -100,6 +101,7 @@ pub struct Engine {
     /// block comes from the PBX's answers (which carry the PBX's Server header, not the UA).
     devices: LruCache<IpNet, Box<str>>,
     events: Vec<Event>,
+    fraud: fraud::FraudGuard,
 }
 
 fn flood_quota(cfg: &Config) -> Quota {
@@ -126,6 +128,7 @@ impl Engine {
             options: LruCache::new(nonzero(cap)),
             devices: LruCache::new(nonzero(cap / 4 + 1)),
             events: Vec::new(),
+            fraud: fraud::FraudGuard::new(&cfg.fraud, rand::random()),
             clock,
         };
         e.lists
@@ -149,6 +152,7 @@ impl Engine {
         self.anomalies.resize(nonzero(cap));
         self.options.resize(nonzero(cap));
         self.devices.resize(nonzero(cap / 4 + 1));
+        self.fraud.reconfigure(&cfg.fraud);
         for kind in [ListKind::Whitelist, ListKind::Blacklist] {
             let nets = match kind {
                 ListKind::Whitelist => &cfg.lists.whitelist,
@@ -407,6 +411,9 @@ impl Engine {
                 };
             }
         }
+        if let Some(v) = self.fraud_on_request(now, src, net, msg) {
+            return v;
+        }
         Verdict::Forward
     }
 
@@ -422,6 +429,9 @@ impl Engine {
         attempt: Option<u64>,
     ) {
         let Some(code) = msg.status() else { return };
+        if code >= 200 {
+            self.fraud_on_answer(now, msg, code);
+        }
         if code < 200 || self.is_upstream(phone.ip()) || self.lists.is_whitelisted(phone.ip()) {
             return;
         }
@@ -528,6 +538,7 @@ impl Engine {
     /// Expire blocks whose time is up. Call about once a second.
     pub fn tick(&mut self, now: Millis) {
         self.clock.set(now);
+        self.fraud_tick(now);
         for b in self.table.expire(now) {
             self.events.push(Event::Unblocked {
                 key: b.key,
@@ -676,6 +687,7 @@ impl Engine {
             + self.options.len()
             + self.strikes.len()
             + self.devices.len()
+            + self.fraud.tracked()
     }
 }
 

@@ -97,6 +97,9 @@ impl Shared {
         };
         let Scratch { edits, out } = scratch;
         let action = if msg.is_request() {
+            if from_upstream {
+                self.node.with_engine(|e| e.on_upstream_request(&msg));
+            }
             if inspect {
                 let our_dialog = self.router.read().is_our_dialog(&msg);
                 match self

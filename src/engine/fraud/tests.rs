@@ -356,3 +356,108 @@ fn stray_messages_never_create_or_underflow_counters() {
     assert_eq!(g.tracked(), 0);
     let _ = Duration::ZERO;
 }
+
+mod engine {
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::{Engine, Verdict};
+    use crate::wire::{parse, Framing};
+    use std::net::SocketAddr;
+
+    fn invite(to: &str, from: &str, creds: Option<&str>, call: &str) -> Vec<u8> {
+        let auth = creds.map_or(String::new(), |u| {
+            format!("Proxy-Authorization: Digest username=\"{u}\", realm=\"pbx\", nonce=\"n\", uri=\"sip:{to}@pbx\", response=\"00\"\r\n")
+        });
+        format!(
+            "INVITE sip:{to}@pbx SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10;branch=z9hG4bK{call}\r\nMax-Forwards: 70\r\n\
+From: <sip:{from}@pbx>;tag=1\r\nTo: <sip:{to}@pbx>\r\nCall-ID: {call}\r\nCSeq: 2 INVITE\r\n{auth}Content-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    fn answer(code: u16, method: &str, call: &str) -> Vec<u8> {
+        format!(
+            "SIP/2.0 {code} X\r\nVia: SIP/2.0/UDP 192.0.2.10;branch=z9hG4bK{call}\r\nFrom: <sip:a@pbx>;tag=1\r\n\
+To: <sip:b@pbx>;tag=2\r\nCall-ID: {call}\r\nCSeq: 2 {method}\r\nContent-Length: 0\r\n\r\n"
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn credentials_username_is_the_account() {
+        let b = invite("0044", "1001", Some("alice"), "x");
+        let m = parse(&b, Framing::Datagram).unwrap();
+        assert_eq!(credentials_user(&m), b"alice");
+        assert_eq!(
+            auth_param(b"Digest realm=\"r\", username=bob", b"username"),
+            b"bob"
+        );
+        assert_eq!(auth_param(b"Digest xusername=\"no\"", b"username"), b"");
+    }
+
+    #[test]
+    fn the_engine_rejects_past_the_limit_and_uncounts_every_end() {
+        let mut c = Config::default();
+        c.fraud.enabled = true;
+        c.invite.rate_limit = 1000;
+        c.invite.burst = 1000;
+        let mut e = Engine::new(&c, T0);
+        let phone: SocketAddr = "192.0.2.10:5060".parse().unwrap();
+        let on = |e: &mut Engine, b: Vec<u8>| {
+            let m = parse(&b, Framing::Datagram).unwrap();
+            if m.is_request() {
+                Some(e.on_request(T0, phone, &m, false))
+            } else {
+                e.on_answer(T0, phone, &m, None);
+                None
+            }
+        };
+        for i in 0..5 {
+            let call = format!("c{i}");
+            assert_eq!(
+                on(&mut e, invite("0044123", "1001", Some("1001"), &call)),
+                Some(Verdict::Forward)
+            );
+            on(
+                &mut e,
+                answer(if i % 2 == 0 { 487 } else { 486 }, "INVITE", &call),
+            );
+        }
+        match on(&mut e, invite("0044123", "1001", Some("1001"), "c5")) {
+            Some(Verdict::Reply {
+                code: 403, reason, ..
+            }) => assert!(reason.contains("calls per minute")),
+            v => panic!("{v:?}"),
+        }
+        // A second account on the same source is unaffected.
+        assert_eq!(
+            on(&mut e, invite("0044123", "1002", Some("1002"), "d0")),
+            Some(Verdict::Forward)
+        );
+        on(&mut e, answer(200, "INVITE", "d0"));
+        let mut ack = invite("0044123", "1002", None, "d0");
+        ack = String::from_utf8(ack)
+            .unwrap()
+            .replace("INVITE sip", "ACK sip")
+            .replace("2 INVITE", "2 ACK")
+            .into_bytes();
+        on(&mut e, ack);
+        assert_eq!(e.fraud().concurrent_total(), 1);
+        let bye = answer(200, "BYE", "d0");
+        let upstream_bye = String::from_utf8(invite("0044123", "1002", None, "d0"))
+            .unwrap()
+            .replace("INVITE sip", "BYE sip");
+        let m = parse(upstream_bye.as_bytes(), Framing::Datagram).unwrap();
+        e.on_upstream_request(&m);
+        on(&mut e, bye);
+        assert_eq!(e.fraud().concurrent_total(), 0);
+        assert_eq!(e.fraud().active_calls(), 0);
+        assert!(e.take_events().iter().any(|ev| matches!(
+            ev,
+            crate::blocks::Event::Alert {
+                kind: crate::blocks::BlockType::Fraud,
+                ..
+            }
+        )));
+    }
+}
