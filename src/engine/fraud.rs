@@ -1095,7 +1095,7 @@ impl super::Engine {
 }
 
 /// The detector snapshots the state store keeps (see [`super::Engine::durable_snapshots`]).
-pub const SNAPSHOT_NAMES: [&str; 1] = ["fraud"];
+pub const SNAPSHOT_NAMES: [&str; 2] = ["fraud", "feeds"];
 
 impl super::Engine {
     /// Whole-state snapshots to persist, by name (JSON). Empty when there is nothing to keep.
@@ -1106,15 +1106,27 @@ impl super::Engine {
                 out.push(("fraud", b));
             }
         }
+        if !self.feeds.is_empty() || self.feeds.status().next().is_some() {
+            if let Ok(b) = serde_json::to_vec(&self.feeds_snapshot()) {
+                out.push(("feeds", b));
+            }
+        }
         out
     }
 
     /// Load a snapshot saved by an earlier run; false when it cannot be decoded.
-    pub fn restore_snapshot(&mut self, name: &str, bytes: &[u8]) -> bool {
+    pub fn restore_snapshot(&mut self, now: Millis, name: &str, bytes: &[u8]) -> bool {
         match name {
             "fraud" => match serde_json::from_slice::<Snapshot>(bytes) {
                 Ok(s) => {
                     self.fraud.restore(s);
+                    true
+                }
+                Err(_) => false,
+            },
+            "feeds" => match serde_json::from_slice(bytes) {
+                Ok(s) => {
+                    self.feeds_restore(now, s);
                     true
                 }
                 Err(_) => false,

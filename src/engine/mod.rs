@@ -11,6 +11,7 @@
 pub mod anomaly;
 pub mod auth;
 mod blocking;
+mod feeds;
 pub mod fraud;
 pub mod invite;
 pub mod scanner;
@@ -102,6 +103,7 @@ pub struct Engine {
     devices: LruCache<IpNet, Box<str>>,
     events: Vec<Event>,
     fraud: fraud::FraudGuard,
+    feeds: crate::feeds::list::FeedList,
 }
 
 fn flood_quota(cfg: &Config) -> Quota {
@@ -129,6 +131,7 @@ impl Engine {
             devices: LruCache::new(nonzero(cap / 4 + 1)),
             events: Vec::new(),
             fraud: fraud::FraudGuard::new(&cfg.fraud, rand::random()),
+            feeds: crate::feeds::list::FeedList::new(cfg.feeds.max_entries),
             clock,
         };
         e.lists
@@ -214,6 +217,9 @@ impl Engine {
         }
         if self.lists.is_whitelisted(src.ip()) {
             return Pre::Whitelisted;
+        }
+        if let Some(p) = self.feed_check(now, src) {
+            return p;
         }
         if self.lists.blacklisted(src.ip()).is_some() && !self.observe() {
             return Pre::Blocked {

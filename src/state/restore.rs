@@ -51,7 +51,7 @@ pub fn restore(node: &Node, store: &Store) -> Result<Restored, StateError> {
     });
     for name in crate::engine::SNAPSHOT_NAMES {
         if let Some(bytes) = store.snapshot(name)? {
-            if !node.with_engine(|e| e.restore_snapshot(name, &bytes)) {
+            if !node.with_engine(|e| e.restore_snapshot(now, name, &bytes)) {
                 out.undecodable += 1;
             }
         }

@@ -400,7 +400,7 @@ CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
     let store = Store::open(&path).unwrap();
     let mut e2 = Engine::new(&cfg, now);
     let bytes = store.snapshot("fraud").unwrap().unwrap();
-    assert!(e2.restore_snapshot("fraud", &bytes));
+    assert!(e2.restore_snapshot(now, "fraud", &bytes));
     assert_eq!(e2.fraud().concurrent_total(), 1);
     // The call still ends after the restart: its final answer uncounts it.
     let ans = b"SIP/2.0 487 Terminated\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKa\r\n\
