@@ -135,7 +135,7 @@ async fn incremental_pulls_expiry_whitelist_and_restart() {
     // The FEED block shows its feed.
     let reason = node.inspect(|e| {
         e.blocks()
-            .find(|b| b.kind == crate::blocks::BlockType::Feed)
+            .find(|b| b.kind == crate::blocks::BlockType::Feed && b.key.ip_text() == "203.0.113.5")
             .map(|b| b.reason.clone())
     });
     assert!(reason.unwrap().contains("apiban"));
