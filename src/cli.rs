@@ -55,6 +55,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The toll-fraud guard: accounts near or over a threshold, calls up, top destinations.
+    Fraud {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The threat feeds: entries, last update, errors.
+    Feeds {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -47,6 +47,8 @@ pub struct Config {
     pub geoip: Geoip,
     pub cluster: Cluster,
     pub log: Log,
+    pub fraud: Fraud,
+    pub feeds: Feeds,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -490,6 +492,200 @@ impl Default for Log {
     }
 }
 
+/// `fraud.rules[].per`: whose calls a rule counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FraudPer {
+    Account,
+    Source,
+}
+
+/// `fraud.rules[].action` at the critical threshold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FraudAction {
+    /// Reject the call (`fraud.reject_code`).
+    Reject,
+    /// Reject it and block the account (per = "account") or the source (per = "source").
+    Block,
+    /// Let it through and alert.
+    Alert,
+}
+
+/// One toll-fraud rule: limits on the calls of one account (or source) to one prefix group.
+/// A limit of 0 is off. `warn_at` is the fraction of a limit that raises a warning.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FraudRule {
+    /// A key of `prefix_groups`; empty: every call.
+    pub group: String,
+    pub per: FraudPer,
+    pub calls_per_minute: u32,
+    pub calls_per_hour: u32,
+    pub calls_per_day: u32,
+    pub concurrent: u32,
+    /// The same number dialled this many times in a row.
+    pub same_number: u32,
+    /// Distinct numbers within `distinct_window`.
+    pub distinct_numbers: u32,
+    #[serde(with = "humantime_serde")]
+    pub distinct_window: Duration,
+    /// An answered call longer than this raises an alert ("0s": off).
+    #[serde(with = "humantime_serde")]
+    pub max_duration: Duration,
+    pub warn_at: f64,
+    pub action: FraudAction,
+    /// Hours of the day the rule applies, "8-18" (from 08:00 to 17:59, local to
+    /// `fraud.utc_offset_minutes`; "22-6" wraps); empty: all day.
+    pub hours: String,
+    /// Days the rule applies: "mon-fri", "sat,sun"; empty: every day.
+    pub days: String,
+}
+
+impl Default for FraudRule {
+    fn default() -> Self {
+        Self {
+            group: String::new(),
+            per: FraudPer::Account,
+            calls_per_minute: 0,
+            calls_per_hour: 0,
+            calls_per_day: 0,
+            concurrent: 0,
+            same_number: 0,
+            distinct_numbers: 0,
+            distinct_window: Duration::from_secs(3600),
+            max_duration: Duration::ZERO,
+            warn_at: 0.8,
+            action: FraudAction::Reject,
+            hours: String::new(),
+            days: String::new(),
+        }
+    }
+}
+
+/// Caps on the toll-fraud rules' limits: they size the per-subject windows (a limit of N keeps
+/// up to N+1 timestamps or numbers per account), so they bound memory.
+pub const FRAUD_MAX_RATE: u32 = 1000;
+pub const FRAUD_MAX_RULES: usize = 32;
+
+/// `[fraud]`: the toll-fraud guard.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fraud {
+    pub enabled: bool,
+    /// Named lists of number prefixes (dialled digits after any "sip:", "+" kept).
+    pub prefix_groups: std::collections::BTreeMap<String, Vec<String>>,
+    pub rules: Vec<FraudRule>,
+    /// 403 (Forbidden) or 503 (Service Unavailable) for a rejected call.
+    pub reject_code: u16,
+    /// How long action = "block" blocks the account or source.
+    #[serde(with = "humantime_serde")]
+    pub block_time: Duration,
+    /// Local time for `hours` and `days`, in minutes east of UTC.
+    pub utc_offset_minutes: i32,
+    /// Calls tracked at once and accounts/sources counted at once (each bound with its own
+    /// least-recently-used eviction; see the engine's fraud module for the bytes per entry).
+    pub max_calls: usize,
+    pub max_subjects: usize,
+    /// A call with no final answer after this long is over (408 / lost).
+    #[serde(with = "humantime_serde")]
+    pub setup_timeout: Duration,
+    /// A call still up after this long without its BYE is forgotten (a lost BYE).
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
+}
+
+impl Default for Fraud {
+    fn default() -> Self {
+        let group = |p: &[&str]| p.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let mut groups = std::collections::BTreeMap::new();
+        groups.insert("international".to_string(), group(&["00", "+"]));
+        groups.insert(
+            "premium".to_string(),
+            group(&["0900", "0901", "0906", "0909", "1900", "+88"]),
+        );
+        groups.insert(
+            "satellite".to_string(),
+            group(&["00870", "00881", "00882", "+870", "+881", "+882"]),
+        );
+        Self {
+            enabled: false,
+            prefix_groups: groups,
+            rules: vec![
+                FraudRule {
+                    group: "international".into(),
+                    calls_per_minute: 5,
+                    calls_per_hour: 30,
+                    calls_per_day: 100,
+                    concurrent: 3,
+                    same_number: 10,
+                    distinct_numbers: 20,
+                    max_duration: Duration::from_secs(7200),
+                    ..FraudRule::default()
+                },
+                FraudRule {
+                    group: "premium".into(),
+                    calls_per_hour: 3,
+                    concurrent: 1,
+                    action: FraudAction::Block,
+                    ..FraudRule::default()
+                },
+                FraudRule {
+                    group: "satellite".into(),
+                    calls_per_day: 2,
+                    concurrent: 1,
+                    action: FraudAction::Block,
+                    ..FraudRule::default()
+                },
+            ],
+            reject_code: 403,
+            block_time: Duration::from_secs(3600),
+            utc_offset_minutes: 0,
+            max_calls: 50_000,
+            max_subjects: 20_000,
+            setup_timeout: Duration::from_secs(180),
+            call_timeout: Duration::from_secs(12 * 3600),
+        }
+    }
+}
+
+/// `[feeds]`: shared threat feeds pulled into a list of their own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Feeds {
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// APIBAN key; empty: APIBAN off.
+    pub apiban_key: String,
+    pub apiban_url: String,
+    /// URLs of plain address/CIDR lists (one a line, `#` comments, VoIPBL format).
+    pub lists: Vec<String>,
+    /// A feed entry not seen again for this long expires.
+    #[serde(with = "humantime_serde")]
+    pub entry_lifetime: Duration,
+    /// Entries held over all feeds; further ones are ignored (and counted).
+    pub max_entries: usize,
+    /// Bytes read from one list or one APIBAN answer.
+    pub max_bytes: usize,
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for Feeds {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(300),
+            apiban_key: String::new(),
+            apiban_url: "https://apiban.org/api".into(),
+            lists: Vec::new(),
+            entry_lifetime: Duration::from_secs(7 * 86400),
+            max_entries: 200_000,
+            max_bytes: 8 << 20,
+            timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// Where the PBX is, as written in `upstream.address`, before name resolution.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTarget {
@@ -727,6 +923,8 @@ impl Config {
                 "must be a redis:// URL (TLS is not supported: use a private network or a tunnel)",
             ));
         }
+        validate_fraud(&c.fraud)?;
+        validate_feeds(&c.feeds)?;
         tracing_subscriber::EnvFilter::try_new(&c.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(self)
@@ -745,6 +943,105 @@ impl Config {
             transport: self.upstream.transport,
         })
     }
+}
+
+fn validate_fraud(f: &Fraud) -> Result<(), ConfigError> {
+    if !matches!(f.reject_code, 403 | 503) {
+        return Err(invalid("fraud.reject_code", "must be 403 or 503"));
+    }
+    positive("fraud.block_time", f.block_time)?;
+    positive("fraud.setup_timeout", f.setup_timeout)?;
+    positive("fraud.call_timeout", f.call_timeout)?;
+    nonzero("fraud.max_calls", f.max_calls as u64)?;
+    nonzero("fraud.max_subjects", f.max_subjects as u64)?;
+    if !(-720..=840).contains(&f.utc_offset_minutes) {
+        return Err(invalid("fraud.utc_offset_minutes", "must be -720..=840"));
+    }
+    for (name, prefixes) in &f.prefix_groups {
+        let key = format!("fraud.prefix_groups.{name}");
+        if name.is_empty() || prefixes.is_empty() || prefixes.len() > 256 {
+            return Err(invalid(&key, "a named group of 1 to 256 prefixes"));
+        }
+        let ok = |p: &str| {
+            !p.is_empty()
+                && p.len() <= 16
+                && p.bytes()
+                    .enumerate()
+                    .all(|(i, b)| b.is_ascii_digit() || (i == 0 && b == b'+'))
+        };
+        if let Some(p) = prefixes.iter().find(|p| !ok(p)) {
+            return Err(invalid(
+                &key,
+                format!("{p:?}: a prefix is up to 16 digits, optionally after a leading +"),
+            ));
+        }
+    }
+    if f.rules.len() > FRAUD_MAX_RULES {
+        return Err(invalid(
+            "fraud.rules",
+            format!("at most {FRAUD_MAX_RULES} rules"),
+        ));
+    }
+    for (i, r) in f.rules.iter().enumerate() {
+        let key = |k: &str| format!("fraud.rules[{i}].{k}");
+        if !r.group.is_empty() && !f.prefix_groups.contains_key(&r.group) {
+            return Err(invalid(
+                &key("group"),
+                format!("{:?} is not a key of fraud.prefix_groups", r.group),
+            ));
+        }
+        for (k, v) in [
+            ("calls_per_minute", r.calls_per_minute),
+            ("same_number", r.same_number),
+            ("distinct_numbers", r.distinct_numbers),
+        ] {
+            if v > FRAUD_MAX_RATE {
+                return Err(invalid(&key(k), format!("at most {FRAUD_MAX_RATE}")));
+            }
+        }
+        if !(r.warn_at > 0.0 && r.warn_at <= 1.0) {
+            return Err(invalid(&key("warn_at"), "must be in (0, 1]"));
+        }
+        positive(&key("distinct_window"), r.distinct_window)?;
+        if r.distinct_window > Duration::from_secs(86400) {
+            return Err(invalid(&key("distinct_window"), "at most 1 day"));
+        }
+        crate::engine::fraud::parse_hours(&r.hours).map_err(|m| invalid(&key("hours"), m))?;
+        crate::engine::fraud::parse_days(&r.days).map_err(|m| invalid(&key("days"), m))?;
+    }
+    Ok(())
+}
+
+fn validate_feeds(f: &Feeds) -> Result<(), ConfigError> {
+    if f.interval < Duration::from_secs(60) {
+        return Err(invalid(
+            "feeds.interval",
+            "at least 1m (APIBAN allows 11 requests per 2 minutes)",
+        ));
+    }
+    positive("feeds.entry_lifetime", f.entry_lifetime)?;
+    positive("feeds.timeout", f.timeout)?;
+    nonzero("feeds.max_entries", f.max_entries as u64)?;
+    if f.max_bytes < 1024 {
+        return Err(invalid("feeds.max_bytes", "at least 1024"));
+    }
+    let url = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+    if !url(&f.apiban_url) {
+        return Err(invalid(
+            "feeds.apiban_url",
+            "must be an http:// or https:// URL",
+        ));
+    }
+    if f.apiban_key.bytes().any(|b| !b.is_ascii_graphic()) {
+        return Err(invalid("feeds.apiban_key", "printable characters only"));
+    }
+    if let Some(u) = f.lists.iter().find(|u| !url(u)) {
+        return Err(invalid(
+            "feeds.lists",
+            format!("{u:?} must be an http:// or https:// URL"),
+        ));
+    }
+    Ok(())
 }
 
 fn nonzero(key: &str, v: u64) -> Result<(), ConfigError> {

@@ -22,6 +22,7 @@ pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod engine;
+pub mod feeds;
 pub mod geoip;
 pub mod net;
 pub mod node;

@@ -488,6 +488,13 @@ pub async fn start(
         }));
     }
 
+    // Threat feeds (src/feeds): pulled until stop.
+    {
+        let (node, stop) = (node.clone(), stopped());
+        tasks.push(tokio::spawn(async move {
+            tokio::select! { _ = stop => {}, _ = crate::feeds::run(node) => {} }
+        }));
+    }
     // Reload: SIGHUP and the admin API both come through this channel.
     let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
     // The address the admin API is really bound to: a reload cannot move it, so the token rule

@@ -673,3 +673,19 @@ pub(crate) async fn reload(State(st): St) -> Result<Json<serde_json::Value>, Api
         )),
     }
 }
+
+/// `GET /api/fraud`: the toll-fraud guard's accounts and sources near or over a threshold, calls
+/// up, top destinations.
+pub(crate) async fn fraud(State(st): St) -> Json<crate::engine::fraud::Report> {
+    let now = st.node.now();
+    Json(st.node.inspect(|e| e.fraud().report(now)))
+}
+
+/// `GET /api/feeds`: each feed with its URL, entry count, last update and last error.
+pub(crate) async fn feeds(State(st): St) -> Json<serde_json::Value> {
+    let (total, feeds) = st.node.inspect(|e| {
+        let f = e.feeds();
+        (f.len(), f.status().cloned().collect::<Vec<_>>())
+    });
+    Json(serde_json::json!({ "entries": total, "feeds": feeds }))
+}

@@ -94,7 +94,108 @@ pub async fn execute(cfg: &Config, cmd: &Command) -> Result<String, String> {
                 stats_text(&parse::<StatsView>(&raw)?)
             }
         }
+        Command::Fraud { json } => {
+            let raw = api.call(Method::GET, "/api/fraud", None).await?;
+            if *json {
+                pretty(&raw)
+            } else {
+                fraud_text(&parse::<serde_json::Value>(&raw)?)
+            }
+        }
+        Command::Feeds { json } => {
+            let raw = api.call(Method::GET, "/api/feeds", None).await?;
+            if *json {
+                pretty(&raw)
+            } else {
+                feeds_text(&parse::<serde_json::Value>(&raw)?)
+            }
+        }
     })
+}
+
+fn fraud_text(v: &serde_json::Value) -> String {
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    let mut out = format!(
+        "fraud guard {}: {} calls up, {} counted, {} accounts/sources tracked\n",
+        if v["enabled"].as_bool() == Some(true) {
+            "on"
+        } else {
+            "off"
+        },
+        s(&v["active_calls"]),
+        s(&v["concurrent_total"]),
+        s(&v["subjects"]),
+    );
+    let rows: Vec<Vec<String>> = v["rows"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .map(|r| {
+                    vec![
+                        s(&r["subject"]),
+                        s(&r["group"]),
+                        s(&r["concurrent"]),
+                        s(&r["calls_minute"]),
+                        s(&r["calls_hour"]),
+                        s(&r["calls_day"]),
+                        format!("{:.0}%", r["ratio"].as_f64().unwrap_or(0.0) * 100.0),
+                        r["blocked_for_secs"].as_u64().map_or("-".into(), fmt_secs),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    out.push_str(&table(
+        &[
+            "SUBJECT", "GROUP", "UP", "MIN", "HOUR", "DAY", "LOAD", "BLOCKED",
+        ],
+        &rows,
+    ));
+    if let Some(top) = v["top_destinations"].as_array().filter(|t| !t.is_empty()) {
+        out.push_str("top destinations:");
+        for t in top {
+            out.push_str(&format!(" {} ({})", s(&t[0]), s(&t[1])));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn feeds_text(v: &serde_json::Value) -> String {
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) if s.is_empty() => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    let rows: Vec<Vec<String>> = v["feeds"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .map(|f| {
+                    vec![
+                        s(&f["name"]),
+                        s(&f["entries"]),
+                        s(&f["last_update"]),
+                        s(&f["next_id"]),
+                        s(&f["last_error"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    format!(
+        "{} feed entries\n{}",
+        s(&v["entries"]),
+        table(
+            &["FEED", "ENTRIES", "UPDATED(ms)", "NEXT ID", "ERROR"],
+            &rows
+        )
+    )
 }
 
 async fn list(api: &Api, name: &str, action: &ListAction) -> Result<String, String> {

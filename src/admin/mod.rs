@@ -86,6 +86,8 @@ pub(crate) fn router_with(
         .route("/blacklist", get(api::blacklist).post(api::blacklist_add))
         .route("/blacklist/{*cidr}", delete(api::blacklist_remove))
         .route("/stats", get(api::stats))
+        .route("/fraud", get(api::fraud))
+        .route("/feeds", get(api::feeds))
         .route("/reload", post(api::reload))
         .fallback(api_not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -32,10 +32,14 @@ pub enum BlockType {
     Tftp,
     Blacklist,
     Manual,
+    /// A toll-fraud rule (the reason names the account and prefix group).
+    Fraud,
+    /// A shared threat feed (the reason names the feed).
+    Feed,
 }
 
 impl BlockType {
-    pub const ALL: [BlockType; 9] = [
+    pub const ALL: [BlockType; 11] = [
         BlockType::Register,
         BlockType::Invite,
         BlockType::Scanner,
@@ -45,6 +49,8 @@ impl BlockType {
         BlockType::Tftp,
         BlockType::Blacklist,
         BlockType::Manual,
+        BlockType::Fraud,
+        BlockType::Feed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -58,6 +64,8 @@ impl BlockType {
             BlockType::Tftp => "TFTP",
             BlockType::Blacklist => "BLACKLIST",
             BlockType::Manual => "MANUAL",
+            BlockType::Fraud => "FRAUD",
+            BlockType::Feed => "FEED",
         }
     }
 }

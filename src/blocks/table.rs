@@ -74,11 +74,11 @@ const UNEVICTABLE: u8 = u8::MAX;
 /// PBX itself answered with a failure. Operator (MANUAL) and BLACKLIST blocks never give way.
 pub fn rank(kind: BlockType) -> u8 {
     match kind {
-        BlockType::Scanner => 0,
+        BlockType::Scanner | BlockType::Feed => 0,
         BlockType::Anomaly => 1,
         BlockType::Flood => 2,
         BlockType::Scan | BlockType::Tftp => 3,
-        BlockType::Invite | BlockType::Register => 4,
+        BlockType::Invite | BlockType::Register | BlockType::Fraud => 4,
         BlockType::Blacklist | BlockType::Manual => UNEVICTABLE,
     }
 }

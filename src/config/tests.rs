@@ -107,3 +107,16 @@ fn example_configs_are_valid() {
     }
     assert!(n >= 4, "found {n} example configs");
 }
+
+#[test]
+fn fraud_and_feeds_keys_are_checked() {
+    assert!(err("[fraud]\nreject_code = 404").contains("fraud.reject_code"));
+    assert!(err("[fraud]\n[[fraud.rules]]\ngroup = \"mars\"").contains("fraud.rules[0].group"));
+    assert!(err("[fraud]\n[[fraud.rules]]\nhours = \"8-99\"").contains("fraud.rules[0].hours"));
+    assert!(err("[fraud]\n[[fraud.rules]]\nbogus = 1").contains("fraud.rules"));
+    assert!(err("[fraud.prefix_groups]\nx = [\"00a\"]").contains("fraud.prefix_groups.x"));
+    assert!(err("[feeds]\ninterval = \"10s\"").contains("feeds.interval"));
+    assert!(err("[feeds]\nlists = [\"ftp://x\"]").contains("feeds.lists"));
+    let c = Config::from_toml("[fraud]\nenabled = true\nrules = []").unwrap();
+    assert!(c.fraud.enabled && c.fraud.rules.is_empty());
+}

@@ -11,6 +11,8 @@
 pub mod anomaly;
 pub mod auth;
 mod blocking;
+mod feeds;
+pub mod fraud;
 pub mod invite;
 pub mod scanner;
 pub mod track;
@@ -37,6 +39,7 @@ use crate::wire::{HeaderName, Message, Method, ParseError};
 
 pub use anomaly::Anomaly;
 use auth::{Answer, AuthTracker};
+pub use fraud::SNAPSHOT_NAMES;
 use invite::{InviteCheck, InviteGuard};
 use scanner::ScannerMatcher;
 use track::{nonzero, EngineClock, Limiters, Window};
@@ -102,6 +105,8 @@ pub struct Engine {
     /// The lists changed since the gate's policy was last published (restore batches many
     /// changes; see [`Engine::sync_gate`]).
     lists_dirty: bool,
+    fraud: fraud::FraudGuard,
+    feeds: crate::feeds::list::FeedList,
 }
 
 fn flood_quota(cfg: &Config) -> Quota {
@@ -129,6 +134,8 @@ impl Engine {
             devices: LruCache::new(nonzero(cap / 4 + 1)),
             events: Vec::new(),
             lists_dirty: false,
+            fraud: fraud::FraudGuard::new(&cfg.fraud, rand::random()),
+            feeds: crate::feeds::list::FeedList::new(cfg.feeds.max_entries),
             clock,
         };
         e.lists
@@ -186,6 +193,7 @@ impl Engine {
         self.anomalies.resize(nonzero(cap));
         self.options.resize(nonzero(cap));
         self.devices.resize(nonzero(cap / 4 + 1));
+        self.fraud.reconfigure(&cfg.fraud);
         for kind in [ListKind::Whitelist, ListKind::Blacklist] {
             let nets = match kind {
                 ListKind::Whitelist => &cfg.lists.whitelist,
@@ -248,6 +256,9 @@ impl Engine {
         }
         if self.lists.is_whitelisted(src.ip()) {
             return Pre::Whitelisted;
+        }
+        if let Some(p) = self.feed_check(now, src) {
+            return p;
         }
         if self.lists.blacklisted(src.ip()).is_some() && !self.observe() {
             return Pre::Blocked {
@@ -445,6 +456,9 @@ impl Engine {
                 };
             }
         }
+        if let Some(v) = self.fraud_on_request(now, src, net, msg) {
+            return v;
+        }
         Verdict::Forward
     }
 
@@ -460,6 +474,9 @@ impl Engine {
         attempt: Option<u64>,
     ) {
         let Some(code) = msg.status() else { return };
+        if code >= 200 {
+            self.fraud_on_answer(now, msg, code);
+        }
         if code < 200 || self.is_upstream(phone.ip()) || self.lists.is_whitelisted(phone.ip()) {
             return;
         }
@@ -566,6 +583,7 @@ impl Engine {
     /// Expire blocks whose time is up. Call about once a second.
     pub fn tick(&mut self, now: Millis) {
         self.clock.set(now);
+        self.fraud_tick(now);
         for b in self.table.expire(now) {
             self.events.push(Event::Unblocked {
                 key: b.key,
@@ -718,6 +736,7 @@ impl Engine {
             + self.options.len()
             + self.strikes.len()
             + self.devices.len()
+            + self.fraud.tracked()
     }
 }
 

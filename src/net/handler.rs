@@ -120,6 +120,9 @@ impl Shared {
         let Scratch { edits, out, udp } = scratch;
         let local = udp.as_deref();
         let action = if msg.is_request() {
+            if from_upstream {
+                self.node.with_engine(|e| e.on_upstream_request(&msg));
+            }
             if inspect {
                 let our_dialog = router.is_our_dialog(&msg);
                 match self

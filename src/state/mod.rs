@@ -50,6 +50,9 @@ pub const MAX_RETRY_EVENTS: usize = EVENT_QUEUE;
 const RETRY_EVERY: Duration = Duration::from_secs(1);
 /// How often strike rows older than `protection.strike_memory` are deleted.
 const PRUNE_EVERY: Duration = Duration::from_secs(600);
+/// Detector snapshots (toll-fraud counters, feed entries) are saved this often and at stop: a
+/// crash loses at most this much counting.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(10);
 /// Store errors are logged at most this often (with a count of those in between).
 const ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
@@ -210,6 +213,9 @@ impl Task {
         let start = tokio::time::Instant::now() + PRUNE_EVERY;
         let mut prune = tokio::time::interval_at(start, PRUNE_EVERY);
         prune.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut snap =
+            tokio::time::interval_at(tokio::time::Instant::now() + SNAPSHOT_EVERY, SNAPSHOT_EVERY);
+        snap.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::pin!(stop);
         loop {
             // Unbiased: a flood of local events does not starve what the cluster shares.
@@ -238,6 +244,7 @@ impl Task {
                     self.commit(Vec::new()).await;
                 }
                 _ = prune.tick() => self.prune().await,
+                _ = snap.tick() => self.save_snapshots().await,
                 _ = &mut stop => {
                     while let Ok(b) = rx.try_recv() {
                         let batches = drain(b, &mut rx);
@@ -246,6 +253,7 @@ impl Task {
                     if !self.retry.is_empty() {
                         self.commit(Vec::new()).await;
                     }
+                    self.save_snapshots().await;
                     break;
                 }
             }
@@ -378,6 +386,21 @@ impl Task {
             Err(e) => self
                 .errors
                 .report("cannot store blocks learnt from the cluster", &e),
+        }
+    }
+
+    async fn save_snapshots(&mut self) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let snaps = self.node.inspect(|e| e.durable_snapshots());
+        if snaps.is_empty() {
+            return;
+        }
+        match tokio::task::spawn_blocking(move || store.set_snapshots(&snaps)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => self.errors.report("cannot save snapshots", &e),
+            Err(e) => self.errors.report("cannot save snapshots", &e),
         }
     }
 

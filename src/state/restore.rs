@@ -49,6 +49,13 @@ pub fn restore(node: &Node, store: &Store) -> Result<Restored, StateError> {
             }
         }
     });
+    for name in crate::engine::SNAPSHOT_NAMES {
+        if let Some(bytes) = store.snapshot(name)? {
+            if !node.with_engine(|e| e.restore_snapshot(now, name, &bytes)) {
+                out.undecodable += 1;
+            }
+        }
+    }
     let kept: HashSet<BlockKey> = node.inspect(|e| e.blocks().map(|b| b.key).collect());
     let stale: Vec<BlockKey> = stored.into_iter().filter(|k| !kept.contains(k)).collect();
     out.blocks = kept.len();

@@ -26,6 +26,9 @@ const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
 /// The routing key (flow tokens, Via branches): `current` (16 bytes), `previous` (16 bytes +
 /// retirement time, unix ms, big-endian).
 const ROUTING_KEYS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("routing_keys");
+/// Whole-state snapshots of detectors, JSON: `fraud` (calls up and toll-fraud counters),
+/// `feeds` (threat-feed entries and pull positions). Written every few seconds and at stop.
+const SNAPSHOTS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("snapshots");
 
 /// The layout version this build writes and reads. A file written by a newer build is refused
 /// rather than half-read.
@@ -191,6 +194,7 @@ impl Store {
             tx.open_table(STRIKES).map_err(self.err("open table"))?;
             tx.open_table(ROUTING_KEYS)
                 .map_err(self.err("open table"))?;
+            tx.open_table(SNAPSHOTS).map_err(self.err("open table"))?;
             let mut meta = tx.open_table(META).map_err(self.err("open table"))?;
             let found = meta
                 .get("schema")
@@ -208,6 +212,27 @@ impl Store {
                     meta.insert("schema", SCHEMA)
                         .map_err(self.err("write schema"))?;
                 }
+            }
+        }
+        tx.commit().map_err(self.err("commit"))
+    }
+
+    /// A snapshot saved by [`Store::set_snapshot`], if any.
+    pub fn snapshot(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let tx = self.db.begin_read().map_err(self.err("begin read"))?;
+        let t = tx.open_table(SNAPSHOTS).map_err(self.err("open table"))?;
+        let v = t.get(name).map_err(self.err("read snapshot"))?;
+        Ok(v.map(|v| v.value().to_vec()))
+    }
+
+    /// Replace the snapshots named, in one durable transaction.
+    pub fn set_snapshots(&self, snaps: &[(&str, Vec<u8>)]) -> Result<(), StateError> {
+        let tx = self.db.begin_write().map_err(self.err("begin"))?;
+        {
+            let mut t = tx.open_table(SNAPSHOTS).map_err(self.err("open table"))?;
+            for (name, bytes) in snaps {
+                t.insert(*name, bytes.as_slice())
+                    .map_err(self.err("write snapshot"))?;
             }
         }
         tx.commit().map_err(self.err("commit"))

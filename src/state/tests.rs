@@ -374,3 +374,39 @@ fn truncated_or_scribbled_files_are_refused_not_a_crash() {
         );
     }
 }
+
+/// The toll-fraud counters (calls up included) survive a restart through the store.
+#[test]
+fn fraud_snapshot_survives_reopen() {
+    use crate::engine::Engine;
+    use crate::wire::{parse, Framing};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let mut cfg = crate::config::Config::default();
+    cfg.fraud.enabled = true;
+    let now = 1_700_000_000_000;
+    let mut e = Engine::new(&cfg, now);
+    let inv = b"INVITE sip:0044123@pbx SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKa\r\n\
+Max-Forwards: 70\r\nFrom: <sip:1001@pbx>;tag=1\r\nTo: <sip:0044123@pbx>\r\nCall-ID: k1\r\n\
+CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
+    let m = parse(inv, Framing::Datagram).unwrap();
+    e.on_request(now, "192.0.2.1:5060".parse().unwrap(), &m, false);
+    assert_eq!(e.fraud().concurrent_total(), 1);
+    {
+        let store = Store::open(&path).unwrap();
+        let snaps = e.durable_snapshots();
+        store.set_snapshots(&snaps).unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    let mut e2 = Engine::new(&cfg, now);
+    let bytes = store.snapshot("fraud").unwrap().unwrap();
+    assert!(e2.restore_snapshot(now, "fraud", &bytes));
+    assert_eq!(e2.fraud().concurrent_total(), 1);
+    // The call still ends after the restart: its final answer uncounts it.
+    let ans = b"SIP/2.0 487 Terminated\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKa\r\n\
+From: <sip:1001@pbx>;tag=1\r\nTo: <sip:0044123@pbx>;tag=2\r\nCall-ID: k1\r\nCSeq: 1 INVITE\r\n\
+Content-Length: 0\r\n\r\n";
+    let m = parse(ans, Framing::Datagram).unwrap();
+    e2.on_answer(now, "192.0.2.1:5060".parse().unwrap(), &m, None);
+    assert_eq!(e2.fraud().concurrent_total(), 0);
+}
