@@ -41,7 +41,8 @@ impl Shared {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
-        // One read of the router for the whole packet (reloads and re-resolution write it).
+        stats.hep.received(inb.transport, inb.src, bytes); // HEP capture: received
+                                                           // One read of the router for the whole packet (reloads and re-resolution write it).
         let (own, from_upstream) = {
             let router = self.router.read();
             (router.is_own_socket(&inb), router.is_upstream(&inb))
@@ -201,6 +202,7 @@ impl Shared {
             }
             Action::Reply { to } => {
                 if self.transports.send(to, out).await.is_ok() {
+                    stats.hep.sent(to.transport, to.addr, out); // HEP capture: sent
                     stats
                         .replies_sent
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -210,6 +212,7 @@ impl Shared {
             Action::FlowFailed { to } => {
                 stats.drop(DropReason::FlowFailed);
                 if self.transports.send(to, out).await.is_ok() {
+                    stats.hep.sent(to.transport, to.addr, out); // HEP capture: sent
                     stats
                         .replies_sent
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -218,6 +221,7 @@ impl Shared {
             }
             Action::Forward { to, .. } => match self.send_to(to, out).await {
                 Ok(()) => {
+                    stats.hep.sent(to.transport, to.addr, out); // HEP capture: sent
                     stats.forwarded(request);
                     true
                 }
