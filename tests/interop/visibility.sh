@@ -40,8 +40,8 @@ address = "127.0.0.1:9060"
 capture_id = 2001
 TOML
 
-# sngrep without its interface, HEP listener only (no device capture: -d on an unused filter).
-sngrep -N -q -F -L udp:127.0.0.1:9060 -O "$OUT/hep.pcap" 'port 1' >"$OUT/sngrep.log" 2>&1 &
+# sngrep without its interface, HEP listener only (with -L alone it opens no device).
+sngrep -N -q -F -L udp:127.0.0.1:9060 -O "$OUT/hep.pcap" >"$OUT/sngrep.log" 2>&1 &
 PIDS+=($!)
 "$BIN" run -c "$WORK/proxy.toml" >"$OUT/sipwarden.log" 2>&1 &
 PIDS+=($!)
