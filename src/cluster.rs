@@ -87,6 +87,10 @@ pub struct ClusterStats {
     pub malformed: AtomicU64,
     /// Whether the subscriber is connected now.
     pub connected: AtomicBool,
+    /// Attempts to publish that failed (connect or send; each is retried with backoff).
+    pub publish_failures: AtomicU64,
+    /// Wall-clock ms since the oldest events not yet published have been waiting (0: none).
+    pub waiting_since_ms: AtomicU64,
 }
 
 /// One message on the channel.
@@ -341,6 +345,9 @@ async fn publisher(
     let mut conn: Option<redis::aio::MultiplexedConnection> = None;
     let mut down_logged = false;
     while let Some(mut out) = rx.recv().await {
+        stats
+            .waiting_since_ms
+            .store(crate::clock::wall_ms().max(1), Ordering::Relaxed);
         while out.ops.len() < 4 * EVENTS_PER_MESSAGE {
             match rx.try_recv() {
                 Ok(more) => merge(&mut out, more),
@@ -354,6 +361,7 @@ async fn publisher(
                     match timed(CONNECT_TIMEOUT, client.get_multiplexed_async_connection()).await {
                         Ok(c) => conn.insert(c),
                         Err(e) => {
+                            stats.publish_failures.fetch_add(1, Ordering::Relaxed);
                             if !down_logged {
                                 tracing::warn!(target: "sipwarden::cluster", error = %e, "cannot reach Redis to share blocks; retrying");
                                 down_logged = true;
@@ -374,9 +382,11 @@ async fn publisher(
                     stats
                         .published
                         .fetch_add(out.events.len() as u64, Ordering::Relaxed);
+                    stats.waiting_since_ms.store(0, Ordering::Relaxed);
                     break;
                 }
                 Err(e) => {
+                    stats.publish_failures.fetch_add(1, Ordering::Relaxed);
                     conn = None;
                     if !down_logged {
                         tracing::warn!(target: "sipwarden::cluster", error = %e, "sharing blocks through Redis failed; retrying");

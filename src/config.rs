@@ -44,6 +44,7 @@ pub struct Config {
     pub admin: Admin,
     pub state: State,
     pub notify: Notify,
+    pub hep: Hep,
     pub geoip: Geoip,
     pub cluster: Cluster,
     pub log: Log,
@@ -453,6 +454,40 @@ impl Default for State {
 #[serde(deny_unknown_fields, default)]
 pub struct Notify {
     pub webhook: String,
+}
+
+/// HEP v3 export of every SIP message received and sent (to sngrep, Homer, heplify-server).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hep {
+    /// `host:port` (UDP) or `tcp:host:port`; empty: off.
+    pub address: String,
+    pub capture_id: u32,
+    pub password: String,
+    pub only: HepOnly,
+}
+
+impl Default for Hep {
+    fn default() -> Self {
+        Self {
+            address: String::new(),
+            capture_id: 2001,
+            password: String::new(),
+            only: HepOnly::All,
+        }
+    }
+}
+
+/// Which messages `[hep]` exports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HepOnly {
+    /// Everything.
+    All,
+    /// Messages of INVITE dialogs (not REGISTER, OPTIONS, SUBSCRIBE/NOTIFY, MESSAGE).
+    Dialogs,
+    /// Messages from or to a source in the block table (what an attacker sent).
+    Blocked,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -915,6 +950,12 @@ impl Config {
                 "notify.webhook",
                 "must be an http:// or https:// URL",
             ));
+        }
+        if let Err(e) = crate::hep::Target::parse(&c.hep.address) {
+            return Err(invalid("hep.address", e));
+        }
+        if c.hep.password.len() > 255 {
+            return Err(invalid("hep.password", "at most 255 bytes"));
         }
         let r = &c.cluster.redis_url;
         if !(r.is_empty() || r.starts_with("redis://")) {

@@ -9,6 +9,7 @@
 //! - [`blocks`]: the block table, white- and blacklists, state events.
 //! - [`state`]: the state task: durable store (redb), restore at start.
 //! - [`cluster`]: block sharing between nodes through Redis.
+//! - [`hep`]: HEP v3 export of every SIP message to sngrep or Homer (pure encoder, bounded queue).
 //! - [`net`]: sockets: UDP, TCP, TFTP relay, upstream resolution.
 //! - [`tftp`]: the TFTP codec and the provisioning guard's decisions (sans-I/O).
 //! - [`admin`]: HTTP API, dashboard, metrics, CLI client.
@@ -24,6 +25,7 @@ pub mod config;
 pub mod engine;
 pub mod feeds;
 pub mod geoip;
+pub mod hep;
 pub mod net;
 pub mod node;
 pub mod notify;

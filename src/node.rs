@@ -60,6 +60,11 @@ impl Node {
         self.clock.now()
     }
 
+    /// Batches of state changes waiting for the state task (a health gauge).
+    pub fn event_queue_depth(&self) -> usize {
+        self.events.max_capacity() - self.events.capacity()
+    }
+
     pub fn config(&self) -> Arc<Config> {
         self.config.read().clone()
     }

@@ -147,6 +147,11 @@ impl Notifier {
     pub fn stats(&self) -> &NotifyStats {
         &self.stats
     }
+
+    /// The counters, to show them in `/metrics` and `/api/stats`.
+    pub fn shared_stats(&self) -> Arc<NotifyStats> {
+        self.stats.clone()
+    }
 }
 
 fn host_name() -> String {

@@ -349,6 +349,7 @@ pub async fn start(
         Some(crate::cluster::Cluster::start(&cfg.cluster.redis_url, node.clone()).await?)
     };
     let state = crate::state::Handle::spawn(events_rx, node.clone(), Some(store), cluster);
+    crate::hep::start(&node).await; // HEP export task (hep.address)
 
     let resolver = Arc::new(Resolver::new());
     let target = cfg.upstream_target();

@@ -122,6 +122,10 @@ pub struct Stats {
     panic_logged_at: AtomicU64,
     /// Listener tasks and whether each is serving; `/healthz` fails while one is not.
     pub listeners: Listeners,
+    /// Counters of the state store, Redis link, notifier and HEP exporter.
+    pub health: crate::state::health::Health,
+    /// The HEP exporter's end on the packet path (off unless `hep.address` is set).
+    pub hep: crate::hep::Tap,
     pub alerts: AtomicU64,
     /// State changes not persisted because the queue to the state task was full.
     pub events_dropped: AtomicU64,

@@ -175,6 +175,57 @@ pub struct StatsView {
     pub latency: Latency,
     /// Blocks per type and alerts per minute over the last hour.
     pub history: HistoryView,
+    /// The state store, Redis link, notifier and HEP exporter.
+    #[serde(default)]
+    pub health: HealthView,
+}
+
+/// Health of the background links in `/api/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HealthView {
+    pub state: StateHealth,
+    pub cluster: ClusterHealth,
+    pub notify: NotifyHealth,
+    pub hep: HepHealth,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct StateHealth {
+    /// Batches waiting for the state task.
+    pub queue_depth: u64,
+    pub commits: u64,
+    pub failures: u64,
+    /// Changes waiting for another commit attempt.
+    pub retrying: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ClusterHealth {
+    pub configured: bool,
+    pub connected: bool,
+    pub published: u64,
+    pub publish_failures: u64,
+    pub applied: u64,
+    pub dropped: u64,
+    /// Age of the oldest change not yet published, milliseconds.
+    pub lag_ms: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct NotifyHealth {
+    pub sent: u64,
+    pub failed: u64,
+    pub dropped: u64,
+    pub suppressed: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HepHealth {
+    pub connected: bool,
+    pub sent: u64,
+    pub dropped: u64,
+    pub failed: u64,
+    pub filtered: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -640,6 +691,41 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
             avg_us: g(&s.latency_sum_us).checked_div(count).unwrap_or(0),
         },
         history: st.events.history(now),
+        health: health_view(node),
+    }
+}
+
+fn health_view(node: &crate::node::Node) -> HealthView {
+    let h = node.stats.health.snapshot(crate::clock::wall_ms());
+    HealthView {
+        state: StateHealth {
+            queue_depth: node.event_queue_depth() as u64,
+            commits: h.state_commits,
+            failures: h.state_failures,
+            retrying: h.state_retrying,
+        },
+        cluster: ClusterHealth {
+            configured: h.cluster_configured,
+            connected: h.cluster_connected,
+            published: h.cluster_published,
+            publish_failures: h.cluster_publish_failures,
+            applied: h.cluster_applied,
+            dropped: h.cluster_dropped,
+            lag_ms: h.cluster_lag_ms,
+        },
+        notify: NotifyHealth {
+            sent: h.notify_sent,
+            failed: h.notify_failed,
+            dropped: h.notify_dropped,
+            suppressed: h.notify_suppressed,
+        },
+        hep: HepHealth {
+            connected: h.hep_connected,
+            sent: h.hep_sent,
+            dropped: h.hep_dropped,
+            failed: h.hep_failed,
+            filtered: h.hep_filtered,
+        },
     }
 }
 

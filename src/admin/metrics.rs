@@ -166,6 +166,112 @@ fn by_type(counts: &[AtomicU64; TYPES]) -> Vec<(&'static str, u64)> {
         .collect()
 }
 
+/// The background links: state store, Redis, notifier, HEP.
+fn health(e: &mut Enc<'_>, node: &Node) -> R {
+    let h = node.stats.health.snapshot(crate::clock::wall_ms());
+    gauge(
+        e,
+        "sipwarden_state_queue_depth",
+        "Batches of state changes waiting for the state task (bounded by the event queue).",
+        node.event_queue_depth() as u64,
+    )?;
+    counter(
+        e,
+        "sipwarden_state_commits",
+        "Write transactions committed to the state store.",
+        h.state_commits,
+    )?;
+    counter(
+        e,
+        "sipwarden_state_commit_failures",
+        "Commits to the state store that failed (disk full, read-only); retried every second.",
+        h.state_failures,
+    )?;
+    gauge(
+        e,
+        "sipwarden_state_retry_events",
+        "State changes waiting for another commit attempt after a failure.",
+        h.state_retrying,
+    )?;
+    gauge(
+        e,
+        "sipwarden_cluster_configured",
+        "1 when cluster.redis_url is set.",
+        u64::from(h.cluster_configured),
+    )?;
+    gauge(
+        e,
+        "sipwarden_cluster_connected",
+        "1 while the Redis subscription is connected.",
+        u64::from(h.cluster_connected),
+    )?;
+    counter(
+        e,
+        "sipwarden_cluster_published",
+        "State changes shared through Redis.",
+        h.cluster_published,
+    )?;
+    counter(
+        e,
+        "sipwarden_cluster_publish_failures",
+        "Attempts to publish to Redis that failed (retried with backoff).",
+        h.cluster_publish_failures,
+    )?;
+    counter(
+        e,
+        "sipwarden_cluster_applied",
+        "State changes from other nodes applied here.",
+        h.cluster_applied,
+    )?;
+    counter(
+        e,
+        "sipwarden_cluster_dropped",
+        "State changes not shared or not stored because a cluster queue was full.",
+        h.cluster_dropped,
+    )?;
+    {
+        let mut m = e.encode_descriptor(
+            "sipwarden_cluster_publish_lag",
+            "Age of the oldest state change not yet published to Redis (0 when none waits).",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        m.encode_gauge(&(h.cluster_lag_ms as f64 / 1000.0))?;
+    }
+    labelled(
+        e,
+        "sipwarden_notifications",
+        "Notifications by outcome: sent, failed (after retries or a 4xx), dropped (queue full), suppressed (over the rate limit, summed up in a digest).",
+        MetricType::Counter,
+        "outcome",
+        &[
+            ("sent", h.notify_sent),
+            ("failed", h.notify_failed),
+            ("dropped", h.notify_dropped),
+            ("suppressed", h.notify_suppressed),
+        ],
+    )?;
+    labelled(
+        e,
+        "sipwarden_hep_packets",
+        "HEP export by outcome: sent, dropped (queue full), failed (send error), filtered (hep.only).",
+        MetricType::Counter,
+        "outcome",
+        &[
+            ("sent", h.hep_sent),
+            ("dropped", h.hep_dropped),
+            ("failed", h.hep_failed),
+            ("filtered", h.hep_filtered),
+        ],
+    )?;
+    gauge(
+        e,
+        "sipwarden_hep_connected",
+        "1 while the HEP exporter has a socket to its collector.",
+        u64::from(h.hep_connected),
+    )
+}
+
 impl Collector for NodeCollector {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> R {
         let node = &self.node;
@@ -388,6 +494,8 @@ impl Collector for NodeCollector {
             g(&s.events_dropped),
         )?;
 
+        health(&mut e, node)?;
+
         counter(
             &mut e,
             "sipwarden_tftp_requests",
@@ -443,6 +551,102 @@ mod tests {
     use crate::blocks::BlockKey;
     use crate::config::Config;
     use crate::engine::Detection;
+
+    #[test]
+    fn health_rendered() {
+        let (node, _rx) = Node::new(Config::default());
+        let lines =
+            |node: &std::sync::Arc<Node>| render(node, Box::leak(Box::new(EventCounters::new())));
+        // Nothing attached: every series is there, at zero.
+        let text = lines(&node);
+        for want in [
+            "# TYPE sipwarden_state_commit_failures counter",
+            "sipwarden_state_commit_failures_total 0",
+            "sipwarden_state_queue_depth 0",
+            "sipwarden_cluster_connected 0",
+            "sipwarden_cluster_publish_lag_seconds 0.0",
+            "sipwarden_notifications_total{outcome=\"failed\"} 0",
+            "sipwarden_hep_packets_total{outcome=\"dropped\"} 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "missing {want:?} in\n{text}"
+            );
+        }
+
+        let st = std::sync::Arc::new(crate::state::StateStats::default());
+        st.commits.store(7, Ordering::Relaxed);
+        st.failures.store(2, Ordering::Relaxed);
+        st.retrying.store(5, Ordering::Relaxed);
+        node.stats.health.attach_state(st);
+        let cl = std::sync::Arc::new(crate::cluster::ClusterStats::default());
+        cl.connected.store(true, Ordering::Relaxed);
+        cl.publish_failures.store(3, Ordering::Relaxed);
+        node.stats.health.attach_cluster(cl);
+        let n = std::sync::Arc::new(crate::notify::NotifyStats::default());
+        n.sent.store(4, Ordering::Relaxed);
+        n.dropped.store(1, Ordering::Relaxed);
+        node.stats.health.attach_notify(n);
+        let h = std::sync::Arc::new(crate::state::health::HepStats::default());
+        h.sent.store(9, Ordering::Relaxed);
+        h.connected.store(1, Ordering::Relaxed);
+        node.stats.health.attach_hep(h);
+        let text = lines(&node);
+        for want in [
+            "sipwarden_state_commits_total 7",
+            "sipwarden_state_commit_failures_total 2",
+            "sipwarden_state_retry_events 5",
+            "sipwarden_cluster_configured 1",
+            "sipwarden_cluster_connected 1",
+            "sipwarden_cluster_publish_failures_total 3",
+            "sipwarden_notifications_total{outcome=\"sent\"} 4",
+            "sipwarden_notifications_total{outcome=\"dropped\"} 1",
+            "sipwarden_hep_packets_total{outcome=\"sent\"} 9",
+            "sipwarden_hep_connected 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "missing {want:?} in\n{text}"
+            );
+        }
+    }
+
+    /// The example alert rules and dashboard only name metrics that exist.
+    #[test]
+    fn examples_name_rendered_metrics() {
+        let (node, _rx) = Node::new(Config::default());
+        let text = render(&node, Box::leak(Box::new(EventCounters::new())));
+        // Sample names, and for families without samples yet (no listener in a bare node) the
+        // name in `# TYPE` plus the suffix of its type.
+        let mut rendered: std::collections::HashSet<String> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .map(str::to_string)
+            .collect();
+        for l in text.lines() {
+            let mut w = l.split(' ').skip(2);
+            if let (Some(name), Some(kind)) = (w.next(), w.next()) {
+                let suffix = if kind == "counter" { "_total" } else { "" };
+                rendered.insert(format!("{name}{suffix}"));
+            }
+        }
+        for file in [
+            include_str!("../../examples/prometheus-sipwarden-alerts.yml"),
+            include_str!("../../examples/grafana-sipwarden.json"),
+        ] {
+            let mut rest = file;
+            while let Some(i) = rest.find("sipwarden_") {
+                let tail = rest.get(i..).unwrap_or("");
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                let name = tail.get(..end).unwrap_or("");
+                assert!(rendered.contains(name), "{name} is not rendered");
+                rest = tail.get(end..).unwrap_or("");
+            }
+        }
+    }
 
     #[test]
     fn block_evictions_rendered() {

@@ -58,7 +58,8 @@ impl Shared {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
-        // One snapshot of the router for the whole packet (re-resolution swaps it).
+        stats.hep.received(inb.transport, inb.src, bytes); // HEP capture: received
+                                                           // One snapshot of the router for the whole packet (re-resolution swaps it).
         let router = self.router.load();
         let (own, from_upstream) = (router.is_own_socket(&inb), router.is_upstream(&inb));
         if own {
@@ -227,6 +228,7 @@ impl Shared {
             }
             Action::Reply { to } => {
                 if self.send_on(to, out, local).await.is_ok() {
+                    stats.hep.sent(to.transport, to.addr, out); // HEP capture: sent
                     stats
                         .replies_sent
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -236,6 +238,7 @@ impl Shared {
             Action::FlowFailed { to } => {
                 stats.drop(DropReason::FlowFailed);
                 if self.send_on(to, out, local).await.is_ok() {
+                    stats.hep.sent(to.transport, to.addr, out); // HEP capture: sent
                     stats
                         .replies_sent
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -244,6 +247,7 @@ impl Shared {
             }
             Action::Forward { to, .. } => match self.send_to(to, out, local).await {
                 Ok(()) => {
+                    stats.hep.sent(to.transport, to.addr, out); // HEP capture: sent
                     stats.forwarded(request);
                     true
                 }

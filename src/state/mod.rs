@@ -20,6 +20,7 @@
 //! - Events learnt from the cluster are stored too (not logged above debug, not shared again),
 //!   so a node restarting while Redis is away keeps them.
 
+pub mod health;
 pub mod restore;
 pub mod store;
 
@@ -75,6 +76,8 @@ pub struct StateStats {
     pub max_commit_micros: AtomicU64,
     /// Commits that failed (the events are retried).
     pub failures: AtomicU64,
+    /// Events waiting for another attempt after a failed commit (a gauge).
+    pub retrying: AtomicU64,
 }
 
 impl Handle {
@@ -196,6 +199,12 @@ fn drain(first: Batch, rx: &mut mpsc::Receiver<Batch>) -> Vec<Batch> {
 impl Task {
     fn new(node: Arc<Node>, store: Option<Store>, cluster: Option<Cluster>) -> Task {
         let notifier = crate::notify::Notifier::spawn(&node.config().notify.webhook);
+        let stats: Arc<StateStats> = Arc::default();
+        node.stats.health.attach_state(stats.clone());
+        node.stats.health.attach_notify(notifier.shared_stats());
+        if let Some(c) = &cluster {
+            node.stats.health.attach_cluster(c.stats.clone());
+        }
         Task {
             node,
             store: store.map(Arc::new),
@@ -204,7 +213,7 @@ impl Task {
             log_budget: LogBudget::default(),
             retry: Vec::new(),
             errors: ErrorLog::default(),
-            stats: Arc::default(),
+            stats,
         }
     }
 
@@ -357,6 +366,9 @@ impl Task {
         for ack in acks {
             let _ = ack.send(());
         }
+        self.stats
+            .retrying
+            .store(self.retry.len() as u64, Ordering::Relaxed);
     }
 
     fn keep_for_retry(&mut self, events: &[Event]) {
