@@ -4,9 +4,12 @@
 //! # Layout
 //! - [`config`]: `proxy.toml`, strictly parsed and validated once.
 //! - [`wire`]: the SIP wire format: zero-copy scan, framing, splice edits. No I/O.
-//! - [`proxy`]: stateless RFC 3261 §16.11 routing decisions (Via, Record-Route, Path, flows).
+//! - [`proxy`]: stateless RFC 3261 §16.11 routing decisions (Via, Record-Route, Path, flows):
+//!   authenticated branches, flow tokens under a durable routing key, NAT detection.
 //! - [`engine`]: the protection decisions, sans-I/O: one verdict per packet.
-//! - [`blocks`]: the block table, white- and blacklists, state events.
+//! - [`blocks`]: the block table, white- and blacklists, state events, and the lock-free gate
+//!   the packet path checks before anything else.
+//! - [`feeds`]: threat-feed clients (APIBAN, plain address lists).
 //! - [`state`]: the state task: durable store (redb), restore at start.
 //! - [`cluster`]: block sharing between nodes through Redis.
 //! - [`hep`]: HEP v3 export of every SIP message to sngrep or Homer (pure encoder, bounded queue).
