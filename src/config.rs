@@ -450,10 +450,35 @@ impl Default for State {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Notify {
     pub webhook: String,
+    /// E-mail alert recipients (`a@b` or `Name <a@b>`); empty: no e-mail.
+    pub email_to: Vec<String>,
+    /// Sender; empty: `sipwarden@<host name>`.
+    pub email_from: String,
+    /// `smtp://user:pass@host:587` (STARTTLS), `smtps://…:465` (implicit TLS); plain SMTP only
+    /// for a loopback host or with `?tls=none`.
+    pub smtp_url: String,
+    /// At most one mail per period, summarising everything since the last one.
+    #[serde(with = "humantime_serde")]
+    pub digest: Duration,
+}
+
+/// Recipients of one alert mail: a bound on what one event fans out to.
+pub const MAX_EMAIL_TO: usize = 20;
+
+impl Default for Notify {
+    fn default() -> Self {
+        Self {
+            webhook: String::new(),
+            email_to: Vec::new(),
+            email_from: String::new(),
+            smtp_url: String::new(),
+            digest: Duration::from_secs(60),
+        }
+    }
 }
 
 /// HEP v3 export of every SIP message received and sent (to sngrep, Homer, heplify-server).
@@ -951,6 +976,7 @@ impl Config {
                 "must be an http:// or https:// URL",
             ));
         }
+        validate_email(&c.notify)?;
         if let Err(e) = crate::hep::Target::parse(&c.hep.address) {
             return Err(invalid("hep.address", e));
         }
@@ -1081,6 +1107,40 @@ fn validate_feeds(f: &Feeds) -> Result<(), ConfigError> {
             "feeds.lists",
             format!("{u:?} must be an http:// or https:// URL"),
         ));
+    }
+    Ok(())
+}
+
+fn validate_email(n: &Notify) -> Result<(), ConfigError> {
+    use crate::notify::email::{parse_mailbox, SmtpTarget};
+    if n.email_to.len() > MAX_EMAIL_TO {
+        return Err(invalid(
+            "notify.email_to",
+            format!("at most {MAX_EMAIL_TO} recipients"),
+        ));
+    }
+    for t in &n.email_to {
+        parse_mailbox(t).map_err(|e| invalid("notify.email_to", e))?;
+    }
+    if !n.email_from.is_empty() {
+        parse_mailbox(&n.email_from).map_err(|e| invalid("notify.email_from", e))?;
+    }
+    if !n.smtp_url.is_empty() {
+        SmtpTarget::parse(&n.smtp_url).map_err(|e| invalid("notify.smtp_url", e))?;
+    }
+    if n.smtp_url.is_empty() != n.email_to.is_empty() {
+        let key = if n.smtp_url.is_empty() {
+            "notify.smtp_url"
+        } else {
+            "notify.email_to"
+        };
+        return Err(invalid(
+            key,
+            "notify.email_to and notify.smtp_url are set together (both or neither)",
+        ));
+    }
+    if n.digest < Duration::from_secs(1) || n.digest > Duration::from_secs(86_400) {
+        return Err(invalid("notify.digest", "must be between 1s and 1 day"));
     }
     Ok(())
 }

@@ -22,6 +22,8 @@ use tokio::time::Instant;
 
 use crate::blocks::Event;
 
+pub mod email;
+
 /// Limits of the notifier; [`Options::default`] is what production uses.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -154,7 +156,7 @@ impl Notifier {
     }
 }
 
-fn host_name() -> String {
+pub(crate) fn host_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_default()

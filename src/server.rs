@@ -670,11 +670,15 @@ pub fn reload(
         || cfg.tftp.enabled != old.tftp.enabled
         || cfg.tftp.listen != old.tftp.listen
         || cfg.notify.webhook != old.notify.webhook
+        || cfg.notify.email_to != old.notify.email_to
+        || cfg.notify.email_from != old.notify.email_from
+        || cfg.notify.smtp_url != old.notify.smtp_url
+        || cfg.notify.digest != old.notify.digest
         || cfg.sip.flow_key != old.sip.flow_key
         || cfg.sip.nat_detection != old.sip.nat_detection
     {
         tracing::warn!(
-            "listen addresses, upstream.address, state.path, cluster.redis_url, tftp.enabled/listen, notify.webhook, sip.flow_key and sip.nat_detection change only on restart"
+            "listen addresses, upstream.address, state.path, cluster.redis_url, tftp.enabled/listen, notify.webhook/email_*/smtp_url/digest, sip.flow_key and sip.nat_detection change only on restart"
         );
     }
     node.reconfigure(cfg);

@@ -120,3 +120,22 @@ fn fraud_and_feeds_keys_are_checked() {
     let c = Config::from_toml("[fraud]\nenabled = true\nrules = []").unwrap();
     assert!(c.fraud.enabled && c.fraud.rules.is_empty());
 }
+
+#[test]
+fn email_alert_keys() {
+    let ok = "[notify]\nemail_to = [\"NOC <noc@example.com>\"]\nsmtp_url = \"smtp://u:p@mail.example.com\"\ndigest = \"5m\"\n";
+    let c = Config::from_toml(ok).unwrap();
+    assert_eq!(c.notify.digest, Duration::from_secs(300));
+    assert!(
+        err("[notify]\nemail_to = [\"not an address\"]\nsmtp_url = \"smtp://x\"\n")
+            .contains("notify.email_to")
+    );
+    assert!(err("[notify]\nemail_to = [\"a@b.c\"]\n").contains("notify.smtp_url"));
+    assert!(err("[notify]\nsmtp_url = \"smtp://x\"\n").contains("notify.email_to"));
+    assert!(
+        err("[notify]\nemail_to = [\"a@b.c\"]\nsmtp_url = \"http://x\"\n")
+            .contains("notify.smtp_url")
+    );
+    assert!(err("[notify]\nemail_from = \"@\"\n").contains("notify.email_from"));
+    assert!(err("[notify]\ndigest = \"0s\"\n").contains("notify.digest"));
+}

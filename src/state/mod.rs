@@ -138,6 +138,8 @@ struct Task {
     cluster: Option<Cluster>,
     /// Webhook alerts for new blocks and alerts (`notify.webhook`, read at start).
     notifier: crate::notify::Notifier,
+    /// E-mail digests of the same events (`notify.email_to`, read at start).
+    mailer: crate::notify::email::Mailer,
     /// Block and unblock log lines are attacker-driven: at most [`LOG_LINES_PER_SEC`] a second.
     log_budget: LogBudget,
     /// Events whose commit failed, written again before the next ones.
@@ -202,6 +204,10 @@ impl Task {
         let stats: Arc<StateStats> = Arc::default();
         node.stats.health.attach_state(stats.clone());
         node.stats.health.attach_notify(notifier.shared_stats());
+        let mailer = match crate::notify::email::MailOptions::from_config(&node.config().notify) {
+            Some(o) => crate::notify::email::Mailer::spawn(o, notifier.shared_stats()),
+            None => crate::notify::email::Mailer::disabled(),
+        };
         if let Some(c) = &cluster {
             node.stats.health.attach_cluster(c.stats.clone());
         }
@@ -210,6 +216,7 @@ impl Task {
             store: store.map(Arc::new),
             cluster,
             notifier,
+            mailer,
             log_budget: LogBudget::default(),
             retry: Vec::new(),
             errors: ErrorLog::default(),
@@ -359,6 +366,7 @@ impl Task {
             }
             crate::admin::metrics::record_event(ev);
             self.notifier.notify(ev);
+            self.mailer.notify(ev);
         }
         if let Some(c) = &self.cluster {
             c.publish(&events, &applied.unstored_removals);
