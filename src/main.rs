@@ -30,7 +30,11 @@ fn rate_limit_panic_reports() {
     std::panic::set_hook(Box::new(move |info| {
         let now = sipwarden::clock::wall_ms() / 1000;
         let last = LAST_SECOND.load(Relaxed);
-        if now != last && LAST_SECOND.compare_exchange(last, now, Relaxed, Relaxed).is_ok() {
+        if now != last
+            && LAST_SECOND
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
             let left_out = LEFT_OUT.swap(0, Relaxed);
             if left_out > 0 {
                 tracing::error!(left_out, "more panics since the last report");

@@ -15,6 +15,7 @@
 //! with the default rules. Numbers and accounts are clipped to 32 and 64 bytes.
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
 
+pub mod dialog;
 #[cfg(test)]
 mod tests;
 
@@ -26,7 +27,8 @@ use serde::{Deserialize, Serialize};
 
 use super::track::nonzero;
 use crate::clock::Millis;
-use crate::config::{Fraud, FraudAction, FraudPer, FraudRule};
+use crate::config::{Fraud, FraudAction, FraudPer, FraudRule, MaxDurationAction};
+use dialog::Dialog;
 
 /// Time a 2xx may wait for its ACK (64*T1, RFC 3261 Timer H) and a BYE for its answer.
 pub const ACK_WAIT: Millis = 32_000;
@@ -123,8 +125,13 @@ pub struct Finding {
 
 impl Finding {
     pub fn describe(&self) -> String {
+        let ended = if self.metric == Metric::MaxDuration && self.action == FraudAction::Block {
+            ", call ended by sipwarden"
+        } else {
+            ""
+        };
         format!(
-            "{} {} {} (group {}): {} {} of {} calling {}",
+            "{} {} {} (group {}): {} {} of {} calling {}{ended}",
             if self.critical { "critical" } else { "warning" },
             match self.who {
                 Who::Account(_) => "account",
@@ -179,6 +186,10 @@ struct Call {
     max_duration: Millis,
     duration_alerted: bool,
     slots: Vec<Slot>,
+    /// What a BYE needs, with `on_max_duration = "bye"` and a max-duration rule (not persisted:
+    /// a call restored after a restart is alerted, not ended).
+    #[serde(skip)]
+    dialog: Option<Box<Dialog>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -442,6 +453,9 @@ pub struct FraudGuard {
     calls: LruCache<u64, Call>,
     subjects: LruCache<SubjectKey, Counters>,
     top: LruCache<Box<str>, u32>,
+    /// Calls ended at their max duration whose BYEs are still to be sent; drained by the node
+    /// every tick, and never more than `max_calls` (each one left the call table).
+    byes: Vec<Dialog>,
 }
 
 impl FraudGuard {
@@ -455,6 +469,7 @@ impl FraudGuard {
             calls: LruCache::new(nonzero(cfg.max_calls)),
             subjects: LruCache::new(nonzero(cfg.max_subjects)),
             top: LruCache::new(nonzero(TOP_DESTINATIONS)),
+            byes: Vec::new(),
         };
         g.reconfigure(cfg);
         g
@@ -651,6 +666,7 @@ impl FraudGuard {
             max_duration,
             duration_alerted: false,
             slots,
+            dialog: None,
         };
         if let Some((k, old)) = self.calls.push(ck, call) {
             if k != ck {
@@ -739,6 +755,7 @@ impl FraudGuard {
         let stale = self.cfg.call_timeout.as_millis() as Millis;
         let mut ended = Vec::new();
         let mut alerts = Vec::new();
+        let mut byes = Vec::new();
         for (ck, c) in self.calls.iter_mut() {
             let age = now.saturating_sub(c.started);
             let over = match c.phase {
@@ -757,6 +774,14 @@ impl FraudGuard {
                     && now.saturating_sub(at) > c.max_duration
                 {
                     c.duration_alerted = true;
+                    let end = self.cfg.on_max_duration == MaxDurationAction::Bye
+                        && c.dialog.as_ref().is_some_and(|d| d.caller.is_some());
+                    if end {
+                        if let Some(d) = c.dialog.take() {
+                            byes.push(*d);
+                        }
+                        ended.push(*ck);
+                    }
                     if let Some(s) = c.slots.first() {
                         let rule = usize::from(s.key.rule);
                         alerts.push(Finding {
@@ -771,7 +796,11 @@ impl FraudGuard {
                             value: now.saturating_sub(at) / 1000,
                             limit: c.max_duration / 1000,
                             critical: true,
-                            action: FraudAction::Alert,
+                            action: if end {
+                                FraudAction::Block
+                            } else {
+                                FraudAction::Alert
+                            },
                             number: String::new(),
                         });
                     }
@@ -781,6 +810,7 @@ impl FraudGuard {
         for ck in ended {
             self.end(ck, false);
         }
+        self.byes.extend(byes);
         let idle: Vec<SubjectKey> = self
             .subjects
             .iter()
@@ -795,6 +825,46 @@ impl FraudGuard {
             self.subjects.pop(&k);
         }
         alerts
+    }
+
+    /// The phone's INVITE was counted (`on_invite`): keep its Contact when the call may have to
+    /// be ended at its max duration.
+    pub fn note_invite(&mut self, msg: &crate::wire::Message<'_>) {
+        if self.cfg.on_max_duration != MaxDurationAction::Bye {
+            return;
+        }
+        let ck = self.call_key(msg.call_id());
+        if let Some(c) = self.calls.peek_mut(&ck) {
+            if c.max_duration > 0 && c.dialog.is_none() && c.phase == Phase::Setup {
+                c.dialog = Dialog::from_invite(msg).map(Box::new);
+            }
+        }
+    }
+
+    /// The PBX's 2xx to a phone's INVITE, forwarded to `caller`: complete the call's dialog.
+    pub fn note_answer(
+        &mut self,
+        msg: &crate::wire::Message<'_>,
+        caller: (crate::stats::Transport, std::net::SocketAddr),
+    ) {
+        if !msg.status().is_some_and(|c| (200..300).contains(&c))
+            || !matches!(msg.cseq(), Some((_, b"INVITE")))
+        {
+            return;
+        }
+        let ck = self.call_key(msg.call_id());
+        if let Some(c) = self.calls.peek_mut(&ck) {
+            if let Some(d) = c.dialog.as_mut() {
+                if d.caller.is_none() && !d.learn_answer(msg, caller) {
+                    c.dialog = None;
+                }
+            }
+        }
+    }
+
+    /// Calls ended at their max duration: the BYEs to send (each call once).
+    pub fn take_byes(&mut self) -> Vec<Dialog> {
+        std::mem::take(&mut self.byes)
     }
 
     /// Lift a block on an account (all its rules).
@@ -1028,6 +1098,9 @@ impl super::Engine {
                     let ua = crate::util::printable(msg.user_agent(), 80);
                     self.block(now, det, &ua);
                 }
+                if d.reject.is_none() && enforce {
+                    self.fraud.note_invite(msg);
+                }
                 if let Some(f) = d.reject {
                     self.fraud_alert(&f, src);
                     let code = self.cfg.fraud.reject_code;
@@ -1073,6 +1146,23 @@ impl super::Engine {
         if self.fraud.enabled() && msg.method() == Some(crate::wire::Method::Bye) {
             self.fraud.on_upstream_bye(msg.call_id());
         }
+    }
+
+    /// The PBX's answer to a phone's request was forwarded to `caller` (transport, address): a
+    /// 2xx to an INVITE completes what a max-duration BYE needs.
+    pub fn on_answer_forwarded(
+        &mut self,
+        msg: &crate::wire::Message<'_>,
+        caller: (crate::stats::Transport, std::net::SocketAddr),
+    ) {
+        if self.fraud.enabled() {
+            self.fraud.note_answer(msg, caller);
+        }
+    }
+
+    /// Calls the guard ended at their max duration: the node sends each one's two BYEs.
+    pub fn take_fraud_byes(&mut self) -> Vec<dialog::Dialog> {
+        self.fraud.take_byes()
     }
 
     pub(super) fn fraud_tick(&mut self, now: Millis) {
