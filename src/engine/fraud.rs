@@ -58,6 +58,17 @@ pub enum Metric {
 }
 
 impl Metric {
+    pub const ALL: [Metric; 8] = [
+        Metric::CallsPerMinute,
+        Metric::CallsPerHour,
+        Metric::CallsPerDay,
+        Metric::Concurrent,
+        Metric::SameNumber,
+        Metric::DistinctNumbers,
+        Metric::MaxDuration,
+        Metric::Blocked,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Metric::CallsPerMinute => "calls_per_minute",
@@ -83,6 +94,49 @@ impl Metric {
             (_, Metric::DistinctNumbers) => "Forbidden (toll-fraud limit: distinct numbers)",
             (_, Metric::MaxDuration) => "Forbidden (toll-fraud limit: duration)",
             (_, Metric::Blocked) => "Forbidden (toll-fraud block)",
+        }
+    }
+}
+
+/// What the guard did since start, for `/metrics` (counters: they only go up).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Calls refused, by the limit that refused them (index: position in [`Metric::ALL`]).
+    pub rejected: [u64; 8],
+    /// `action = "block"` taken on an account and on a source.
+    pub blocked_accounts: u64,
+    pub blocked_sources: u64,
+    /// Warnings and critical findings that only alerted (observe mode, `action = "alert"`,
+    /// max duration).
+    pub warnings: u64,
+    pub critical_alerts: u64,
+    /// Calls ended by sipwarden at their max duration.
+    pub ended: u64,
+}
+
+impl Counts {
+    fn metric(m: Metric) -> usize {
+        Metric::ALL.iter().position(|x| *x == m).unwrap_or(0)
+    }
+
+    fn decision(&mut self, d: &Decision) {
+        if let Some(f) = &d.reject {
+            if let Some(c) = self.rejected.get_mut(Self::metric(f.metric)) {
+                *c += 1;
+            }
+            if f.action == FraudAction::Block && f.metric != Metric::Blocked {
+                match f.who {
+                    Who::Account(_) => self.blocked_accounts += 1,
+                    Who::Source(_) => self.blocked_sources += 1,
+                }
+            }
+        }
+        for f in &d.alerts {
+            if f.critical {
+                self.critical_alerts += 1;
+            } else {
+                self.warnings += 1;
+            }
         }
     }
 }
@@ -456,6 +510,7 @@ pub struct FraudGuard {
     /// Calls ended at their max duration whose BYEs are still to be sent; drained by the node
     /// every tick, and never more than `max_calls` (each one left the call table).
     byes: Vec<Dialog>,
+    counts: Counts,
 }
 
 impl FraudGuard {
@@ -470,6 +525,7 @@ impl FraudGuard {
             subjects: LruCache::new(nonzero(cfg.max_subjects)),
             top: LruCache::new(nonzero(TOP_DESTINATIONS)),
             byes: Vec::new(),
+            counts: Counts::default(),
         };
         g.reconfigure(cfg);
         g
@@ -537,6 +593,20 @@ impl FraudGuard {
     /// An INVITE from a phone (out of dialog). `account`: the credentials' username, else the
     /// From user. `enforce`: false in observe mode (criticals become alerts, the call counts).
     pub fn on_invite(
+        &mut self,
+        now: Millis,
+        source: IpNet,
+        account: &[u8],
+        dialled: &[u8],
+        call_id: &[u8],
+        enforce: bool,
+    ) -> Decision {
+        let d = self.decide(now, source, account, dialled, call_id, enforce);
+        self.counts.decision(&d);
+        d
+    }
+
+    fn decide(
         &mut self,
         now: Millis,
         source: IpNet,
@@ -810,6 +880,8 @@ impl FraudGuard {
         for ck in ended {
             self.end(ck, false);
         }
+        self.counts.ended += byes.len() as u64;
+        self.counts.critical_alerts += alerts.len() as u64;
         self.byes.extend(byes);
         let idle: Vec<SubjectKey> = self
             .subjects
@@ -862,6 +934,10 @@ impl FraudGuard {
         }
     }
 
+    pub fn counts(&self) -> &Counts {
+        &self.counts
+    }
+
     /// Calls ended at their max duration: the BYEs to send (each call once).
     pub fn take_byes(&mut self) -> Vec<Dialog> {
         std::mem::take(&mut self.byes)
@@ -888,6 +964,10 @@ impl FraudGuard {
             .iter()
             .map(|(_, c)| u64::from(c.concurrent))
             .sum()
+    }
+
+    pub fn subjects(&self) -> usize {
+        self.subjects.len()
     }
 
     pub fn tracked(&self) -> usize {
