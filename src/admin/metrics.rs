@@ -479,7 +479,7 @@ fn fraud_and_feeds(e: &mut Enc<'_>, node: &Node) -> R {
     labelled(
         e,
         "sipwarden_fraud_rejected",
-        "Calls refused by a toll-fraud rule, by the limit (\"blocked\": an earlier block).",
+        "INVITEs refused by a toll-fraud rule (retransmissions included), by the limit (\"blocked\": an earlier block).",
         MetricType::Counter,
         "limit",
         &rows,

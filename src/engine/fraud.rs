@@ -101,7 +101,8 @@ impl Metric {
 /// What the guard did since start, for `/metrics` (counters: they only go up).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Counts {
-    /// Calls refused, by the limit that refused them (index: position in [`Metric::ALL`]).
+    /// INVITEs refused (a retransmission is refused again), by the limit that refused them
+    /// (index: position in [`Metric::ALL`]).
     pub rejected: [u64; 8],
     /// `action = "block"` taken on an account and on a source.
     pub blocked_accounts: u64,

@@ -109,6 +109,12 @@ sw_start() {
 	return 1
 }
 
+# metric LINE-PREFIX: the value of one /metrics sample (0 when absent)
+metric() {
+	curl -sS --max-time 2 "$API/metrics" 2>/dev/null |
+		awk -v p="$1" 'index($0, p " ") == 1 { v = $NF } END { print v + 0 }'
+}
+
 # fraud_field JQ: a value of /api/fraud
 fraud_field() { curl -sS --max-time 2 "$API/api/fraud" 2>/dev/null | jq -r "$1" 2>/dev/null; }
 
@@ -207,6 +213,10 @@ case_burst() {
 	local row
 	row=$(fraud_field '[.rows[] | select(.subject == "1001") | .calls_minute] | max')
 	check burst-api "[[ $row == 3 ]]" "/api/fraud: account 1001 at $row calls this minute" api
+	local refused
+	refused=$(metric 'sipwarden_fraud_rejected_total{limit="calls_per_minute"}')
+	check burst-metrics "[[ $refused -ge 5 ]]" \
+		"/metrics: sipwarden_fraud_rejected_total{limit=\"calls_per_minute\"} $refused (5 calls refused; each retransmission of their INVITE counts)"
 }
 
 case_second() {
@@ -293,7 +303,10 @@ case_duration() {
 		"$WORK/duration" "$WORK/callee" "$SW_LOG"
 	local idle=0
 	wait_idle 5 && idle=1
-	check duration-untracked "[[ $idle == 1 ]]" "the call ended by sipwarden is no longer tracked" api
+	local ended
+	ended=$(metric sipwarden_fraud_calls_ended_total)
+	check duration-untracked "[[ $idle == 1 && $ended -ge 1 ]]" \
+		"the call ended by sipwarden is no longer tracked; /metrics: sipwarden_fraud_calls_ended_total $ended" api
 }
 
 # --- main -------------------------------------------------------------------------------------
