@@ -1,11 +1,12 @@
 //! What sipwarden needs to end a record-routed call itself (`fraud.on_max_duration = "bye"`):
 //! learnt from the phone's INVITE and the PBX's 2xx as they pass, and the two BYEs built from it.
 //!
-//! Memory: one [`Dialog`] per tracked call with a max-duration rule, at most [`MAX_FIELD`] bytes
-//! per field and [`MAX_ROUTES`] Record-Route entries: under 3 KB, within `fraud.max_calls`
-//! records. Values come from the wire: a value with CR, LF or NUL, or longer than the cap, is not
-//! learnt (no BYE is sent for that call, it is alerted instead), so nothing an attacker writes can
-//! add a header to our BYEs.
+//! Memory: one [`Dialog`] per tracked call with a max-duration rule (so at most
+//! `fraud.max_calls`), at most [`MAX_FIELD`] bytes per value, [`MAX_ROUTES`] Record-Route
+//! entries and [`MAX_DIALOG_BYTES`] in all (a typical dialog takes about 500). Values come from
+//! the wire: a dialog with a value holding CR, LF or NUL, or over a cap, is not learnt (no BYE is
+//! sent for that call, it is alerted instead), so nothing an attacker writes can add a header to
+//! our BYEs or grow the table past its bound.
 
 use std::net::SocketAddr;
 
@@ -17,6 +18,8 @@ use crate::wire::{split_commas, HeaderName, Message, Span};
 pub const MAX_FIELD: usize = 512;
 /// Record-Route entries kept; a 2xx with more is not learnt.
 pub const MAX_ROUTES: usize = 6;
+/// All the values of one dialog together.
+pub const MAX_DIALOG_BYTES: usize = 2048;
 /// CSeq of our BYE towards the caller: the callee's own CSeq is unknown to a stateless proxy,
 /// so one high below 2**31 (RFC 3261 §8.1.1.5) that a callee is unlikely to have reached.
 pub const CALLER_BYE_CSEQ: u32 = 2_000_000_000;
@@ -95,6 +98,15 @@ impl Dialog {
         ) else {
             return false;
         };
+        let total = call_id.len()
+            + from.len()
+            + to.len()
+            + contact.len()
+            + self.caller_contact.len()
+            + routes.iter().map(|r| r.len()).sum::<usize>();
+        if total > MAX_DIALOG_BYTES {
+            return false;
+        }
         self.call_id = call_id;
         self.from = from;
         self.to = to;

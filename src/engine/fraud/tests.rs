@@ -554,4 +554,31 @@ mod max_duration_bye {
         assert!(byes.is_empty());
         assert_eq!(active, 1);
     }
+
+    #[test]
+    fn oversized_answers_are_not_learnt() {
+        let caller = (Transport::Udp, "192.0.2.10:5060".parse().unwrap());
+        let inv = parse(INVITE.as_bytes(), Framing::Datagram).unwrap();
+        let learn = |msg: &str| {
+            let m = parse(msg.as_bytes(), Framing::Datagram).unwrap();
+            let mut d = Dialog::from_invite(&inv).unwrap();
+            d.learn_answer(&m, caller)
+        };
+        assert!(learn(&ok("<sip:2000@198.51.100.5>")));
+        // Four routes of 500 bytes: each under MAX_FIELD, together over MAX_DIALOG_BYTES.
+        let long = format!("<sip:{}@pbx.example;lr>", "a".repeat(480));
+        let big = ok("<sip:2000@198.51.100.5>").replacen(
+            "Record-Route: ",
+            &format!("Record-Route: {long}, {long}, {long}, {long}\r\nRecord-Route: "),
+            1,
+        );
+        assert!(!learn(&big));
+        // Seven entries: over MAX_ROUTES.
+        let many = ok("<sip:2000@198.51.100.5>").replacen(
+            "Record-Route: ",
+            "Record-Route: <sip:a;lr>, <sip:b;lr>, <sip:c;lr>, <sip:d;lr>, <sip:e;lr>\r\nRecord-Route: ",
+            1,
+        );
+        assert!(!learn(&many));
+    }
 }
