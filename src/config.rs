@@ -572,6 +572,17 @@ pub enum FraudAction {
     Alert,
 }
 
+/// `fraud.on_max_duration`: what happens when an answered call passes its rule's `max_duration`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MaxDurationAction {
+    /// Alert only; the call goes on.
+    Alert,
+    /// End the call: a BYE to each leg (record-routed calls whose INVITE and 2xx were seen),
+    /// and an alert. In observe mode it alerts only.
+    Bye,
+}
+
 /// One toll-fraud rule: limits on the calls of one account (or source) to one prefix group.
 /// A limit of 0 is off. `warn_at` is the fraction of a limit that raises a warning.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -590,7 +601,8 @@ pub struct FraudRule {
     pub distinct_numbers: u32,
     #[serde(with = "humantime_serde")]
     pub distinct_window: Duration,
-    /// An answered call longer than this raises an alert ("0s": off).
+    /// An answered call longer than this raises an alert, or is ended (`fraud.on_max_duration`);
+    /// "0s": off.
     #[serde(with = "humantime_serde")]
     pub max_duration: Duration,
     pub warn_at: f64,
@@ -653,6 +665,9 @@ pub struct Fraud {
     /// A call still up after this long without its BYE is forgotten (a lost BYE).
     #[serde(with = "humantime_serde")]
     pub call_timeout: Duration,
+    /// A call past its rule's `max_duration`: "alert" (default: never cut a call by surprise)
+    /// or "bye" (sipwarden ends it, a BYE to both legs, and alerts).
+    pub on_max_duration: MaxDurationAction,
 }
 
 impl Default for Fraud {
@@ -705,6 +720,7 @@ impl Default for Fraud {
             max_subjects: 20_000,
             setup_timeout: Duration::from_secs(180),
             call_timeout: Duration::from_secs(12 * 3600),
+            on_max_duration: MaxDurationAction::Alert,
         }
     }
 }

@@ -438,9 +438,10 @@ pub async fn start(
         }));
     }
 
-    // Expire blocks once a second.
+    // Expire blocks once a second; send the BYEs of calls the toll-fraud guard ended.
     {
         let node = node.clone();
+        let shared = shared.clone();
         let stop = stopped();
         tasks.push(tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(1));
@@ -450,7 +451,13 @@ pub async fn start(
                     _ = &mut stop => return,
                     _ = every.tick() => {
                         let now = node.now();
-                        node.with_engine(|e| e.tick(now));
+                        let byes = node.with_engine(|e| {
+                            e.tick(now);
+                            e.take_fraud_byes()
+                        });
+                        for d in &byes {
+                            shared.send_fraud_byes(d).await;
+                        }
                     }
                 }
             }

@@ -448,6 +448,8 @@ impl Collector for NodeCollector {
             tracked,
         )?;
 
+        fraud_and_feeds(&mut e, node)?;
+
         let ev = self.events;
         labelled(
             &mut e,
@@ -543,6 +545,120 @@ impl Collector for NodeCollector {
         )?;
         m.encode_histogram::<NoLabelSet>(g(&s.latency_sum_us) as f64 / 1e6, count, &buckets, None)
     }
+}
+
+/// The toll-fraud guard and the threat feeds: one engine read for both.
+fn fraud_and_feeds(e: &mut Enc<'_>, node: &Node) -> R {
+    use crate::engine::fraud::Metric;
+    let (calls, concurrent, subjects, counts, feeds) = node.inspect(|eng| {
+        let f = eng.fraud();
+        let feeds: Vec<_> = eng.feeds().status().cloned().collect();
+        (
+            f.active_calls() as u64,
+            f.concurrent_total(),
+            f.subjects() as u64,
+            f.counts().clone(),
+            feeds,
+        )
+    });
+    gauge(
+        e,
+        "sipwarden_fraud_calls_tracked",
+        "Calls the toll-fraud guard follows (set up or answered, bounded by fraud.max_calls).",
+        calls,
+    )?;
+    gauge(
+        e,
+        "sipwarden_fraud_concurrent_calls",
+        "Concurrent calls counted over all rules' accounts and sources.",
+        concurrent,
+    )?;
+    gauge(
+        e,
+        "sipwarden_fraud_subjects",
+        "Accounts and sources the toll-fraud rules count (bounded by fraud.max_subjects).",
+        subjects,
+    )?;
+    let rows: Vec<_> = Metric::ALL
+        .iter()
+        .zip(counts.rejected)
+        .map(|(m, v)| (m.as_str(), v))
+        .collect();
+    labelled(
+        e,
+        "sipwarden_fraud_rejected",
+        "INVITEs refused by a toll-fraud rule (retransmissions included), by the limit (\"blocked\": an earlier block).",
+        MetricType::Counter,
+        "limit",
+        &rows,
+    )?;
+    labelled(
+        e,
+        "sipwarden_fraud_blocks",
+        "Toll-fraud rules with action = \"block\" that blocked an account or a source.",
+        MetricType::Counter,
+        "per",
+        &[
+            ("account", counts.blocked_accounts),
+            ("source", counts.blocked_sources),
+        ],
+    )?;
+    labelled(
+        e,
+        "sipwarden_fraud_alerts",
+        "Toll-fraud alerts: warnings, and critical findings that did not refuse the call.",
+        MetricType::Counter,
+        "level",
+        &[
+            ("warning", counts.warnings),
+            ("critical", counts.critical_alerts),
+        ],
+    )?;
+    counter(
+        e,
+        "sipwarden_fraud_calls_ended",
+        "Calls ended by sipwarden at their maximum duration (fraud.on_max_duration = \"bye\").",
+        counts.ended,
+    )?;
+    {
+        let mut m = e.encode_descriptor(
+            "sipwarden_feed_pulls",
+            "Threat-feed pulls, by feed and outcome.",
+            None,
+            MetricType::Counter,
+        )?;
+        for f in &feeds {
+            for (outcome, v) in [("ok", f.pulls_ok), ("failed", f.pulls_failed)] {
+                let labels = [("feed", f.name.as_str()), ("outcome", outcome)];
+                m.encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
+            }
+        }
+    }
+    let rows: Vec<_> = feeds
+        .iter()
+        .map(|f| (f.name.as_str(), f.entries as u64))
+        .collect();
+    labelled(
+        e,
+        "sipwarden_feed_entries",
+        "Addresses and networks listed, by feed.",
+        MetricType::Gauge,
+        "feed",
+        &rows,
+    )?;
+    let rows: Vec<_> = feeds
+        .iter()
+        .map(|f| (f.name.as_str(), f.last_update.map_or(0, |t| t / 1000)))
+        .collect();
+    labelled(
+        e,
+        "sipwarden_feed_last_update_seconds",
+        "Unix time of the feed's last successful pull (0: none yet).",
+        MetricType::Gauge,
+        "feed",
+        &rows,
+    )
 }
 
 #[cfg(test)]
@@ -685,6 +801,63 @@ mod tests {
             "# TYPE sipwarden_block_evictions counter",
             "sipwarden_block_evictions_total{outcome=\"evicted\"} 1",
             "sipwarden_block_evictions_total{outcome=\"refused\"} 1",
+        ] {
+            assert!(lines.contains(&want), "missing {want:?} in\n{text}");
+        }
+    }
+
+    #[test]
+    fn fraud_and_feed_metrics_rendered() {
+        let mut cfg = Config::default();
+        cfg.fraud.enabled = true;
+        cfg.fraud.rules = vec![crate::config::FraudRule {
+            calls_per_minute: 1,
+            ..crate::config::FraudRule::default()
+        }];
+        let (node, _rx) = Node::new(cfg);
+        let now = node.now();
+        let src: ipnet::IpNet = "192.0.2.7/32".parse().unwrap();
+        node.with_engine(|e| {
+            let g = e.fraud_mut();
+            assert!(g
+                .on_invite(now, src, b"1001", b"0044", b"c1", true)
+                .reject
+                .is_none());
+            assert!(g
+                .on_invite(now, src, b"1001", b"0044", b"c2", true)
+                .reject
+                .is_some());
+            let nets: Vec<ipnet::IpNet> = vec!["198.51.100.0/24".parse().unwrap()];
+            e.feed_update(now, "apiban", "https://apiban.org", &nets, Some(101), None);
+            e.feed_update(
+                now,
+                "apiban",
+                "https://apiban.org",
+                &[],
+                None,
+                Some("timeout".into()),
+            );
+        });
+        let text = render(&node, Box::leak(Box::new(EventCounters::new())));
+        let lines: Vec<&str> = text.lines().collect();
+        for want in [
+            "# TYPE sipwarden_fraud_calls_tracked gauge",
+            "sipwarden_fraud_calls_tracked 1",
+            "sipwarden_fraud_concurrent_calls 1",
+            "sipwarden_fraud_subjects 1",
+            "# TYPE sipwarden_fraud_rejected counter",
+            "sipwarden_fraud_rejected_total{limit=\"calls_per_minute\"} 1",
+            "sipwarden_fraud_rejected_total{limit=\"concurrent\"} 0",
+            "sipwarden_fraud_blocks_total{per=\"account\"} 0",
+            "sipwarden_fraud_alerts_total{level=\"warning\"} 1",
+            "sipwarden_fraud_calls_ended_total 0",
+            "sipwarden_feed_pulls_total{feed=\"apiban\",outcome=\"ok\"} 1",
+            "sipwarden_feed_pulls_total{feed=\"apiban\",outcome=\"failed\"} 1",
+            "sipwarden_feed_entries{feed=\"apiban\"} 1",
+            &format!(
+                "sipwarden_feed_last_update_seconds{{feed=\"apiban\"}} {}",
+                now / 1000
+            ),
         ] {
             assert!(lines.contains(&want), "missing {want:?} in\n{text}");
         }

@@ -82,8 +82,12 @@ impl Engine {
         }
         s.refused += refused;
         match error {
-            Some(e) => s.last_error = e,
+            Some(e) => {
+                s.last_error = e;
+                s.pulls_failed += 1;
+            }
             None => {
+                s.pulls_ok += 1;
                 s.last_error.clear();
                 s.last_update = Some(now);
             }

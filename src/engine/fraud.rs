@@ -15,6 +15,7 @@
 //! with the default rules. Numbers and accounts are clipped to 32 and 64 bytes.
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
 
+pub mod dialog;
 #[cfg(test)]
 mod tests;
 
@@ -26,7 +27,8 @@ use serde::{Deserialize, Serialize};
 
 use super::track::nonzero;
 use crate::clock::Millis;
-use crate::config::{Fraud, FraudAction, FraudPer, FraudRule};
+use crate::config::{Fraud, FraudAction, FraudPer, FraudRule, MaxDurationAction};
+use dialog::Dialog;
 
 /// Time a 2xx may wait for its ACK (64*T1, RFC 3261 Timer H) and a BYE for its answer.
 pub const ACK_WAIT: Millis = 32_000;
@@ -56,6 +58,17 @@ pub enum Metric {
 }
 
 impl Metric {
+    pub const ALL: [Metric; 8] = [
+        Metric::CallsPerMinute,
+        Metric::CallsPerHour,
+        Metric::CallsPerDay,
+        Metric::Concurrent,
+        Metric::SameNumber,
+        Metric::DistinctNumbers,
+        Metric::MaxDuration,
+        Metric::Blocked,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Metric::CallsPerMinute => "calls_per_minute",
@@ -81,6 +94,50 @@ impl Metric {
             (_, Metric::DistinctNumbers) => "Forbidden (toll-fraud limit: distinct numbers)",
             (_, Metric::MaxDuration) => "Forbidden (toll-fraud limit: duration)",
             (_, Metric::Blocked) => "Forbidden (toll-fraud block)",
+        }
+    }
+}
+
+/// What the guard did since start, for `/metrics` (counters: they only go up).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// INVITEs refused (a retransmission is refused again), by the limit that refused them
+    /// (index: position in [`Metric::ALL`]).
+    pub rejected: [u64; 8],
+    /// `action = "block"` taken on an account and on a source.
+    pub blocked_accounts: u64,
+    pub blocked_sources: u64,
+    /// Warnings and critical findings that only alerted (observe mode, `action = "alert"`,
+    /// max duration).
+    pub warnings: u64,
+    pub critical_alerts: u64,
+    /// Calls ended by sipwarden at their max duration.
+    pub ended: u64,
+}
+
+impl Counts {
+    fn metric(m: Metric) -> usize {
+        Metric::ALL.iter().position(|x| *x == m).unwrap_or(0)
+    }
+
+    fn decision(&mut self, d: &Decision) {
+        if let Some(f) = &d.reject {
+            if let Some(c) = self.rejected.get_mut(Self::metric(f.metric)) {
+                *c += 1;
+            }
+            if f.action == FraudAction::Block && f.metric != Metric::Blocked {
+                match f.who {
+                    Who::Account(_) => self.blocked_accounts += 1,
+                    Who::Source(_) => self.blocked_sources += 1,
+                }
+            }
+        }
+        for f in &d.alerts {
+            if f.critical {
+                self.critical_alerts += 1;
+            } else {
+                self.warnings += 1;
+            }
         }
     }
 }
@@ -123,8 +180,13 @@ pub struct Finding {
 
 impl Finding {
     pub fn describe(&self) -> String {
+        let ended = if self.metric == Metric::MaxDuration && self.action == FraudAction::Block {
+            ", call ended by sipwarden"
+        } else {
+            ""
+        };
         format!(
-            "{} {} {} (group {}): {} {} of {} calling {}",
+            "{} {} {} (group {}): {} {} of {} calling {}{ended}",
             if self.critical { "critical" } else { "warning" },
             match self.who {
                 Who::Account(_) => "account",
@@ -179,6 +241,10 @@ struct Call {
     max_duration: Millis,
     duration_alerted: bool,
     slots: Vec<Slot>,
+    /// What a BYE needs, with `on_max_duration = "bye"` and a max-duration rule (not persisted:
+    /// a call restored after a restart is alerted, not ended).
+    #[serde(skip)]
+    dialog: Option<Box<Dialog>>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -442,6 +508,10 @@ pub struct FraudGuard {
     calls: LruCache<u64, Call>,
     subjects: LruCache<SubjectKey, Counters>,
     top: LruCache<Box<str>, u32>,
+    /// Calls ended at their max duration whose BYEs are still to be sent; drained by the node
+    /// every tick, and never more than `max_calls` (each one left the call table).
+    byes: Vec<Dialog>,
+    counts: Counts,
 }
 
 impl FraudGuard {
@@ -455,6 +525,8 @@ impl FraudGuard {
             calls: LruCache::new(nonzero(cfg.max_calls)),
             subjects: LruCache::new(nonzero(cfg.max_subjects)),
             top: LruCache::new(nonzero(TOP_DESTINATIONS)),
+            byes: Vec::new(),
+            counts: Counts::default(),
         };
         g.reconfigure(cfg);
         g
@@ -522,6 +594,20 @@ impl FraudGuard {
     /// An INVITE from a phone (out of dialog). `account`: the credentials' username, else the
     /// From user. `enforce`: false in observe mode (criticals become alerts, the call counts).
     pub fn on_invite(
+        &mut self,
+        now: Millis,
+        source: IpNet,
+        account: &[u8],
+        dialled: &[u8],
+        call_id: &[u8],
+        enforce: bool,
+    ) -> Decision {
+        let d = self.decide(now, source, account, dialled, call_id, enforce);
+        self.counts.decision(&d);
+        d
+    }
+
+    fn decide(
         &mut self,
         now: Millis,
         source: IpNet,
@@ -651,6 +737,7 @@ impl FraudGuard {
             max_duration,
             duration_alerted: false,
             slots,
+            dialog: None,
         };
         if let Some((k, old)) = self.calls.push(ck, call) {
             if k != ck {
@@ -739,6 +826,7 @@ impl FraudGuard {
         let stale = self.cfg.call_timeout.as_millis() as Millis;
         let mut ended = Vec::new();
         let mut alerts = Vec::new();
+        let mut byes = Vec::new();
         for (ck, c) in self.calls.iter_mut() {
             let age = now.saturating_sub(c.started);
             let over = match c.phase {
@@ -757,6 +845,14 @@ impl FraudGuard {
                     && now.saturating_sub(at) > c.max_duration
                 {
                     c.duration_alerted = true;
+                    let end = self.cfg.on_max_duration == MaxDurationAction::Bye
+                        && c.dialog.as_ref().is_some_and(|d| d.caller.is_some());
+                    if end {
+                        if let Some(d) = c.dialog.take() {
+                            byes.push(*d);
+                        }
+                        ended.push(*ck);
+                    }
                     if let Some(s) = c.slots.first() {
                         let rule = usize::from(s.key.rule);
                         alerts.push(Finding {
@@ -771,7 +867,11 @@ impl FraudGuard {
                             value: now.saturating_sub(at) / 1000,
                             limit: c.max_duration / 1000,
                             critical: true,
-                            action: FraudAction::Alert,
+                            action: if end {
+                                FraudAction::Block
+                            } else {
+                                FraudAction::Alert
+                            },
                             number: String::new(),
                         });
                     }
@@ -781,6 +881,9 @@ impl FraudGuard {
         for ck in ended {
             self.end(ck, false);
         }
+        self.counts.ended += byes.len() as u64;
+        self.counts.critical_alerts += alerts.len() as u64;
+        self.byes.extend(byes);
         let idle: Vec<SubjectKey> = self
             .subjects
             .iter()
@@ -795,6 +898,50 @@ impl FraudGuard {
             self.subjects.pop(&k);
         }
         alerts
+    }
+
+    /// The phone's INVITE was counted (`on_invite`): keep its Contact when the call may have to
+    /// be ended at its max duration.
+    pub fn note_invite(&mut self, msg: &crate::wire::Message<'_>) {
+        if self.cfg.on_max_duration != MaxDurationAction::Bye {
+            return;
+        }
+        let ck = self.call_key(msg.call_id());
+        if let Some(c) = self.calls.peek_mut(&ck) {
+            if c.max_duration > 0 && c.dialog.is_none() && c.phase == Phase::Setup {
+                c.dialog = Dialog::from_invite(msg).map(Box::new);
+            }
+        }
+    }
+
+    /// The PBX's 2xx to a phone's INVITE, forwarded to `caller`: complete the call's dialog.
+    pub fn note_answer(
+        &mut self,
+        msg: &crate::wire::Message<'_>,
+        caller: (crate::stats::Transport, std::net::SocketAddr),
+    ) {
+        if !msg.status().is_some_and(|c| (200..300).contains(&c))
+            || !matches!(msg.cseq(), Some((_, b"INVITE")))
+        {
+            return;
+        }
+        let ck = self.call_key(msg.call_id());
+        if let Some(c) = self.calls.peek_mut(&ck) {
+            if let Some(d) = c.dialog.as_mut() {
+                if d.caller.is_none() && !d.learn_answer(msg, caller) {
+                    c.dialog = None;
+                }
+            }
+        }
+    }
+
+    pub fn counts(&self) -> &Counts {
+        &self.counts
+    }
+
+    /// Calls ended at their max duration: the BYEs to send (each call once).
+    pub fn take_byes(&mut self) -> Vec<Dialog> {
+        std::mem::take(&mut self.byes)
     }
 
     /// Lift a block on an account (all its rules).
@@ -818,6 +965,10 @@ impl FraudGuard {
             .iter()
             .map(|(_, c)| u64::from(c.concurrent))
             .sum()
+    }
+
+    pub fn subjects(&self) -> usize {
+        self.subjects.len()
     }
 
     pub fn tracked(&self) -> usize {
@@ -1028,6 +1179,9 @@ impl super::Engine {
                     let ua = crate::util::printable(msg.user_agent(), 80);
                     self.block(now, det, &ua);
                 }
+                if d.reject.is_none() && enforce {
+                    self.fraud.note_invite(msg);
+                }
                 if let Some(f) = d.reject {
                     self.fraud_alert(&f, src);
                     let code = self.cfg.fraud.reject_code;
@@ -1073,6 +1227,23 @@ impl super::Engine {
         if self.fraud.enabled() && msg.method() == Some(crate::wire::Method::Bye) {
             self.fraud.on_upstream_bye(msg.call_id());
         }
+    }
+
+    /// The PBX's answer to a phone's request was forwarded to `caller` (transport, address): a
+    /// 2xx to an INVITE completes what a max-duration BYE needs.
+    pub fn on_answer_forwarded(
+        &mut self,
+        msg: &crate::wire::Message<'_>,
+        caller: (crate::stats::Transport, std::net::SocketAddr),
+    ) {
+        if self.fraud.enabled() {
+            self.fraud.note_answer(msg, caller);
+        }
+    }
+
+    /// Calls the guard ended at their max duration: the node sends each one's two BYEs.
+    pub fn take_fraud_byes(&mut self) -> Vec<dialog::Dialog> {
+        self.fraud.take_byes()
     }
 
     pub(super) fn fraud_tick(&mut self, now: Millis) {

@@ -32,6 +32,11 @@ pub struct FeedStatus {
     /// APIBAN: the ID the next incremental pull starts from.
     pub next_id: Option<u64>,
     pub refused: u64,
+    /// Pulls since the feed was first configured (kept with the snapshot).
+    #[serde(default)]
+    pub pulls_ok: u64,
+    #[serde(default)]
+    pub pulls_failed: u64,
 }
 
 #[derive(Default)]

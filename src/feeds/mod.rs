@@ -1,6 +1,10 @@
 //! Shared threat feeds: APIBAN (v2: `POST {apiban_url}/get` with `Authorization: Bearer KEY`
-//! and a JSON body `{"id": ID}`, incremental by ID from 100; the answer is
-//! `{"ipaddress": [...], "ID": "next"}`, with `"ID": "none"` (HTTP 400) once nothing is new)
+//! and a JSON body `{"set": "sip", "id": "ID"}` (both strings), incremental by ID from 100; the
+//! answer is `{"ipaddress": [...], "ID": "next"}`, with `{"ipaddress": ["no new bans"],
+//! "ID": "none"}` (HTTP 400) once nothing is new, `{"ID": "unauthorized"}` for a bad key and
+//! `{"ipaddress": "rate limit exceeded"}` past the rate limit; format as APIBAN's own Go client
+//! speaks it, github.com/palner/apiban `clients/go/apiban/apiban.go`: `ApiGetJson{set, id}`,
+//! `Banned`, `queryServerv2`, `processBadRequest`)
 //! and plain address/CIDR lists by URL (VoIPBL format), pulled every `feeds.interval` into
 //! the engine's feed list ([`list::FeedList`]).
 //!
@@ -24,6 +28,8 @@ use crate::node::Node;
 
 pub const APIBAN_REQUESTS: usize = 10;
 pub const APIBAN_WINDOW: Duration = Duration::from_secs(120);
+/// The APIBAN set sipwarden pulls: the SIP attackers (APIBAN's client default).
+pub const APIBAN_SET: &str = "sip";
 /// The first ID of an APIBAN pull: everything active.
 pub const APIBAN_FIRST_ID: u64 = 100;
 /// Pages of one APIBAN pull (each page is one request).
@@ -145,7 +151,10 @@ impl Apiban {
             let resp = http
                 .post(&url)
                 .bearer_auth(&cfg.apiban_key)
-                .json(&serde_json::json!({ "id": self.next_id.to_string() }))
+                .json(&serde_json::json!({
+                    "set": APIBAN_SET,
+                    "id": self.next_id.to_string(),
+                }))
                 .send()
                 .await?;
             let status = resp.status().as_u16();

@@ -20,7 +20,8 @@ struct Fake {
 }
 
 /// APIBAN: pages by ID; 100 -> two addresses and ID 1700; 1700 -> one more and ID 1800;
-/// 1800 -> 400 {"ipaddress":["no new bans"],"ID":"none"}.
+/// 1800 -> 400 {"ipaddress":["no new bans"],"ID":"none"}. A body other than
+/// {"set":"sip","id":"N"} -> 400 (the format of github.com/palner/apiban's Go client).
 async fn apiban_get(
     State(f): State<Arc<Fake>>,
     headers: HeaderMap,
@@ -30,6 +31,13 @@ async fn apiban_get(
         return (
             StatusCode::UNAUTHORIZED,
             Json(json!({"ID": "unauthorized"})),
+        );
+    }
+    // The body APIBAN's own client sends: {"set": "sip", "id": "100"}, both strings.
+    if body["set"].as_str() != Some("sip") || !body["id"].is_string() {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"ipaddress": "bad request", "ID": "bad request"})),
         );
     }
     let id = body["id"].as_str().unwrap_or("").to_string();

@@ -198,8 +198,16 @@ impl Shared {
             }
             if let Some(info) = info {
                 if msg.status().is_some_and(|c| c >= 200) {
-                    self.node
-                        .with_engine(|e| e.on_answer(now, info.phone, &msg, info.attempt));
+                    let to = match action {
+                        Action::Forward { to, .. } => Some((to.transport, to.addr)),
+                        _ => None,
+                    };
+                    self.node.with_engine(|e| {
+                        e.on_answer(now, info.phone, &msg, info.attempt);
+                        if let Some(to) = to {
+                            e.on_answer_forwarded(&msg, to);
+                        }
+                    });
                 }
             }
             action
@@ -296,6 +304,38 @@ impl Shared {
                 self.transports.send(to, out).await
             }
             r => r,
+        }
+    }
+
+    /// End a call at its maximum duration (toll-fraud guard, `fraud.on_max_duration = "bye"`):
+    /// a BYE to the callee through the PBX and one to the caller on its flow.
+    pub async fn send_fraud_byes(self: &Arc<Self>, d: &crate::engine::fraud::dialog::Dialog) {
+        let router = self.router.load();
+        let cfg = router.config();
+        let via = |t: Transport| {
+            let a = match t {
+                Transport::Udp => cfg.udp.as_ref().or(cfg.tcp.as_ref()),
+                Transport::Tcp => cfg.tcp.as_ref().or(cfg.udp.as_ref()),
+            };
+            a.map_or_else(String::new, |a| format!("{}:{}", a.host, a.port))
+        };
+        let upstream = router.upstream();
+        let branch = crate::util::hash64(&[&d.call_id]) ^ self.node.now();
+        let byes = d.byes(via, upstream.transport, branch, |h, p| router.is_ours(h, p));
+        drop(router);
+        for b in byes {
+            let to = match b.caller {
+                Some((transport, addr)) if !b.to_upstream => Flow { transport, addr },
+                _ => upstream,
+            };
+            match self.send_to(to, &b.bytes, None).await {
+                Ok(()) => {
+                    tracing::info!(to = %to.addr, call_id = %crate::util::printable(&d.call_id, 80), "max call duration: BYE sent")
+                }
+                Err(r) => {
+                    tracing::warn!(to = %to.addr, reason = ?r, "max call duration: BYE not sent")
+                }
+            }
         }
     }
 

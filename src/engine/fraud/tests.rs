@@ -461,3 +461,124 @@ To: <sip:b@pbx>;tag=2\r\nCall-ID: {call}\r\nCSeq: 2 {method}\r\nContent-Length: 
         )));
     }
 }
+
+mod max_duration_bye {
+    use super::*;
+    use crate::stats::Transport;
+    use crate::wire::{parse, Framing};
+
+    const INVITE: &str = "INVITE sip:0044123@pbx SIP/2.0\r\nVia: SIP/2.0/UDP 192.0.2.10:5060;branch=z9hG4bK1\r\nFrom: <sip:1001@pbx>;tag=a\r\nTo: <sip:0044123@pbx>\r\nCall-ID: md\r\nCSeq: 7 INVITE\r\nContact: <sip:1001@192.0.2.10:5060>\r\nContent-Length: 0\r\n\r\n";
+
+    fn ok(contact: &str) -> String {
+        format!("SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP 192.0.2.1:5060;branch=z9hG4bKsw1\r\nRecord-Route: <sip:pbx.example;lr>, <sip:tok@192.0.2.1:5060;lr>\r\nFrom: <sip:1001@pbx>;tag=a\r\nTo: <sip:0044123@pbx>;tag=b\r\nCall-ID: md\r\nCSeq: 7 INVITE\r\nContact: {contact}\r\nContent-Length: 0\r\n\r\n")
+    }
+
+    fn run(action: MaxDurationAction, contact: &str) -> (Vec<Dialog>, usize) {
+        let mut c = cfg();
+        c.on_max_duration = action;
+        c.rules = vec![FraudRule {
+            max_duration: Duration::from_secs(60),
+            ..FraudRule::default()
+        }];
+        let mut g = guard(&c);
+        let inv = parse(INVITE.as_bytes(), Framing::Datagram).unwrap();
+        assert!(invite(&mut g, T0, "1001", "0044123", "md").reject.is_none());
+        g.note_invite(&inv);
+        let ok = ok(contact);
+        let m = parse(ok.as_bytes(), Framing::Datagram).unwrap();
+        g.on_invite_answer(T0, b"md", 200);
+        let caller = (Transport::Udp, "192.0.2.10:5060".parse().unwrap());
+        g.note_answer(&m, caller);
+        g.on_ack(b"md");
+        assert!(g.tick(T0 + 30_000).is_empty());
+        let alerts = g.tick(T0 + 61_000);
+        assert_eq!(alerts.len(), 1);
+        (g.take_byes(), g.active_calls())
+    }
+
+    #[test]
+    fn bye_mode_ends_the_call_and_builds_both_byes() {
+        let (byes, active) = run(MaxDurationAction::Bye, "<sip:2000@198.51.100.5:5070>");
+        assert_eq!(active, 0, "the call left the table");
+        assert_eq!(byes.len(), 1);
+        let out = byes[0].byes(
+            |_| "192.0.2.1:5060".into(),
+            Transport::Udp,
+            9,
+            |h, p| h == b"192.0.2.1" && p == Some(5060),
+        );
+        assert_eq!(out.len(), 2);
+        let callee = String::from_utf8(out[0].bytes.clone()).unwrap();
+        assert!(out[0].to_upstream);
+        assert!(
+            callee.starts_with("BYE sip:2000@198.51.100.5:5070 SIP/2.0\r\n"),
+            "{callee}"
+        );
+        assert!(
+            callee.contains("\r\nRoute: <sip:pbx.example;lr>\r\n"),
+            "{callee}"
+        );
+        assert!(
+            !callee.contains("tok@"),
+            "our own Route entry is not sent: {callee}"
+        );
+        assert!(callee.contains("\r\nCSeq: 100007 BYE\r\n"), "{callee}");
+        assert!(
+            callee.contains("\r\nFrom: <sip:1001@pbx>;tag=a\r\nTo: <sip:0044123@pbx>;tag=b\r\n")
+        );
+        let caller = String::from_utf8(out[1].bytes.clone()).unwrap();
+        assert!(
+            caller.starts_with("BYE sip:1001@192.0.2.10:5060 SIP/2.0\r\n"),
+            "{caller}"
+        );
+        assert!(!caller.contains("Route:"), "{caller}");
+        assert!(
+            caller.contains("\r\nFrom: <sip:0044123@pbx>;tag=b\r\nTo: <sip:1001@pbx>;tag=a\r\n")
+        );
+        for m in [&callee, &caller] {
+            let p = parse(m.as_bytes(), Framing::Datagram).unwrap();
+            assert_eq!(p.method(), Some(crate::wire::Method::Bye));
+            let via = p.value(crate::wire::HeaderName::Via).unwrap();
+            let branch = via.split(|b| *b == b'=').nth(1).unwrap();
+            assert!(!branch.starts_with(crate::proxy::BRANCH_PREFIX), "{m}");
+        }
+    }
+
+    #[test]
+    fn alert_mode_and_unfit_answers_never_end_a_call() {
+        let (byes, active) = run(MaxDurationAction::Alert, "<sip:2000@198.51.100.5:5070>");
+        assert!(byes.is_empty());
+        assert_eq!(active, 1, "alerted, still tracked");
+        // A Contact the learner refuses (no URI): no BYE, the call is alerted and goes on.
+        let (byes, active) = run(MaxDurationAction::Bye, "<>");
+        assert!(byes.is_empty());
+        assert_eq!(active, 1);
+    }
+
+    #[test]
+    fn oversized_answers_are_not_learnt() {
+        let caller = (Transport::Udp, "192.0.2.10:5060".parse().unwrap());
+        let inv = parse(INVITE.as_bytes(), Framing::Datagram).unwrap();
+        let learn = |msg: &str| {
+            let m = parse(msg.as_bytes(), Framing::Datagram).unwrap();
+            let mut d = Dialog::from_invite(&inv).unwrap();
+            d.learn_answer(&m, caller)
+        };
+        assert!(learn(&ok("<sip:2000@198.51.100.5>")));
+        // Four routes of 500 bytes: each under MAX_FIELD, together over MAX_DIALOG_BYTES.
+        let long = format!("<sip:{}@pbx.example;lr>", "a".repeat(480));
+        let big = ok("<sip:2000@198.51.100.5>").replacen(
+            "Record-Route: ",
+            &format!("Record-Route: {long}, {long}, {long}, {long}\r\nRecord-Route: "),
+            1,
+        );
+        assert!(!learn(&big));
+        // Seven entries: over MAX_ROUTES.
+        let many = ok("<sip:2000@198.51.100.5>").replacen(
+            "Record-Route: ",
+            "Record-Route: <sip:a;lr>, <sip:b;lr>, <sip:c;lr>, <sip:d;lr>, <sip:e;lr>\r\nRecord-Route: ",
+            1,
+        );
+        assert!(!learn(&many));
+    }
+}
