@@ -170,13 +170,6 @@ impl Shared {
                         action
                     }
                 }
-                // A request whose own Via claims to be ours: score the sender.
-                Action::Drop(DropReason::Forged) if inspect => {
-                    self.node.with_engine(|e| {
-                        e.on_anomaly(now, inb.src, anomaly::Anomaly::ForgedResponse, bytes)
-                    });
-                    action
-                }
                 a => a,
             }
         } else {
@@ -189,13 +182,6 @@ impl Shared {
                 }
             }
             let (action, info) = router.route_response(&inb, &msg, from_upstream, edits, out);
-            if action == Action::Drop(DropReason::Forged) && inspect {
-                // A response we did not cause, through a Via that looks like ours: an attempt
-                // to steer us. Score the sender (who is not the PBX).
-                self.node.with_engine(|e| {
-                    e.on_anomaly(now, inb.src, anomaly::Anomaly::ForgedResponse, bytes)
-                });
-            }
             if let Some(info) = info {
                 if msg.status().is_some_and(|c| c >= 200) {
                     let to = match action {
@@ -212,6 +198,13 @@ impl Shared {
             }
             action
         };
+        if action == Action::Drop(DropReason::Forged) && inspect {
+            // A response we did not cause through a Via that looks like ours, or a request
+            // whose own Via claims to be ours: an attempt to steer us. Score the sender.
+            self.node.with_engine(|e| {
+                e.on_anomaly(now, inb.src, anomaly::Anomaly::ForgedResponse, bytes)
+            });
+        }
         let request = msg.is_request();
         drop(router);
         if self.send(action, out, request, local).await {

@@ -607,12 +607,12 @@ impl Router {
     fn loop_hash(&self, msg: &Message<'_>, skip: usize) -> u32 {
         let ruri = msg.request_uri().map_or(&b""[..], |s| s.of(msg.buf));
         let cseq = msg.cseq().map_or(0, |c| c.0).to_be_bytes();
-        let routes: Vec<&[u8]> = msg
+        let routes = msg
             .all(HeaderName::Route)
             .flat_map(|r| split_commas(r.value.of(msg.buf), r.value.start as usize))
             .skip(skip)
-            .map(|r| r.of(msg.buf))
-            .collect();
+            .map(|r| r.of(msg.buf));
+        // On the stack for up to 8 Route entries: no allocation per request.
         let mut parts: smallvec::SmallVec<[&[u8]; 12]> = smallvec::SmallVec::new();
         parts.extend_from_slice(&[ruri, msg.call_id(), &cseq, from_tag(msg)]);
         parts.extend(routes);
