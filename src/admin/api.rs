@@ -23,7 +23,7 @@ use crate::blocks::{Block, BlockKey, BlockType, ListEntry, ListKind};
 use crate::clock::Millis;
 use crate::config::Mode;
 use crate::geoip::GeoIp;
-use crate::stats::{DropReason, Stats};
+use crate::stats::DropReason;
 
 type St = State<Arc<AppState>>;
 
@@ -606,7 +606,9 @@ pub(crate) async fn blacklist_remove(
 pub(crate) fn stats_view(st: &AppState) -> StatsView {
     let node = &st.node;
     let s = &node.stats;
-    let g = Stats::get;
+    fn g(c: &impl crate::stats::Read) -> u64 {
+        c.read()
+    }
     let now = node.now();
     let cfg = node.config();
     let mut active = ActiveBlocks {

@@ -17,7 +17,7 @@ use super::history::{History, HistoryView};
 use crate::blocks::{BlockType, Event, UnblockReason};
 use crate::clock::Millis;
 use crate::node::Node;
-use crate::stats::{DropReason, Stats, LATENCY_BUCKETS_US};
+use crate::stats::{DropReason, LATENCY_BUCKETS_US};
 
 const TYPES: usize = BlockType::ALL.len();
 const WHYS: [UnblockReason; 5] = [
@@ -276,7 +276,9 @@ impl Collector for NodeCollector {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> R {
         let node = &self.node;
         let s = &node.stats;
-        let g = Stats::get;
+        fn g(c: &impl crate::stats::Read) -> u64 {
+            c.read()
+        }
 
         let version = [("version", env!("CARGO_PKG_VERSION"))];
         e.encode_descriptor("sipwarden_build", "sipwarden build", None, MetricType::Info)?

@@ -7,7 +7,7 @@ pub mod gate;
 mod lists;
 pub mod table;
 
-pub use gate::{Gate, GateVerdict, Policy};
+pub use gate::{Gate, GateVerdict, LocalHits, Policy};
 pub use lists::{ListEntry, ListKind, Lists};
 pub use table::{Block, BlockTable, Hit};
 

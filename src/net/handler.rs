@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 use tokio::net::UdpSocket;
 
 use super::Transports;
-use crate::blocks::GateVerdict;
+use crate::blocks::{GateVerdict, LocalHits};
 use crate::engine::{anomaly, Pre, Verdict};
 use crate::node::Node;
 use crate::proxy::{Action, Flow, Inbound, Router};
@@ -34,6 +34,9 @@ pub struct Scratch {
     /// The UDP socket this task receives on: UDP replies and forwards of the same address
     /// family leave from it, so they carry the address the request arrived on.
     udp: Option<Arc<UdpSocket>>,
+    /// Drops at the gate counted here, added to the gate's entries at the end of each receive
+    /// batch ([`Shared::end_batch`]): no per-packet write to a counter other cores share.
+    hits: LocalHits,
 }
 
 impl Scratch {
@@ -47,6 +50,13 @@ impl Scratch {
 }
 
 impl Shared {
+    /// After a receive batch: the gate drops counted in `scratch` reach the block rows.
+    pub fn end_batch(&self, scratch: &mut Scratch) {
+        if !scratch.hits.is_empty() {
+            scratch.hits.flush(self.node.gate());
+        }
+    }
+
     /// Handle one whole message (a datagram, or a message cut from a TCP stream).
     pub async fn handle(self: &Arc<Self>, inb: Inbound, bytes: &[u8], scratch: &mut Scratch) {
         let t0 = Instant::now();
@@ -73,7 +83,12 @@ impl Shared {
         let pre = if from_upstream {
             Pre::Trusted
         } else {
-            match self.node.gate().check(now, inb.src) {
+            let gate = self.node.gate();
+            let verdict = match inb.transport {
+                Transport::Udp => gate.check_local(now, inb.src, &mut scratch.hits),
+                _ => gate.check(now, inb.src),
+            };
+            match verdict {
                 GateVerdict::Blocked { kind, reply_403 } => Pre::Blocked { kind, reply_403 },
                 GateVerdict::Whitelisted => Pre::Whitelisted,
                 GateVerdict::Inspect => self.node.with_engine(|e| e.precheck(now, inb.src)),
@@ -118,7 +133,9 @@ impl Shared {
                 return;
             }
         };
-        let Scratch { edits, out, udp } = scratch;
+        let Scratch {
+            edits, out, udp, ..
+        } = scratch;
         let local = udp.as_deref();
         let action = if msg.is_request() {
             if from_upstream {

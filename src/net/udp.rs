@@ -134,6 +134,7 @@ pub async fn serve(
                         let inb = Inbound { transport: Transport::Udp, src: canonical(src) };
                         handle_caught(&shared, inb, dgram, &mut scratch).await;
                     }
+                    shared.end_batch(&mut scratch);
                 }
                 Err(e) => {
                     // ICMP port unreachable surfaces here on some systems; keep serving.
