@@ -426,6 +426,7 @@ main() {
 	phase dockerd
 	if ! ensure_dockerd; then
 		fail dockerd "no Docker daemon (see above)"
+		phase_end
 		echo "$PASSED passed, $FAILED failed"
 		exit 1
 	fi
