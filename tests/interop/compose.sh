@@ -22,8 +22,8 @@
 #            both nodes (the PBX reaches each callee through the node in its Path).
 #   scan     svmap from 127.0.0.99 against node 1: SCANNER block on node 1, and the same source
 #            blocked on node 2 (GET /api/blocks on node 2's admin) through Redis.
-#   down     docker-compose down: containers gone, the state volumes kept; then the suite
-#            removes the volumes.
+#   down     docker-compose down: containers gone, the state volumes kept; up again on them: the
+#            scanner is still blocked on both nodes; down, and the suite removes the volumes.
 #
 # usage: tests/interop/compose.sh        env: SIPWARDEN_BIN (default target/release/sipwarden,
 #        never built here), KEEP=1 keeps the work dir (always kept on failure),
@@ -368,6 +368,21 @@ test_down() {
 	check stack-down "[[ $rc == 0 && $left == 0 && $vols == 3 ]]" \
 		"docker-compose down: exit $rc, $left containers left, $vols state volumes kept (3 expected)" \
 		"$WORK/down.log"
+	((vols == 3)) || return 0
+
+	# the same volumes brought up again: the scanner's block is still in force on both nodes
+	STACK_UP=1
+	compose up -d --no-build >"$WORK/up2.log" 2>&1
+	local states hrc t0=$SECONDS
+	states=$(wait_healthy 60)
+	hrc=$?
+	check stack-up-again "[[ $hrc == 0 ]]" "up again on the kept volumes, healthy after $((SECONDS - t0)) s" \
+		"$WORK/up2.log" "$(stack_logs)"
+	check blocks-kept "wait_block_on $API1 $SCANNER_IP 5 && wait_block_on $API2 $SCANNER_IP 5" \
+		"the block of $SCANNER_IP survived down/up on both nodes (state volumes, Redis append-only file)" \
+		"$(stack_logs)"
+	compose down >>"$WORK/down.log" 2>&1
+	STACK_UP=0
 }
 
 remove_volumes() {
