@@ -83,6 +83,8 @@ compose() {
 
 # --- the Docker engine ------------------------------------------------------------------------
 
+# dk ARGS...: the docker client, bounded (a wedged daemon must not hang the suite)
+dk() { timeout 120 "$DOCKER" "$@"; }
 docker_ok() { timeout 10 "$DOCKER" info >/dev/null 2>&1; }
 
 # ensure_dockerd: use a running daemon, or start one without bridge and iptables (these machines
@@ -101,8 +103,8 @@ ensure_dockerd() {
 	log "starting dockerd ${args[*]} (log $WORK/dockerd.log)"
 	dockerd "${args[@]}" >"$WORK/dockerd.log" 2>&1 &
 	DOCKERD_PID=$!
-	local i
-	for i in $(seq 1 60); do
+	local _
+	for _ in $(seq 1 60); do
 		docker_ok && return 0
 		kill -0 "$DOCKERD_PID" 2>/dev/null || break
 		sleep 0.5
@@ -115,8 +117,8 @@ ensure_dockerd() {
 stop_dockerd() {
 	[[ -n $DOCKERD_PID ]] || return 0
 	kill -TERM "$DOCKERD_PID" 2>/dev/null
-	local i
-	for i in $(seq 1 150); do
+	local _
+	for _ in $(seq 1 150); do
 		kill -0 "$DOCKERD_PID" 2>/dev/null || break
 		sleep 0.2
 	done
@@ -171,7 +173,7 @@ debian_mirror() {
 # ensure_base: sipwarden-base:bookworm in the daemon, from the cached rootfs tarball or a fresh
 # debootstrap (about a minute) that fills the cache.
 ensure_base() {
-	if "$DOCKER" image inspect "$BASE" >/dev/null 2>&1; then
+	if dk image inspect "$BASE" >/dev/null 2>&1; then
 		log "$BASE already in the daemon"
 		return 0
 	fi
@@ -198,7 +200,11 @@ ensure_base() {
 	else
 		log "rootfs from the cache $ROOTFS_TAR"
 	fi
-	"$DOCKER" import - "$BASE" <"$ROOTFS_TAR" >/dev/null
+	if ! timeout 300 "$DOCKER" import - "$BASE" <"$ROOTFS_TAR" >/dev/null; then
+		echo "docker import of $ROOTFS_TAR failed; the cached tarball is removed"
+		rm -f "$ROOTFS_TAR"
+		return 1
+	fi
 }
 
 # build_image: the test image from tests/interop/compose/Dockerfile with the release binary
@@ -226,14 +232,14 @@ health() {
 	local id
 	id=$(compose ps -q "$1" 2>/dev/null)
 	[[ -n $id ]] || { echo missing; return; }
-	"$DOCKER" inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' \
+	dk inspect -f '{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}' \
 		"$id" 2>/dev/null || echo missing
 }
 
 # wait_healthy SECONDS: every service healthy; prints the states it ended with
 wait_healthy() {
-	local i s all states
-	for i in $(seq 1 $(($1 * 2))); do
+	local _ s all states
+	for _ in $(seq 1 $(($1 * 2))); do
 		all=1
 		states=""
 		for s in "${SERVICES[@]}"; do
@@ -259,8 +265,8 @@ blocks_on() { curl -sS --max-time 2 "$1/api/blocks" 2>/dev/null || echo '[]'; }
 
 # wait_block_on API IP SECONDS: a block (any type) for IP appears in that node's table
 wait_block_on() {
-	local i
-	for i in $(seq 1 $(($3 * 5))); do
+	local _
+	for _ in $(seq 1 $(($3 * 5))); do
 		blocks_on "$1" | jq -e --arg ip "$2" '[.[] | select(.ip == $ip)] | length > 0' \
 			>/dev/null 2>&1 && return 0
 		sleep 0.2
@@ -363,8 +369,8 @@ test_down() {
 	compose down >"$WORK/down.log" 2>&1
 	local rc=$? left vols
 	STACK_UP=0
-	left=$("$DOCKER" ps -aq --filter "label=com.docker.compose.project=$PROJECT" | wc -l)
-	vols=$("$DOCKER" volume ls -q --filter "label=com.docker.compose.project=$PROJECT" | wc -l)
+	left=$(dk ps -aq --filter "label=com.docker.compose.project=$PROJECT" | wc -l)
+	vols=$(dk volume ls -q --filter "label=com.docker.compose.project=$PROJECT" | wc -l)
 	check stack-down "[[ $rc == 0 && $left == 0 && $vols == 3 ]]" \
 		"docker-compose down: exit $rc, $left containers left, $vols state volumes kept (3 expected)" \
 		"$WORK/down.log"
@@ -387,8 +393,8 @@ test_down() {
 
 remove_volumes() {
 	local v
-	for v in $("$DOCKER" volume ls -q --filter "label=com.docker.compose.project=$PROJECT" 2>/dev/null); do
-		"$DOCKER" volume rm "$v" >/dev/null 2>&1 || echo "could not remove volume $v"
+	for v in $(dk volume ls -q --filter "label=com.docker.compose.project=$PROJECT" 2>/dev/null); do
+		dk volume rm "$v" >/dev/null 2>&1 || echo "could not remove volume $v"
 	done
 }
 
@@ -424,7 +430,7 @@ main() {
 		exit 1
 	fi
 	local busy
-	busy=$(ss -Hlnptu 2>/dev/null | awk '$5 ~ /^(127\.0\.0\.9[0-9]:|127\.0\.0\.1:6393$)/')
+	busy=$(ss -Hlnptu 2>/dev/null | awk -v redis="127.0.0.1:$REDIS_PORT" '$5 ~ /^127\.0\.0\.9[0-9]:/ || $5 == redis')
 	if [[ -n $busy ]]; then
 		echo "addresses needed by the suite are in use:"
 		echo "$busy"
@@ -445,7 +451,7 @@ main() {
 		echo "$PASSED passed, $FAILED failed"
 		exit 1
 	fi
-	pass dockerd "Docker $("$DOCKER" version -f '{{.Server.Version}}' 2>/dev/null)$([[ -n $DOCKERD_PID ]] && echo ', started by this suite')"
+	pass dockerd "Docker $(dk version -f '{{.Server.Version}}' 2>/dev/null)$([[ -n $DOCKERD_PID ]] && echo ', started by this suite')"
 
 	phase base
 	if ! ensure_base; then
