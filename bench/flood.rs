@@ -71,7 +71,10 @@ fn seed(dst: SocketAddr, n: u32) {
             break;
         }
     }
-    println!("seed: {sent} sources sent one scanner OPTIONS in {:.1} s", t0.elapsed().as_secs_f64());
+    println!(
+        "seed: {sent} sources sent one scanner OPTIONS in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
 }
 
 fn blast(dst: SocketAddr, sources: u32, secs: u64) {
@@ -112,7 +115,11 @@ fn main() {
     };
     match arg(1) {
         "seed" => seed(dst, arg(3).parse().unwrap_or(1000)),
-        "blast" => blast(dst, arg(3).parse().unwrap_or(10_000), arg(4).parse().unwrap_or(10)),
+        "blast" => blast(
+            dst,
+            arg(3).parse().unwrap_or(10_000),
+            arg(4).parse().unwrap_or(10),
+        ),
         _ => {
             eprintln!("usage: flood seed DST N | flood blast DST SOURCES SECS");
             std::process::exit(2);

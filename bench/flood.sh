@@ -94,7 +94,7 @@ import re, sys
 def hist(path):
     b = {}
     for line in open(path):
-        m = re.match(r'sipwarden_forward_latency_bucket\{le="([^"]+)"\} (\d+)', line)
+        m = re.match(r'sipwarden_forward_latency(?:_seconds)?_bucket\{le="([^"]+)"\} (\d+)', line)
         if m:
             b[float(m.group(1))] = int(m.group(2))
     return b

@@ -385,6 +385,10 @@ fn matches(b: &Block, q: &str) -> bool {
 
 // ---- blocks --------------------------------------------------------------------------------
 
+/// Blocks matched or copied per hold of the engine lock when listing (see [`list_blocks`]):
+/// about a tenth of a millisecond of the packet path's time each.
+const LIST_CHUNK: usize = 512;
+
 pub(crate) async fn list_blocks(
     State(st): St,
     query: Result<Query<BlocksQuery>, QueryRejection>,
@@ -397,43 +401,73 @@ pub(crate) async fn list_blocks(
         .map(|q| q.trim().to_lowercase())
         .filter(|q| !q.is_empty());
     let geo = st.geo.get(&node.config().geoip.database);
-    // Under the engine lock only collect keys; country lookups and sorting happen outside it,
-    // so a table of 100 000 blocks does not stall the packet path.
+    // The packet path takes the engine lock for every clean packet, so a table of 100 000
+    // blocks is read in short holds: one pass collecting keys (a few bytes per block), then
+    // matching and copying rows in chunks of LIST_CHUNK keys, letting the lock go between
+    // chunks. Country lookups, sorting and encoding happen outside it. A block that goes away
+    // between two holds is left out.
     let mut found: Vec<(Millis, BlockKey, bool)> = node.inspect(|e| {
         e.blocks()
             .filter(|b| !b.is_expired(now))
-            .map(|b| {
-                (
-                    b.blocked_at,
-                    b.key,
-                    match q.as_deref() {
-                        None => true,
-                        Some(q) => matches(b, q),
-                    },
-                )
-            })
+            .map(|b| (b.blocked_at, b.key, q.is_none()))
             .collect()
     });
-    if let (Some(q), Some(g)) = (q.as_deref(), geo.as_deref()) {
-        for f in found.iter_mut().filter(|f| !f.2) {
-            f.2 = country(Some(g), &f.1).is_some_and(|c| c.to_lowercase().contains(q));
+    if let Some(q) = q.as_deref() {
+        for chunk in found.chunks_mut(LIST_CHUNK) {
+            node.peek(|e| {
+                for f in chunk.iter_mut() {
+                    f.2 = e.block_table().get(&f.1).is_some_and(|b| matches(b, q));
+                }
+            });
+            tokio::task::yield_now().await;
+        }
+        if let Some(g) = geo.as_deref() {
+            for f in found.iter_mut().filter(|f| !f.2) {
+                f.2 = country(Some(g), &f.1).is_some_and(|c| c.to_lowercase().contains(q));
+            }
         }
     }
     found.retain(|f| f.2);
     let total = found.len();
     found.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
     found.truncate(query.limit.unwrap_or(usize::MAX));
-    let blocks: Vec<Block> = node.inspect(|e| {
-        found
-            .iter()
-            .filter_map(|f| e.block_table().get(&f.1).cloned())
-            .collect()
-    });
-    let rows: Vec<BlockRow> = blocks
-        .iter()
-        .map(|b| BlockRow::of(b, now, country(geo.as_deref(), &b.key)))
-        .collect();
-    let mut r = Json(rows).into_response();
+    let mut rows: Vec<BlockRow> = Vec::with_capacity(found.len());
+    for chunk in found.chunks(LIST_CHUNK) {
+        let copied: Vec<(BlockKey, BlockRow)> = node.peek(|e| {
+            chunk
+                .iter()
+                .filter_map(|f| e.block_table().get(&f.1))
+                .map(|b| (b.key, BlockRow::of(b, now, None)))
+                .collect()
+        });
+        rows.extend(copied.into_iter().map(|(key, mut row)| {
+            if let Some(c) = country(geo.as_deref(), &key) {
+                row.country = c;
+            }
+            row
+        }));
+        tokio::task::yield_now().await;
+    }
+    // Encoding megabytes of JSON is a blocking job: off the workers the receive loops run on.
+    let body = tokio::task::spawn_blocking(move || serde_json::to_vec(&rows))
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("listing blocks: {e}"),
+            )
+        })?
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("listing blocks: {e}"),
+            )
+        })?;
+    let mut r = (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response();
     r.headers_mut()
         .insert("x-total-count", HeaderValue::from(total as u64));
     Ok(r)
