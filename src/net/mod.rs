@@ -4,6 +4,7 @@
 pub mod handler;
 pub mod tcp;
 pub mod tftp;
+pub mod tls;
 pub mod udp;
 pub mod upstream;
 
@@ -281,7 +282,7 @@ impl Transports {
                     .map(|_| ())
                     .map_err(|_| DropReason::SendFailed)
             }
-            Transport::Tcp => {
+            Transport::Tcp | Transport::Tls => {
                 let tx = self.conns.get(&to.addr).ok_or(DropReason::NoRoute)?;
                 tx.send(Bytes::copy_from_slice(bytes))
             }
