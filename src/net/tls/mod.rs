@@ -279,6 +279,12 @@ pub async fn serve(
             let Ok(tls) = acceptor.accept(stream, peer).await else {
                 return;
             };
+            // Blocked while in handshake (by this flood or anything else): no connection.
+            let now = shared.node.now();
+            if shared.node.with_engine(|e| e.is_blocked(now, peer)) {
+                shared.node.stats.drop(DropReason::Blocked);
+                return;
+            }
             let (rd, wr) = tokio::io::split(tls);
             super::tcp::run_conn(rd, wr, no_reset, peer, Transport::Tls, shared).await;
         });
