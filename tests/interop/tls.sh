@@ -2,7 +2,7 @@
 # SIP over TLS interop suite (issue 12, TLS part): real TLS clients through sipwarden's
 # sip.listen_tls.  Loopback only, a layout of its own so it can run beside the other suites:
 #
-#   baresip 1001 (TLS, auto-answer)    127.0.0.51  --\
+#   baresip 1001 (TLS, auto-answer)    127.0.0.51 (its TLS connection comes from 127.0.0.1)
 #   sipp 1002 caller (UDP)             127.0.0.52  ---\
 #   sipp 1003 callee (UDP)             127.0.0.53  ----> sipwarden udp/tcp 127.0.0.1:5660
 #   sipp 1005 (UDP, upstream TLS case) 127.0.0.55  ---/            tls 127.0.0.1:5661
@@ -27,7 +27,8 @@
 #   bad-cert   a broken certificate file: the new certificate stays in force, the reload
 #              failure is counted.
 #   flood      127.0.0.58 opens connections that never finish a handshake and connections that
-#              send garbage: it gets blocked (ANOMALY) while baresip still answers a call.
+#              send garbage: it gets blocked (ANOMALY) while baresip (not whitelisted) still
+#              answers a call and re-registers.
 #   upstream   sipwarden restarted with upstream.transport = "tls" towards the TLS Kamailio
 #              (verified against the test CA by name kam.tls.test): sipp registers through it.
 #
