@@ -279,3 +279,26 @@ async fn silent_connections_time_out_over_the_cap_are_refused_and_failures_block
         "five failures block the source"
     );
 }
+
+#[tokio::test]
+async fn a_required_client_certificate_that_is_missing_fails_the_handshake() {
+    let dir = tempfile::tempdir().unwrap();
+    pair(dir.path(), "default", &["sip.example.net"]);
+    pair(dir.path(), "pbx", &["pbx.example.com"]);
+    pair(dir.path(), "clientca", &["phones.example.net"]);
+    let mut cfg = config(dir.path());
+    cfg.tls.verify_client = crate::config::VerifyClient::Required;
+    cfg.tls.client_ca = path(dir.path(), "clientca.pem");
+    let (_a, node, addr, mut accepted) = server(cfg).await;
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("sip.example.net").unwrap();
+    // TLS 1.3: the client learns of the refusal only when it reads.
+    if let Ok(mut s) = client(&[&rustls::version::TLS13]).connect(name, tcp).await {
+        let _ = s.write_all(b"OPTIONS").await;
+        let mut b = [0u8; 1];
+        let _ = s.read(&mut b).await;
+    }
+    let e = accepted.recv().await.unwrap().unwrap_err();
+    assert_eq!(e.reason(), TlsFailure::ClientCertificate, "{e}");
+    assert_eq!(node.stats.tls.failures(TlsFailure::ClientCertificate), 1);
+}
