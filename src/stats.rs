@@ -90,6 +90,7 @@ impl DropReason {
 pub enum Transport {
     Udp,
     Tcp,
+    Tls,
 }
 
 impl Transport {
@@ -97,7 +98,83 @@ impl Transport {
         match self {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
+            Transport::Tls => "tls",
         }
+    }
+
+    /// A connection-oriented transport: messages are framed out of a stream, and the way back
+    /// to a peer is the connection it opened.
+    pub fn is_stream(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+}
+
+/// Why a TLS handshake did not complete. The names are the `reason` label in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsFailure {
+    /// Not finished within `tls.handshake_timeout`.
+    Timeout,
+    /// Over `tls.max_handshakes_per_ip` (or the total cap) when it arrived.
+    Cap,
+    /// No protocol version or cipher suite in common (TLS 1.0/1.1 clients end here).
+    Incompatible,
+    /// The client sent a fatal alert (typically: it does not trust our certificate).
+    Alert,
+    /// The client certificate is missing or does not verify (`tls.verify_client`).
+    ClientCertificate,
+    /// Not TLS, or TLS that breaks the protocol.
+    Protocol,
+    /// The client closed or reset the connection during the handshake.
+    Closed,
+}
+
+impl TlsFailure {
+    pub const ALL: [TlsFailure; 7] = [
+        TlsFailure::Timeout,
+        TlsFailure::Cap,
+        TlsFailure::Incompatible,
+        TlsFailure::Alert,
+        TlsFailure::ClientCertificate,
+        TlsFailure::Protocol,
+        TlsFailure::Closed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::Cap => "cap",
+            TlsFailure::Incompatible => "incompatible",
+            TlsFailure::Alert => "alert",
+            TlsFailure::ClientCertificate => "client_certificate",
+            TlsFailure::Protocol => "protocol",
+            TlsFailure::Closed => "closed",
+        }
+    }
+}
+
+/// TLS counters: handshakes by outcome, failures by reason, certificate reloads by outcome.
+#[derive(Debug, Default)]
+pub struct TlsStats {
+    pub handshakes_ok: AtomicU64,
+    failures: [AtomicU64; TlsFailure::ALL.len()],
+    /// Connections in handshake now (a gauge).
+    pub in_handshake: AtomicU64,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+impl TlsStats {
+    pub fn failed(&self, r: TlsFailure) {
+        inc(&self.failures[r as usize]);
+    }
+
+    pub fn failures(&self, r: TlsFailure) -> u64 {
+        self.failures[r as usize].load(Ordering::Relaxed)
+    }
+
+    /// Failed handshakes, every reason together.
+    pub fn handshakes_failed(&self) -> u64 {
+        TlsFailure::ALL.iter().map(|r| self.failures(*r)).sum()
     }
 }
 
@@ -170,6 +247,7 @@ impl Read for Counter {
 pub struct Stats {
     pub packets_in_udp: Counter,
     pub packets_in_tcp: Counter,
+    pub packets_in_tls: Counter,
     pub requests_forwarded: Counter,
     pub responses_forwarded: Counter,
     /// Responses sipwarden generated itself (403, 483, 503, ...).
@@ -186,6 +264,9 @@ pub struct Stats {
     pub tcp_write_overflows: AtomicU64,
     /// TCP connections closed because one write took longer than `sip.tcp_write_timeout`.
     pub tcp_write_timeouts: AtomicU64,
+    /// Connections closed because their source got blocked (TCP and TLS).
+    pub conns_closed_blocked: AtomicU64,
+    pub tls: TlsStats,
     /// Panics caught on the packet path (a bug an attacker may be able to trigger at will).
     pub panics: AtomicU64,
     /// Unix second of the last panic logged: panic logs are limited to one a second.
@@ -223,6 +304,7 @@ impl Stats {
         match t {
             Transport::Udp => &self.packets_in_udp,
             Transport::Tcp => &self.packets_in_tcp,
+            Transport::Tls => &self.packets_in_tls,
         }
         .inc();
     }

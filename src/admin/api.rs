@@ -166,6 +166,8 @@ pub struct StatsView {
     pub alerts: u64,
     pub events_dropped: u64,
     pub tcp: TcpCounts,
+    #[serde(default)]
+    pub tls: TlsCounts,
     /// Panics caught on the packet path.
     #[serde(default)]
     pub panics: u64,
@@ -232,7 +234,24 @@ pub struct HepHealth {
 pub struct Transports {
     pub udp: u64,
     pub tcp: u64,
+    #[serde(default)]
+    pub tls: u64,
     pub total: u64,
+}
+
+/// TLS counters in `/api/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TlsCounts {
+    pub handshakes_ok: u64,
+    pub handshakes_failed: u64,
+    /// Failed handshakes by reason (every reason listed, zeros included).
+    pub failures: BTreeMap<String, u64>,
+    /// In handshake now.
+    pub in_handshake: u64,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    /// TCP and TLS connections closed because their source was blocked.
+    pub closed_blocked: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -670,7 +689,11 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
         .iter()
         .map(|r| (r.as_str().to_string(), s.dropped(*r)))
         .collect();
-    let (udp, tcp) = (g(&s.packets_in_udp), g(&s.packets_in_tcp));
+    let (udp, tcp, tls) = (
+        g(&s.packets_in_udp),
+        g(&s.packets_in_tcp),
+        g(&s.packets_in_tls),
+    );
     let count = g(&s.latency_count);
     StatsView {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -683,7 +706,8 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
         packets_in: Transports {
             udp,
             tcp,
-            total: udp + tcp,
+            tls,
+            total: udp + tcp + tls,
         },
         forwarded: Forwarded {
             requests: g(&s.requests_forwarded),
@@ -703,6 +727,18 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
             rejected: g(&s.tcp_rejected),
             write_overflows: g(&s.tcp_write_overflows),
             write_timeouts: g(&s.tcp_write_timeouts),
+        },
+        tls: TlsCounts {
+            handshakes_ok: g(&s.tls.handshakes_ok),
+            handshakes_failed: s.tls.handshakes_failed(),
+            failures: crate::stats::TlsFailure::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), s.tls.failures(*r)))
+                .collect(),
+            in_handshake: g(&s.tls.in_handshake),
+            reloads_ok: g(&s.tls.reloads_ok),
+            reloads_failed: g(&s.tls.reloads_failed),
+            closed_blocked: g(&s.conns_closed_blocked),
         },
         panics: g(&s.panics),
         listeners: s

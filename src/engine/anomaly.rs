@@ -32,6 +32,8 @@ pub enum Anomaly {
     /// request whose own Via claims to be ours: an attempt to make us route what we did not
     /// cause.
     ForgedResponse,
+    /// A TLS handshake that failed, timed out or went over `tls.max_handshakes_per_ip`.
+    TlsHandshake,
 }
 
 impl Anomaly {
@@ -64,6 +66,7 @@ impl Anomaly {
             Anomaly::BadAddress(h) => format!("malformed {h}"),
             Anomaly::BadRequestUri => "malformed Request-URI".into(),
             Anomaly::ForgedResponse => "forged Via of ours (branch does not verify)".into(),
+            Anomaly::TlsHandshake => "TLS handshake failed".into(),
         }
     }
 }

@@ -23,6 +23,8 @@ pub struct Shared {
     pub router: ArcSwap<Router>,
     pub transports: Transports,
     pub max_message_bytes: usize,
+    /// The PBX over TLS (`upstream.transport = "tls"`), else `None`.
+    pub tls_upstream: Option<super::tls::TlsUpstream>,
 }
 
 /// Per-task scratch space, reused for every packet: the clean path allocates nothing once
@@ -118,7 +120,7 @@ impl Shared {
         }
         let framing = match inb.transport {
             Transport::Udp => Framing::Datagram,
-            Transport::Tcp => Framing::Stream,
+            Transport::Tcp | Transport::Tls => Framing::Stream,
         };
         let msg = match parse(bytes, framing) {
             Ok(m) => m,
@@ -178,7 +180,7 @@ impl Shared {
                         tracing::debug!(src = %inb.src, target = %t.flow.addr, transport = t.flow.transport.as_str(), why = t.why, "nat detection");
                     }
                     if from_upstream
-                        && to.transport == Transport::Tcp
+                        && to.transport.is_stream()
                         && to != router.upstream()
                         && self.transports.conns.get(&to.addr).is_none()
                     {
@@ -309,8 +311,12 @@ impl Shared {
     ) -> Result<(), DropReason> {
         let upstream = self.router.load().upstream();
         match self.send_on(to, out, local).await {
-            Err(DropReason::NoRoute) if to.transport == Transport::Tcp && to == upstream => {
-                super::tcp::connect_upstream(self, to.addr).await?;
+            Err(DropReason::NoRoute) if to.transport.is_stream() && to == upstream => {
+                if to.transport == Transport::Tls {
+                    super::tls::connect_upstream(self, to.addr).await?;
+                } else {
+                    super::tcp::connect_upstream(self, to.addr).await?;
+                }
                 self.transports.send(to, out).await
             }
             r => r,
@@ -326,6 +332,7 @@ impl Shared {
             let a = match t {
                 Transport::Udp => cfg.udp.as_ref().or(cfg.tcp.as_ref()),
                 Transport::Tcp => cfg.tcp.as_ref().or(cfg.udp.as_ref()),
+                Transport::Tls => cfg.tls.as_ref().or(cfg.tcp.as_ref()),
             };
             a.map_or_else(String::new, |a| format!("{}:{}", a.host, a.port))
         };
@@ -352,7 +359,7 @@ impl Shared {
     async fn reply_forbidden(self: &Arc<Self>, inb: Inbound, bytes: &[u8], scratch: &mut Scratch) {
         let framing = match inb.transport {
             Transport::Udp => Framing::Datagram,
-            Transport::Tcp => Framing::Stream,
+            Transport::Tcp | Transport::Tls => Framing::Stream,
         };
         if let Ok(msg) = parse(bytes, framing) {
             if msg.is_request() {

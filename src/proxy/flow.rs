@@ -27,6 +27,7 @@ fn transport_char(t: Transport) -> u8 {
     match t {
         Transport::Udp => b'u',
         Transport::Tcp => b't',
+        Transport::Tls => b's',
     }
 }
 
@@ -101,6 +102,7 @@ pub fn decode(keys: &Keys, tok: &[u8]) -> Option<Flow> {
     let transport = match t {
         b'u' => Transport::Udp,
         b't' => Transport::Tcp,
+        b's' => Transport::Tls,
         _ => return None,
     };
     let ip_len = match hex.len() {

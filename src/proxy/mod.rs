@@ -59,6 +59,7 @@ impl Advertised {
 pub struct RouterConfig {
     pub udp: Option<Advertised>,
     pub tcp: Option<Advertised>,
+    pub tls: Option<Advertised>,
     /// Other names we answer to (listen IPs), for recognising our own Route entries.
     pub aliases: Vec<Advertised>,
     pub incoming: IncomingMode,
@@ -155,7 +156,7 @@ impl Router {
         let src = canonical(inb.src);
         match inb.transport {
             Transport::Udp => self.upstreams.contains(&src),
-            Transport::Tcp => self.upstreams.iter().any(|a| a.ip() == src.ip()),
+            Transport::Tcp | Transport::Tls => self.upstreams.iter().any(|a| a.ip() == src.ip()),
         }
     }
 
@@ -197,6 +198,7 @@ impl Router {
             .udp
             .iter()
             .chain(self.cfg.tcp.iter())
+            .chain(self.cfg.tls.iter())
             .chain(self.cfg.aliases.iter())
             .any(|a| host_ip(a.host.as_bytes()).map(crate::blocks::canonical_ip) == Some(ip))
     }
@@ -210,14 +212,16 @@ impl Router {
     }
 
     fn advertised(&self, t: Transport) -> &Advertised {
-        let (first, other) = match t {
-            Transport::Udp => (&self.cfg.udp, &self.cfg.tcp),
-            Transport::Tcp => (&self.cfg.tcp, &self.cfg.udp),
+        let (first, other, third) = match t {
+            Transport::Udp => (&self.cfg.udp, &self.cfg.tcp, &self.cfg.tls),
+            Transport::Tcp => (&self.cfg.tcp, &self.cfg.udp, &self.cfg.tls),
+            Transport::Tls => (&self.cfg.tls, &self.cfg.tcp, &self.cfg.udp),
         };
-        // At least one listener exists (config validation); fall back to the other transport.
+        // At least one listener exists (config validation); fall back to another transport.
         first
             .as_ref()
             .or(other.as_ref())
+            .or(third.as_ref())
             .or(self.cfg.aliases.first())
             .unwrap_or(&self.fallback)
     }
@@ -229,6 +233,7 @@ impl Router {
             .udp
             .iter()
             .chain(self.cfg.tcp.iter())
+            .chain(self.cfg.tls.iter())
             .chain(self.cfg.aliases.iter())
             .any(|a| a.port == port && host.eq_ignore_ascii_case(a.host.as_bytes()))
     }
@@ -636,6 +641,7 @@ fn stamped_hop(top: &Via, inb: &Inbound) -> Option<Flow> {
     let transport = match top.transport {
         ViaTransport::Tcp => Transport::Tcp,
         ViaTransport::Udp => Transport::Udp,
+        ViaTransport::Tls => Transport::Tls,
         _ => return None,
     };
     Some(Flow {
@@ -690,6 +696,7 @@ fn via_proto(t: Transport) -> &'static str {
     match t {
         Transport::Udp => "UDP",
         Transport::Tcp => "TCP",
+        Transport::Tls => "TLS",
     }
 }
 
@@ -742,6 +749,7 @@ fn via_destination(buf: &[u8], v: &Via) -> Option<Flow> {
     let transport = match v.transport {
         ViaTransport::Tcp => Transport::Tcp,
         ViaTransport::Udp => Transport::Udp,
+        ViaTransport::Tls => Transport::Tls,
         _ => return None,
     };
     Some(Flow {
@@ -756,6 +764,7 @@ fn uri_flow(buf: &[u8], u: &Uri) -> Option<Flow> {
     let transport = match u.param(buf, b"transport").flatten().map(|s| s.of(buf)) {
         Some(t) if t.eq_ignore_ascii_case(b"tcp") => Transport::Tcp,
         Some(t) if t.eq_ignore_ascii_case(b"udp") => Transport::Udp,
+        Some(t) if t.eq_ignore_ascii_case(b"tls") => Transport::Tls,
         None => Transport::Udp,
         Some(_) => return None,
     };

@@ -153,6 +153,7 @@ impl Dialog {
             let tr = match t {
                 Transport::Udp => "UDP",
                 Transport::Tcp => "TCP",
+                Transport::Tls => "TLS",
             };
             let host = via(t);
             m.extend_from_slice(
