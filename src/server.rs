@@ -348,6 +348,8 @@ pub async fn start(
     } else {
         Some(crate::cluster::Cluster::start(&cfg.cluster.redis_url, node.clone()).await?)
     };
+    let counts = crate::cluster_count::SharedCounts::for_config(&cfg);
+    node.with_engine(|e| e.set_shared_counts(counts.clone()));
     let state = crate::state::Handle::spawn(events_rx, node.clone(), Some(store), cluster);
     crate::hep::start(&node).await; // HEP export task (hep.address)
 
@@ -414,6 +416,11 @@ pub async fn start(
         }
     };
     let mut tasks = Vec::new();
+    if counts.is_enabled() {
+        let (url, every) = (cfg.cluster.redis_url.clone(), cfg.cluster.count_interval);
+        let link = crate::cluster_count::link::run(url, counts, node.clock, every, stopped());
+        tasks.push(tokio::spawn(link));
+    }
     // Listener tasks run supervised: one that ends (a panic that escaped, an error) is
     // restarted, counted and logged, and /healthz fails until it serves again.
     for sock in &udp {

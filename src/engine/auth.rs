@@ -18,6 +18,7 @@ use super::track::{nonzero, Distinct, Window};
 use super::Detection;
 use crate::blocks::{source_net, BlockKey, BlockType};
 use crate::clock::Millis;
+use crate::cluster_count::{Detector, SharedCounts};
 use crate::config::Config;
 use crate::util::hash64;
 
@@ -134,6 +135,8 @@ pub struct AuthTracker {
     /// secret so an attacker cannot craft a new guess that collides with an old one.
     seen: LruCache<u64, Millis>,
     seen_key: RandomState,
+    /// Failures per source counted cluster-wide (a no-op on a single node).
+    shared: SharedCounts,
 }
 
 impl AuthTracker {
@@ -147,7 +150,13 @@ impl AuthTracker {
             accounts: LruCache::new(n),
             seen: LruCache::new(n),
             seen_key: RandomState::new(),
+            shared: SharedCounts::disabled(),
         }
+    }
+
+    /// Count failures per source across the cluster through `shared`.
+    pub fn set_shared(&mut self, shared: SharedCounts) {
+        self.shared = shared;
     }
 
     pub fn resize(&mut self, cap: usize) {
@@ -291,7 +300,13 @@ impl AuthTracker {
             return (c, None);
         }
 
-        c.n_ip = s.fails.add(now, rperiod, 1);
+        // The whole-address count is cluster-wide: this node's failures plus what the other
+        // nodes reported for the source (0 on a single node).
+        self.shared.record(Detector::Auth, net, 1);
+        c.n_ip = s
+            .fails
+            .add(now, rperiod, 1)
+            .saturating_add(self.shared.remote(now, Detector::Auth, net));
         if creds {
             c.n_accounts = s.users_failed.add(now, pperiod, account_fp);
         }
@@ -330,6 +345,7 @@ impl AuthTracker {
             s.users_challenged = Distinct::default();
             s.evidence.clear();
         }
+        self.shared.forget(Detector::Auth, net);
     }
 
     pub fn reset_port(&mut self, net: IpNet, port: u16) {
