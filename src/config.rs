@@ -1034,10 +1034,12 @@ impl Config {
             ));
         }
         let pt = c.cluster.peer_timeout;
-        if pt < ci.saturating_mul(3) || pt > Duration::from_secs(3600) {
+        // Idle nodes send an empty round every second (cluster_count::link): a shorter
+        // timeout would drop live peers between two of them.
+        if pt < ci.saturating_mul(3).max(Duration::from_secs(3)) || pt > Duration::from_secs(3600) {
             return Err(invalid(
                 "cluster.peer_timeout",
-                "must be at least 3 x cluster.count_interval and at most 1h",
+                "must be at least 3s and 3 x cluster.count_interval, and at most 1h",
             ));
         }
         validate_fraud(&c.fraud)?;

@@ -17,6 +17,8 @@ const OP_TIMEOUT: Duration = Duration::from_secs(2);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 const PING_EVERY: Duration = Duration::from_secs(5);
+/// An empty round after this long without one, well inside any sane `cluster.peer_timeout`.
+const HEARTBEAT: Duration = Duration::from_secs(1);
 
 async fn timed<T>(
     d: Duration,
@@ -58,11 +60,16 @@ async fn publisher(client: redis::Client, counts: SharedCounts, clock: Clock, in
     let mut conn: Option<redis::aio::MultiplexedConnection> = None;
     let mut retry_at = tokio::time::Instant::now();
     let mut backoff = BACKOFF_MIN;
+    let mut last_sent = tokio::time::Instant::now();
     loop {
         tick.tick().await;
         counts.expire_peers(clock.now());
-        let Some(round) = counts.take_round() else {
-            continue;
+        let round = match counts.take_round() {
+            Some(r) => r,
+            // Nothing counted: an empty round now and then keeps this node known to the
+            // others (the peers gauge) without costing a message every interval.
+            None if last_sent.elapsed() >= HEARTBEAT => counts.empty_round(),
+            None => continue,
         };
         let Some(stats) = counts.stats() else { return };
         if conn.is_none() && tokio::time::Instant::now() >= retry_at {
@@ -95,6 +102,7 @@ async fn publisher(client: redis::Client, counts: SharedCounts, clock: Clock, in
         .await;
         match sent {
             Ok(_) => {
+                last_sent = tokio::time::Instant::now();
                 stats.rounds.fetch_add(1, Ordering::Relaxed);
                 stats
                     .entries_sent

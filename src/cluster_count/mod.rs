@@ -284,6 +284,14 @@ impl SharedCounts {
         })
     }
 
+    /// A round without entries (a heartbeat).
+    pub fn empty_round(&self) -> Round {
+        Round {
+            node: self.node_id().unwrap_or("").to_string(),
+            entries: Vec::new(),
+        }
+    }
+
     /// Apply a message from the channel at `now`. Returns the entries applied (0 for our own
     /// message or a dropped one).
     pub fn apply(&self, now: Millis, payload: &[u8]) -> usize {

@@ -354,3 +354,64 @@ fn metrics_render_zeros_on_a_single_node_and_counts_with_a_cluster() {
         assert!(on.contains(line), "{line} in {on}");
     }
 }
+
+#[test]
+fn cluster_count_keys_are_optional_and_checked_by_name() {
+    let c = Config::from_toml("[cluster]\nredis_url = \"redis://127.0.0.1/\"\n").unwrap();
+    assert!(c.cluster.shared_counters);
+    assert_eq!(c.cluster.count_interval, Duration::from_millis(100));
+    assert_eq!(c.cluster.peer_timeout, Duration::from_secs(10));
+    for (text, key) in [
+        ("count_interval = \"1ms\"", "cluster.count_interval"),
+        ("count_interval = \"1m\"", "cluster.count_interval"),
+        ("peer_timeout = \"1s\"", "cluster.peer_timeout"),
+        (
+            "count_interval = \"5s\"\npeer_timeout = \"10s\"",
+            "cluster.peer_timeout",
+        ),
+        ("shared_counters = 1", "cluster.shared_counters"),
+        ("shared_counter = true", "cluster"),
+    ] {
+        let e = Config::from_toml(&format!("[cluster]\n{text}\n")).unwrap_err();
+        assert!(e.to_string().contains(key), "{text}: {e}");
+    }
+}
+
+#[test]
+fn a_node_that_heard_of_hit_count_failures_blocks_on_the_next_request() {
+    let c = config();
+    let (mut a, sa) = node(&c, "a");
+    let (mut b, sb) = node(&c, "b");
+    let phone: SocketAddr = "192.0.2.9:5060".parse().unwrap();
+    // Failures 1..=4 at b, then b's round reaches a.
+    for i in 0..c.register.hit_count - 1 {
+        let m = register_403(i);
+        b.on_answer(
+            T0 + u64::from(i),
+            phone,
+            &parse(&m, Framing::Datagram).unwrap(),
+            Some(u64::from(i)),
+        );
+    }
+    exchange(T0 + 100, &sb, &[&sa]);
+    // Not yet at hit_count: a forwards.
+    let inv = invite(1);
+    let r = parse(&inv, Framing::Datagram).unwrap();
+    assert_eq!(a.on_request(T0 + 200, phone, &r, false), Verdict::Forward);
+    // One more failure at b reaches a: a refuses the next request and blocks the source.
+    let m = register_403(9);
+    b.on_answer(
+        T0 + 300,
+        phone,
+        &parse(&m, Framing::Datagram).unwrap(),
+        Some(9),
+    );
+    exchange(T0 + 400, &sb, &[&sa]);
+    assert!(matches!(
+        a.on_request(T0 + 500, phone, &r, false),
+        Verdict::Drop(_)
+    ));
+    let blk = a.blocks().next().expect("blocked on a");
+    assert_eq!(blk.kind, crate::blocks::BlockType::Register);
+    assert!(blk.reason.contains("across the cluster"), "{}", blk.reason);
+}

@@ -181,6 +181,45 @@ impl AuthTracker {
             .creds_at = now;
     }
 
+    /// A request from `net` when the cluster's failures for it have reached `hit_count`
+    /// without this node seeing the last of them (they came through other nodes): the block
+    /// the next answer here would make, made before the request reaches the PBX. None on a
+    /// single node, and for sources with good history (their blocks need the port of an
+    /// answer, see [`decide`]).
+    pub fn cluster_block(&mut self, now: Millis, cfg: &Config, net: IpNet) -> Option<Detection> {
+        if !self.shared.is_enabled() {
+            return None;
+        }
+        let reg = &cfg.register;
+        let remote = self.shared.remote(now, Detector::Auth, net);
+        if remote == 0 {
+            return None;
+        }
+        let period = reg.monit_period.as_millis() as Millis;
+        let good_window = reg.good_history.as_millis() as Millis;
+        let (local, good, evidence) = self.sources.peek(&net).map_or((0, false, Vec::new()), |s| {
+            (
+                s.fails.estimate(now, period),
+                s.good_at > 0 && now.saturating_sub(s.good_at) < good_window,
+                s.evidence.clone(),
+            )
+        });
+        let n = local.saturating_add(remote);
+        if good || n < reg.hit_count {
+            return None;
+        }
+        Some(Detection {
+            key: BlockKey::whole(net),
+            kind: BlockType::Register,
+            reason: format!(
+                "{n} failed authentications within {} across the cluster ({local} here)",
+                humantime::format_duration(reg.monit_period)
+            ),
+            duration: reg.block_time,
+            evidence,
+        })
+    }
+
     /// Is `user` under attack, and has this source no recent success for it?
     pub fn refuse(&mut self, now: Millis, net: IpNet, user: &[u8]) -> bool {
         let fp = hash64(&[user]);

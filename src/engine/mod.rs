@@ -401,6 +401,16 @@ impl Engine {
         if msg.has_credentials() && auth::counted_method(msg.method_bytes()) {
             self.auth.saw_credentials(now, net);
         }
+        if auth::counted_method(msg.method_bytes()) {
+            if let Some(d) = self.auth.cluster_block(now, &self.cfg, net) {
+                if self.block(now, d, &printable(ua, 80)) {
+                    self.auth.reset(net);
+                }
+                if !observe {
+                    return Verdict::Drop(D::Blocked);
+                }
+            }
+        }
 
         if method == Method::Register {
             let user = to_user(msg);
