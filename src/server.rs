@@ -681,6 +681,8 @@ pub fn reload(
         || cfg.upstream.address != old.upstream.address
         || cfg.state.path != old.state.path
         || cfg.cluster.redis_url != old.cluster.redis_url
+        || cfg.cluster.shared_counters != old.cluster.shared_counters
+        || cfg.cluster.count_interval != old.cluster.count_interval
         || cfg.tftp.enabled != old.tftp.enabled
         || cfg.tftp.listen != old.tftp.listen
         || cfg.notify.webhook != old.notify.webhook
@@ -692,7 +694,7 @@ pub fn reload(
         || cfg.sip.nat_detection != old.sip.nat_detection
     {
         tracing::warn!(
-            "listen addresses, upstream.address, state.path, cluster.redis_url, tftp.enabled/listen, notify.webhook/email_*/smtp_url/digest, sip.flow_key and sip.nat_detection change only on restart"
+            "listen addresses, upstream.address, state.path, cluster.redis_url/shared_counters/count_interval, tftp.enabled/listen, notify.webhook/email_*/smtp_url/digest, sip.flow_key and sip.nat_detection change only on restart"
         );
     }
     node.reconfigure(cfg);
