@@ -533,10 +533,30 @@ pub struct Geoip {
     pub database: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Cluster {
     pub redis_url: String,
+    /// Count REGISTER/auth failures, INVITE and TFTP rates cluster-wide (see
+    /// [`crate::cluster_count`]); only with `redis_url`.
+    pub shared_counters: bool,
+    /// How often a node publishes its count deltas.
+    #[serde(with = "humantime_serde")]
+    pub count_interval: Duration,
+    /// A peer not heard from for this long has its counts dropped.
+    #[serde(with = "humantime_serde")]
+    pub peer_timeout: Duration,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            redis_url: String::new(),
+            shared_counters: true,
+            count_interval: Duration::from_millis(100),
+            peer_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1151,6 +1171,22 @@ impl Config {
             return Err(invalid(
                 "cluster.redis_url",
                 "must be a redis:// URL (TLS is not supported: use a private network or a tunnel)",
+            ));
+        }
+        let ci = c.cluster.count_interval;
+        if ci < Duration::from_millis(10) || ci > Duration::from_secs(10) {
+            return Err(invalid(
+                "cluster.count_interval",
+                "must be between 10ms and 10s",
+            ));
+        }
+        let pt = c.cluster.peer_timeout;
+        // Idle nodes send an empty round every second (cluster_count::link): a shorter
+        // timeout would drop live peers between two of them.
+        if pt < ci.saturating_mul(3).max(Duration::from_secs(3)) || pt > Duration::from_secs(3600) {
+            return Err(invalid(
+                "cluster.peer_timeout",
+                "must be at least 3s and 3 x cluster.count_interval, and at most 1h",
             ));
         }
         validate_fraud(&c.fraud)?;

@@ -386,6 +386,8 @@ pub async fn start(
     } else {
         Some(crate::cluster::Cluster::start(&cfg.cluster.redis_url, node.clone()).await?)
     };
+    let counts = crate::cluster_count::SharedCounts::for_config(&cfg);
+    node.with_engine(|e| e.set_shared_counts(counts.clone()));
     let state = crate::state::Handle::spawn(events_rx, node.clone(), Some(store), cluster);
     crate::hep::start(&node).await; // HEP export task (hep.address)
 
@@ -460,6 +462,11 @@ pub async fn start(
         }
     };
     let mut tasks = Vec::new();
+    if counts.is_enabled() {
+        let (url, every) = (cfg.cluster.redis_url.clone(), cfg.cluster.count_interval);
+        let link = crate::cluster_count::link::run(url, counts, node.clock, every, stopped());
+        tasks.push(tokio::spawn(link));
+    }
     // Listener tasks run supervised: one that ends (a panic that escaped, an error) is
     // restarted, counted and logged, and /healthz fails until it serves again.
     for sock in &udp {
@@ -746,6 +753,8 @@ pub fn reload(
         || cfg.upstream.address != old.upstream.address
         || cfg.state.path != old.state.path
         || cfg.cluster.redis_url != old.cluster.redis_url
+        || cfg.cluster.shared_counters != old.cluster.shared_counters
+        || cfg.cluster.count_interval != old.cluster.count_interval
         || cfg.tftp.enabled != old.tftp.enabled
         || cfg.tftp.listen != old.tftp.listen
         || cfg.notify.webhook != old.notify.webhook
@@ -757,7 +766,7 @@ pub fn reload(
         || cfg.sip.nat_detection != old.sip.nat_detection
     {
         tracing::warn!(
-            "listen addresses, upstream.address/transport/tls_*, state.path, cluster.redis_url, tftp.enabled/listen, notify.webhook/email_*/smtp_url/digest, sip.flow_key and sip.nat_detection change only on restart"
+            "listen addresses, upstream.address/transport/tls_*, state.path, cluster.redis_url/shared_counters/count_interval, tftp.enabled/listen, notify.webhook/email_*/smtp_url/digest, sip.flow_key and sip.nat_detection change only on restart"
         );
     }
     node.reconfigure(cfg);

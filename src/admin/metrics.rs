@@ -547,6 +547,8 @@ impl Collector for NodeCollector {
         )?;
 
         health(&mut e, node)?;
+        let counts = node.inspect(|eng| eng.shared_counts().clone());
+        crate::cluster_count::metrics::encode(&mut e, &counts)?;
 
         counter(
             &mut e,

@@ -107,6 +107,8 @@ pub struct Engine {
     lists_dirty: bool,
     fraud: fraud::FraudGuard,
     feeds: crate::feeds::list::FeedList,
+    /// Cluster-wide counts (disabled on a single node); see [`crate::cluster_count`].
+    shared: crate::cluster_count::SharedCounts,
 }
 
 fn flood_quota(cfg: &Config) -> Quota {
@@ -136,6 +138,7 @@ impl Engine {
             lists_dirty: false,
             fraud: fraud::FraudGuard::new(&cfg.fraud, rand::random()),
             feeds: crate::feeds::list::FeedList::new(cfg.feeds.max_entries),
+            shared: crate::cluster_count::SharedCounts::disabled(),
             clock,
         };
         e.lists
@@ -144,6 +147,19 @@ impl Engine {
             .replace_config(ListKind::Blacklist, &cfg.lists.blacklist, now);
         e.publish_policy();
         e
+    }
+
+    /// Count REGISTER failures and INVITEs per source across the cluster through `shared`.
+    pub fn set_shared_counts(&mut self, shared: crate::cluster_count::SharedCounts) {
+        self.auth.set_shared(shared.clone());
+        self.invites.set_shared(shared.clone());
+        self.shared = shared;
+    }
+
+    /// The cluster-wide counts handle (disabled on a single node), for the TFTP guard and
+    /// `/metrics`.
+    pub fn shared_counts(&self) -> &crate::cluster_count::SharedCounts {
+        &self.shared
     }
 
     /// The lock-free drop gate this engine keeps in step with its block table, lists and
@@ -194,6 +210,8 @@ impl Engine {
         self.options.resize(nonzero(cap));
         self.devices.resize(nonzero(cap / 4 + 1));
         self.fraud.reconfigure(&cfg.fraud);
+        self.shared
+            .set_periods(crate::cluster_count::Periods::from_config(cfg));
         for kind in [ListKind::Whitelist, ListKind::Blacklist] {
             let nets = match kind {
                 ListKind::Whitelist => &cfg.lists.whitelist,
@@ -382,6 +400,16 @@ impl Engine {
         }
         if msg.has_credentials() && auth::counted_method(msg.method_bytes()) {
             self.auth.saw_credentials(now, net);
+        }
+        if auth::counted_method(msg.method_bytes()) {
+            if let Some(d) = self.auth.cluster_block(now, &self.cfg, net) {
+                if self.block(now, d, &printable(ua, 80)) {
+                    self.auth.reset(net);
+                }
+                if !observe {
+                    return Verdict::Drop(D::Blocked);
+                }
+            }
         }
 
         if method == Method::Register {
