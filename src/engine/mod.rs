@@ -11,6 +11,7 @@
 pub mod anomaly;
 pub mod auth;
 mod blocking;
+mod evidence;
 mod feeds;
 pub mod fraud;
 pub mod invite;
@@ -107,6 +108,8 @@ pub struct Engine {
     lists_dirty: bool,
     fraud: fraud::FraudGuard,
     feeds: crate::feeds::list::FeedList,
+    /// Recent packets per source, for the evidence ladder of a block that may follow.
+    watched: evidence::Watched,
 }
 
 fn flood_quota(cfg: &Config) -> Quota {
@@ -136,6 +139,7 @@ impl Engine {
             lists_dirty: false,
             fraud: fraud::FraudGuard::new(&cfg.fraud, rand::random()),
             feeds: crate::feeds::list::FeedList::new(cfg.feeds.max_entries),
+            watched: LruCache::new(nonzero(evidence::WATCHED)),
             clock,
         };
         e.lists
@@ -737,6 +741,7 @@ impl Engine {
             + self.strikes.len()
             + self.devices.len()
             + self.fraud.tracked()
+            + self.watched.len()
     }
 }
 
