@@ -100,6 +100,33 @@ pub fn push(list: &mut Vec<Packet>, p: Packet) {
     list.push(p);
 }
 
+/// Hold a block read back from the state store or from another node (Redis) to the same
+/// bounds as one made here: the last [`super::table::EVIDENCE_LINES`] lines, clipped, and the
+/// last [`PACKETS`] packets with their text clipped.
+pub fn bound(b: &mut super::Block) {
+    use super::table::{clip, EVIDENCE_LINES};
+    let skip = b.evidence.len().saturating_sub(EVIDENCE_LINES);
+    b.evidence.drain(..skip);
+    for l in &mut b.evidence {
+        if l.chars().nth(super::table::EVIDENCE_CHARS).is_some() {
+            *l = clip(l);
+        }
+    }
+    let skip = b.packets.len().saturating_sub(PACKETS);
+    b.packets.drain(..skip);
+    for p in &mut b.packets {
+        for (text, max) in [
+            (&mut p.first_line, FIRST_LINE_CHARS),
+            (&mut p.call_id, CALL_ID_CHARS),
+            (&mut p.transport, 3),
+        ] {
+            if text.chars().nth(max).is_some() {
+                *text = printable(text.as_bytes(), max);
+            }
+        }
+    }
+}
+
 /// The recent packets of one watched source, oldest first.
 #[derive(Debug, Default, Clone)]
 pub struct Ring(VecDeque<Packet>);
@@ -192,6 +219,46 @@ mod tests {
         let last = format!("c{}", 3 * PACKETS - 1);
         assert!(r.request(&last, a("192.0.2.1:5070")).is_some());
         assert!(r.request("c0", a("192.0.2.1:5070")).is_none());
+    }
+
+    #[test]
+    fn restored_blocks_are_held_to_the_bounds() {
+        let p = Packet::new(
+            1,
+            Dir::In,
+            Transport::Udp,
+            a("127.0.0.1:5060"),
+            a("192.0.2.1:5070"),
+            false,
+            b"OPTIONS sip:x SIP/2.0",
+            b"c",
+        );
+        let mut big = p.clone();
+        big.first_line = "X".repeat(10_000);
+        big.call_id = "Y".repeat(10_000);
+        big.transport = "Z".repeat(100);
+        let mut b = crate::blocks::Block {
+            key: crate::blocks::BlockKey::whole("192.0.2.1/32".parse().unwrap()),
+            kind: crate::blocks::BlockType::Scanner,
+            device: String::new(),
+            reason: String::new(),
+            blocked_at: 0,
+            expires_at: None,
+            strikes: 1,
+            hits: 1,
+            evidence: vec!["E".repeat(5000); 100],
+            packets: vec![p; 50],
+            enforced: true,
+        };
+        b.packets.push(big);
+        bound(&mut b);
+        assert_eq!(b.evidence.len(), crate::blocks::table::EVIDENCE_LINES);
+        assert!(b.evidence.iter().all(|l| l.chars().count() <= 161));
+        assert_eq!(b.packets.len(), PACKETS);
+        let last = b.packets.last().unwrap();
+        assert_eq!(last.first_line.chars().count(), FIRST_LINE_CHARS + 1);
+        assert_eq!(last.call_id.chars().count(), CALL_ID_CHARS + 1);
+        assert!(last.transport.chars().count() <= 4);
     }
 
     /// Old state files (blocks without packets) and old packets without the optional fields.

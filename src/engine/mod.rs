@@ -689,7 +689,8 @@ impl Engine {
     /// for it again. Expired blocks are skipped; whitelisted ones too.
     pub fn restore(&mut self, now: Millis, ev: Event) {
         match ev {
-            Event::Blocked(b) => {
+            Event::Blocked(mut b) => {
+                crate::blocks::evidence::bound(&mut b);
                 if !b.is_expired(now)
                     && !self.lists.whitelist_covers(b.key.net)
                     && !self.is_upstream(b.key.net.addr())
