@@ -43,7 +43,27 @@ impl Engine {
             msg.call_id(),
         );
         self.watched.get_or_insert_mut(net, Ring::default).push(p);
-        self.on_request(now, src, msg, our_dialog)
+        let v = self.on_request(now, src, msg, our_dialog);
+        // Our own answer (a 503 to an INVITE flood, a 403 to an account under attack), sent
+        // right after; not when the request made a block (its ring has been handed over).
+        if let Verdict::Reply { code, reason, .. } = v {
+            let local = self.local_for(t);
+            if let Some(ring) = self.watched.get_mut(&net) {
+                let line = format!("SIP/2.0 {code} {reason}");
+                let p = Packet::new(
+                    now,
+                    Dir::Out,
+                    t,
+                    local,
+                    src,
+                    false,
+                    line.as_bytes(),
+                    msg.call_id(),
+                );
+                ring.push(p);
+            }
+        }
+        v
     }
 
     /// [`Engine::on_answer`] for a final answer received from the PBX at `pbx` and routed back
@@ -247,6 +267,34 @@ CSeq: {n} REGISTER\r\nContent-Length: 0\r\n\r\n"
         let json = serde_json::to_string(&b).unwrap();
         let back: crate::blocks::Block = serde_json::from_str(&json).unwrap();
         assert_eq!(back, b);
+    }
+
+    /// An INVITE flood answered 503 by sipwarden itself: the answers are in the ring too.
+    #[test]
+    fn our_own_replies_are_captured() {
+        let mut c = cfg();
+        c.invite.rate_limit = 1;
+        c.invite.burst = 1;
+        let mut e = engine(&c);
+        let src = sa("203.0.113.7:5070");
+        let r = crate::engine::tests::req("INVITE", "100", "phone", "");
+        let m = parse(&r, Framing::Datagram).unwrap();
+        let mut replied = 0;
+        for i in 0..3 {
+            if let Verdict::Reply { code: 503, .. } =
+                e.on_request_over(T0 + i, Transport::Udp, src, &m, false)
+            {
+                replied += 1;
+            }
+        }
+        assert!(replied >= 1);
+        let net = source_net(src.ip(), 64);
+        let ring = e.watched.peek(&net).unwrap();
+        let out: Vec<_> = ring.iter().filter(|p| p.dir == Dir::Out).collect();
+        assert_eq!(out.len(), replied);
+        assert!(out
+            .iter()
+            .all(|p| p.first_line == "SIP/2.0 503 Service Unavailable" && p.to == src));
     }
 
     #[test]

@@ -511,6 +511,22 @@ mod tests {
     const BYE_OK: &[u8] = b"SIP/2.0 200 OK\r\nnot a header\r\nCall-ID: c1\r\nCSeq: 2 BYE\r\n\r\n";
 
     #[test]
+    fn sample_key_is_checked() {
+        let c = Config::from_toml("[hep]\nsample = 0.1\nonly = \"dialogs\"").unwrap();
+        assert_eq!((c.hep.sample, c.hep.only), (0.1, HepOnly::Dialogs));
+        assert_eq!(
+            Config::from_toml("[hep]\nsample = 1").unwrap().hep.sample,
+            1.0
+        );
+        for bad in ["sample = 1.5", "sample = -0.1", "sample = nan"] {
+            let e = Config::from_toml(&format!("[hep]\n{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("hep.sample"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn dialogs_leave_out_register_and_options() {
         let f = Filter::new(HepOnly::Dialogs, 1.0, [0; 16]);
         assert!(!f.keeps(REGISTER));
