@@ -502,6 +502,9 @@ pub struct Hep {
     pub capture_id: u32,
     pub password: String,
     pub only: HepOnly,
+    /// Fraction of Call-IDs exported (0.0–1.0), chosen by a keyed hash of the Call-ID so a
+    /// sampled dialog is whole.
+    pub sample: f64,
 }
 
 impl Default for Hep {
@@ -511,6 +514,7 @@ impl Default for Hep {
             capture_id: 2001,
             password: String::new(),
             only: HepOnly::All,
+            sample: 1.0,
         }
     }
 }
@@ -523,7 +527,8 @@ pub enum HepOnly {
     All,
     /// Messages of INVITE dialogs (not REGISTER, OPTIONS, SUBSCRIBE/NOTIFY, MESSAGE).
     Dialogs,
-    /// Messages from or to a source in the block table (what an attacker sent).
+    /// Messages from or to a source that is blocked or has an open anomaly record (what an
+    /// attacker sent, including its packets dropped at the gate, and what was answered).
     Blocked,
 }
 
@@ -1165,6 +1170,9 @@ impl Config {
         }
         if c.hep.password.len() > 255 {
             return Err(invalid("hep.password", "at most 255 bytes"));
+        }
+        if !(0.0..=1.0).contains(&c.hep.sample) {
+            return Err(invalid("hep.sample", "must be between 0.0 and 1.0"));
         }
         let r = &c.cluster.redis_url;
         if !(r.is_empty() || r.starts_with("redis://")) {

@@ -363,7 +363,7 @@ impl GeoCache {
     }
 }
 
-fn country(geo: Option<&GeoIp>, key: &BlockKey) -> Option<String> {
+pub(crate) fn country(geo: Option<&GeoIp>, key: &BlockKey) -> Option<String> {
     geo.and_then(|g| g.country(key.net.addr()))
 }
 
@@ -374,7 +374,7 @@ fn body_json<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result
     serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("bad JSON body: {e}")))
 }
 
-fn path_arg(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+pub(crate) fn path_arg(p: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     p.map(|Path(s)| s)
         .map_err(|r| ApiError::bad(format!("bad path: {}", r.body_text())))
 }

@@ -254,7 +254,7 @@ fn health(e: &mut Enc<'_>, node: &Node) -> R {
     labelled(
         e,
         "sipwarden_hep_packets",
-        "HEP export by outcome: sent, dropped (queue full), failed (send error), filtered (hep.only).",
+        "HEP export by outcome: sent, dropped (queue full), failed (send error), filtered (hep.only, hep.sample, blocked-source drops).",
         MetricType::Counter,
         "outcome",
         &[
@@ -263,6 +263,12 @@ fn health(e: &mut Enc<'_>, node: &Node) -> R {
             ("failed", h.hep_failed),
             ("filtered", h.hep_filtered),
         ],
+    )?;
+    counter(
+        e,
+        "sipwarden_hep_filtered",
+        "Messages the HEP filter skipped before the export queue (hep.only, hep.sample, blocked-source drops).",
+        h.hep_filtered,
     )?;
     gauge(
         e,
@@ -735,6 +741,7 @@ mod tests {
             "sipwarden_cluster_publish_lag_seconds 0.0",
             "sipwarden_notifications_total{outcome=\"failed\"} 0",
             "sipwarden_hep_packets_total{outcome=\"dropped\"} 0",
+            "sipwarden_hep_filtered_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == want),

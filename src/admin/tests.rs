@@ -434,6 +434,7 @@ fn scanner_block(now: u64) -> Event {
         strikes: 1,
         hits: 1,
         evidence: vec![],
+        packets: Vec::new(),
         enforced: true,
     })
 }

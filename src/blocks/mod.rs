@@ -3,6 +3,7 @@
 //! and notifications consume.
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
 
+pub mod evidence;
 pub mod gate;
 mod lists;
 pub mod table;

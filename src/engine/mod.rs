@@ -11,6 +11,7 @@
 pub mod anomaly;
 pub mod auth;
 mod blocking;
+mod evidence;
 mod feeds;
 pub mod fraud;
 pub mod invite;
@@ -109,6 +110,8 @@ pub struct Engine {
     feeds: crate::feeds::list::FeedList,
     /// Cluster-wide counts (disabled on a single node); see [`crate::cluster_count`].
     shared: crate::cluster_count::SharedCounts,
+    /// Recent packets per source, for the evidence ladder of a block that may follow.
+    watched: evidence::Watched,
 }
 
 fn flood_quota(cfg: &Config) -> Quota {
@@ -139,6 +142,7 @@ impl Engine {
             fraud: fraud::FraudGuard::new(&cfg.fraud, rand::random()),
             feeds: crate::feeds::list::FeedList::new(cfg.feeds.max_entries),
             shared: crate::cluster_count::SharedCounts::disabled(),
+            watched: LruCache::new(nonzero(evidence::WATCHED)),
             clock,
         };
         e.lists
@@ -723,7 +727,8 @@ impl Engine {
     /// for it again. Expired blocks are skipped; whitelisted ones too.
     pub fn restore(&mut self, now: Millis, ev: Event) {
         match ev {
-            Event::Blocked(b) => {
+            Event::Blocked(mut b) => {
+                crate::blocks::evidence::bound(&mut b);
                 if !b.is_expired(now)
                     && !self.lists.whitelist_covers(b.key.net)
                     && !self.is_upstream(b.key.net.addr())
@@ -775,6 +780,7 @@ impl Engine {
             + self.strikes.len()
             + self.devices.len()
             + self.fraud.tracked()
+            + self.watched.len()
     }
 }
 

@@ -70,8 +70,7 @@ impl Shared {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
-        stats.hep.received(inb.transport, inb.src, bytes); // HEP capture: received
-                                                           // One snapshot of the router for the whole packet (re-resolution swaps it).
+        // One snapshot of the router for the whole packet (re-resolution swaps it).
         let router = self.router.load();
         let (own, from_upstream) = (router.is_own_socket(&inb), router.is_upstream(&inb));
         if own {
@@ -96,6 +95,12 @@ impl Shared {
                 GateVerdict::Inspect => self.node.with_engine(|e| e.precheck(now, inb.src)),
             }
         };
+        // HEP capture after the gate: a blocked source's drops only for `hep.only = "blocked"`.
+        if let Pre::Blocked { .. } = pre {
+            stats.hep.received_blocked(inb.transport, inb.src, bytes);
+        } else {
+            stats.hep.received(inb.transport, inb.src, bytes);
+        }
         if let Pre::Blocked { kind, reply_403 } = pre {
             stats.drop(if kind == crate::blocks::BlockType::Blacklist {
                 DropReason::Blacklisted
@@ -145,10 +150,9 @@ impl Shared {
             }
             if inspect {
                 let our_dialog = router.is_our_dialog(&msg);
-                match self
-                    .node
-                    .with_engine(|e| e.on_request(now, inb.src, &msg, our_dialog))
-                {
+                match self.node.with_engine(|e| {
+                    e.on_request_over(now, inb.transport, inb.src, &msg, our_dialog)
+                }) {
                     Verdict::Forward => {}
                     Verdict::Drop(r) => {
                         stats.drop(r);
@@ -163,7 +167,7 @@ impl Shared {
                             retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
                         let a = router.reply(&inb, &msg, code, reason, &extra, out);
                         drop(router);
-                        self.send(a, out, false, local).await;
+                        self.send(a, out, false, local, inb.src).await;
                         if code == 503 {
                             stats.drop(DropReason::InviteRate);
                         }
@@ -208,7 +212,8 @@ impl Shared {
                         _ => None,
                     };
                     self.node.with_engine(|e| {
-                        e.on_answer(now, info.phone, &msg, info.attempt);
+                        let pbx = (inb.transport, inb.src);
+                        e.on_answer_from(now, pbx, info.phone, &msg, info.attempt, to);
                         if let Some(to) = to {
                             e.on_answer_forwarded(&msg, to);
                         }
@@ -226,19 +231,20 @@ impl Shared {
         }
         let request = msg.is_request();
         drop(router);
-        if self.send(action, out, request, local).await {
+        if self.send(action, out, request, local, inb.src).await {
             stats.latency(t0.elapsed().as_micros() as u64);
         }
     }
 
-    /// Send an action's output (UDP from `local` when given and of the right family). Returns
-    /// true when a forward went out.
+    /// Send an action's output (UDP from `local` when given and of the right family), on
+    /// behalf of what `origin` sent (for the HEP filter). Returns true when a forward went out.
     async fn send(
         self: &Arc<Self>,
         action: Action,
         out: &[u8],
         request: bool,
         local: Option<&UdpSocket>,
+        origin: std::net::SocketAddr,
     ) -> bool {
         let stats = &self.node.stats;
         match action {
@@ -248,7 +254,7 @@ impl Shared {
             }
             Action::Reply { to } => {
                 if self.send_on(to, out, local).await.is_ok() {
-                    stats.hep.sent(to.transport, to.addr, out); // HEP capture: sent
+                    stats.hep.sent(to.transport, to.addr, out, Some(origin)); // HEP capture: sent
                     stats
                         .replies_sent
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -258,7 +264,7 @@ impl Shared {
             Action::FlowFailed { to } => {
                 stats.drop(DropReason::FlowFailed);
                 if self.send_on(to, out, local).await.is_ok() {
-                    stats.hep.sent(to.transport, to.addr, out); // HEP capture: sent
+                    stats.hep.sent(to.transport, to.addr, out, Some(origin)); // HEP capture: sent
                     stats
                         .replies_sent
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -267,7 +273,7 @@ impl Shared {
             }
             Action::Forward { to, .. } => match self.send_to(to, out, local).await {
                 Ok(()) => {
-                    stats.hep.sent(to.transport, to.addr, out); // HEP capture: sent
+                    stats.hep.sent(to.transport, to.addr, out, Some(origin)); // HEP capture: sent
                     stats.forwarded(request);
                     true
                 }
@@ -367,7 +373,7 @@ impl Shared {
                     self.router
                         .load()
                         .reply(&inb, &msg, 403, "Forbidden", "", &mut scratch.out);
-                self.send(a, &scratch.out, false, scratch.udp.as_deref())
+                self.send(a, &scratch.out, false, scratch.udp.as_deref(), inb.src)
                     .await;
             }
         }
