@@ -50,6 +50,7 @@ pub struct Config {
     pub log: Log,
     pub fraud: Fraud,
     pub feeds: Feeds,
+    pub websocket: Websocket,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,6 +58,9 @@ pub struct Config {
 pub struct Sip {
     pub listen_udp: Vec<SocketAddr>,
     pub listen_tcp: Vec<SocketAddr>,
+    /// SIP over plain WebSocket (RFC 7118), for deployments behind a TLS-terminating load
+    /// balancer; browsers only connect to `wss://` themselves. Limits in `[websocket]`.
+    pub listen_ws: Vec<SocketAddr>,
     /// Host advertised in Via, Record-Route and Path; empty: the listen address.
     pub public_address: String,
     pub max_message_bytes: usize,
@@ -106,6 +110,7 @@ impl Default for Sip {
         Self {
             listen_udp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
             listen_tcp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
+            listen_ws: Vec::new(),
             public_address: String::new(),
             max_message_bytes: 16384,
             max_connections: 4096,
@@ -117,6 +122,42 @@ impl Default for Sip {
             flow_key_grace: Duration::from_secs(7 * 24 * 3600),
             tcp_write_queue_bytes: 256 * 1024,
             tcp_write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[websocket]`: limits of SIP over WebSocket (`sip.listen_ws`, `sip.listen_wss`). A WebSocket
+/// connection also counts against `sip.max_connections` and `sip.max_connections_per_ip`, and
+/// its write queue is `sip.tcp_write_queue_bytes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Websocket {
+    /// Largest WebSocket message and frame accepted, in bytes. One SIP message per WebSocket
+    /// message; the SIP message itself is still held to `sip.max_message_bytes`. A bigger frame
+    /// closes the connection and scores the source (the crate would otherwise buffer up to
+    /// 64 MiB per connection by default).
+    pub max_frame_bytes: usize,
+    /// The HTTP upgrade must complete within this long (slow-loris guard).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Connections from one address (IPv6: per `protection.ipv6_prefix`) still in the upgrade.
+    pub max_handshakes_per_ip: usize,
+    /// A WebSocket ping this often; a browser answers it, so a dead peer is found.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A connection with no frame at all (pongs included) for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Websocket {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 65536,
+            handshake_timeout: Duration::from_secs(5),
+            max_handshakes_per_ip: 8,
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
         }
     }
 }
@@ -1008,6 +1049,7 @@ impl Config {
         }
         validate_fraud(&c.fraud)?;
         validate_feeds(&c.feeds)?;
+        validate_websocket(c)?;
         tracing_subscriber::EnvFilter::try_new(&c.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(self)
@@ -1026,6 +1068,29 @@ impl Config {
             transport: self.upstream.transport,
         })
     }
+}
+
+fn validate_websocket(c: &Config) -> Result<(), ConfigError> {
+    let w = &c.websocket;
+    if !(c.sip.max_message_bytes..=1 << 20).contains(&w.max_frame_bytes) {
+        return Err(invalid(
+            "websocket.max_frame_bytes",
+            "must be at least sip.max_message_bytes and at most 1048576",
+        ));
+    }
+    positive("websocket.handshake_timeout", w.handshake_timeout)?;
+    nonzero(
+        "websocket.max_handshakes_per_ip",
+        w.max_handshakes_per_ip as u64,
+    )?;
+    positive("websocket.ping_interval", w.ping_interval)?;
+    if w.idle_timeout <= w.ping_interval {
+        return Err(invalid(
+            "websocket.idle_timeout",
+            "must be longer than websocket.ping_interval (a live peer answers every ping)",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_fraud(f: &Fraud) -> Result<(), ConfigError> {

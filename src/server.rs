@@ -38,6 +38,8 @@ pub enum ServerError {
 pub struct Bound {
     pub udp: Vec<UdpSocket>,
     pub tcp: Vec<TcpListener>,
+    /// `sip.listen_ws`: plain WebSocket listeners.
+    pub ws: Vec<TcpListener>,
     pub admin: Option<TcpListener>,
     pub tftp: Option<UdpSocket>,
 }
@@ -127,6 +129,7 @@ pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
     let mut b = Bound {
         udp: Vec::new(),
         tcp: Vec::new(),
+        ws: Vec::new(),
         admin: None,
         tftp: None,
     };
@@ -146,6 +149,13 @@ pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
                 addr,
                 source,
             })?);
+    }
+    for &addr in &cfg.sip.listen_ws {
+        b.ws.push(tcp_listener(addr).map_err(|source| ServerError::Bind {
+            what: "SIP WebSocket",
+            addr,
+            source,
+        })?);
     }
     let addr = cfg.admin.listen;
     b.admin = Some(
@@ -220,12 +230,18 @@ fn router_config(
             .or(v.first())
             .map(|a| advertised(cfg, *a, upstream))
     };
+    let ws = bound
+        .ws
+        .iter()
+        .filter_map(|s| s.local_addr().ok())
+        .collect::<Vec<_>>();
     let mut aliases: Vec<Advertised> = udp
         .iter()
         .chain(tcp.iter())
+        .chain(ws.iter())
         .map(|a| advertised(cfg, *a, upstream))
         .collect();
-    for a in udp.iter().chain(tcp.iter()) {
+    for a in udp.iter().chain(tcp.iter()).chain(ws.iter()) {
         if !a.ip().is_unspecified() {
             aliases.push(Advertised::new(&a.ip().to_string(), a.port()));
         }
@@ -238,6 +254,8 @@ fn router_config(
     RouterConfig {
         udp: pick(&udp),
         tcp: pick(&tcp),
+        ws: pick(&ws),
+        wss: None,
         aliases,
         incoming: cfg.upstream.incoming,
         nat: cfg.sip.nat_detection,
@@ -435,6 +453,16 @@ pub async fn start(
         let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
         tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
             tcp::serve(l.clone(), shared.clone(), stopped())
+        }));
+    }
+    for l in bound.ws {
+        let name = match l.local_addr() {
+            Ok(a) => format!("ws:{a}"),
+            Err(_) => "ws".to_string(),
+        };
+        let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
+        tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
+            crate::net::ws::serve(l.clone(), shared.clone(), Transport::Ws, stopped())
         }));
     }
 
@@ -670,6 +698,7 @@ pub fn reload(
     check_reload(&cfg, admin_bound)?;
     if cfg.sip.listen_udp != old.sip.listen_udp
         || cfg.sip.listen_tcp != old.sip.listen_tcp
+        || cfg.sip.listen_ws != old.sip.listen_ws
         || cfg.admin.listen != old.admin.listen
         || cfg.upstream.address != old.upstream.address
         || cfg.state.path != old.state.path

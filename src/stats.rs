@@ -85,6 +85,10 @@ impl DropReason {
 pub enum Transport {
     Udp,
     Tcp,
+    /// SIP over a plain WebSocket (RFC 7118), behind a TLS-terminating load balancer.
+    Ws,
+    /// SIP over a WebSocket over TLS (RFC 7118).
+    Wss,
 }
 
 impl Transport {
@@ -92,7 +96,14 @@ impl Transport {
         match self {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
         }
+    }
+
+    /// Carried on a connection of ours (the connection table is the way back).
+    pub fn is_connection(self) -> bool {
+        !matches!(self, Transport::Udp)
     }
 }
 
@@ -139,6 +150,68 @@ pub struct Stats {
     pub latency_sum_us: AtomicU64,
     pub latency_count: AtomicU64,
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
+    /// SIP over WebSocket (`sip.listen_ws`, `sip.listen_wss`).
+    pub ws: WsStats,
+}
+
+/// How a WebSocket upgrade ended. The names are the `outcome` label in metrics and stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsOutcome {
+    /// Upgraded with the `sip` subprotocol.
+    Ok,
+    /// The client offered no `sip` subprotocol (refused 400, scored).
+    NoSubprotocol,
+    /// Not a WebSocket upgrade request, or a broken one (scored).
+    BadRequest,
+    /// The handshake did not finish within `websocket.handshake_timeout` (scored).
+    Timeout,
+    /// Refused before the handshake: too many connections or handshakes from the address, or
+    /// in total.
+    Capped,
+    /// Refused before the handshake: the source is blocked.
+    Blocked,
+}
+
+impl WsOutcome {
+    pub const ALL: [WsOutcome; 6] = [
+        WsOutcome::Ok,
+        WsOutcome::NoSubprotocol,
+        WsOutcome::BadRequest,
+        WsOutcome::Timeout,
+        WsOutcome::Capped,
+        WsOutcome::Blocked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WsOutcome::Ok => "ok",
+            WsOutcome::NoSubprotocol => "no_subprotocol",
+            WsOutcome::BadRequest => "bad_request",
+            WsOutcome::Timeout => "timeout",
+            WsOutcome::Capped => "capped",
+            WsOutcome::Blocked => "blocked",
+        }
+    }
+}
+
+/// WebSocket counters: upgrades by outcome (counters), open connections (a gauge), and
+/// connections closed for an oversized frame or message.
+#[derive(Debug, Default)]
+pub struct WsStats {
+    upgrades: [AtomicU64; WsOutcome::ALL.len()],
+    pub open: AtomicU64,
+    pub oversized: AtomicU64,
+    pub packets_in: AtomicU64,
+}
+
+impl WsStats {
+    pub fn upgrade(&self, o: WsOutcome) {
+        inc(&self.upgrades[o as usize]);
+    }
+
+    pub fn upgrades(&self, o: WsOutcome) -> u64 {
+        self.upgrades[o as usize].load(Ordering::Relaxed)
+    }
 }
 
 /// Upper bounds (µs) of the forwarding latency histogram.
@@ -153,6 +226,7 @@ impl Stats {
         inc(match t {
             Transport::Udp => &self.packets_in_udp,
             Transport::Tcp => &self.packets_in_tcp,
+            Transport::Ws | Transport::Wss => &self.ws.packets_in,
         });
     }
 

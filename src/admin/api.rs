@@ -166,6 +166,8 @@ pub struct StatsView {
     pub alerts: u64,
     pub events_dropped: u64,
     pub tcp: TcpCounts,
+    #[serde(default)]
+    pub ws: WsCounts,
     /// Panics caught on the packet path.
     #[serde(default)]
     pub panics: u64,
@@ -232,7 +234,20 @@ pub struct HepHealth {
 pub struct Transports {
     pub udp: u64,
     pub tcp: u64,
+    /// WebSocket and secure WebSocket together.
+    #[serde(default)]
+    pub ws: u64,
     pub total: u64,
+}
+
+/// SIP over WebSocket: upgrades by outcome (every outcome listed), open connections.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WsCounts {
+    pub upgrades: BTreeMap<String, u64>,
+    /// Open now (a gauge).
+    pub open: u64,
+    /// Closed for a message or frame over `websocket.max_frame_bytes`.
+    pub oversized: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -634,7 +649,11 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
         .iter()
         .map(|r| (r.as_str().to_string(), s.dropped(*r)))
         .collect();
-    let (udp, tcp) = (g(&s.packets_in_udp), g(&s.packets_in_tcp));
+    let (udp, tcp, ws) = (
+        g(&s.packets_in_udp),
+        g(&s.packets_in_tcp),
+        g(&s.ws.packets_in),
+    );
     let count = g(&s.latency_count);
     StatsView {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -647,7 +666,8 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
         packets_in: Transports {
             udp,
             tcp,
-            total: udp + tcp,
+            ws,
+            total: udp + tcp + ws,
         },
         forwarded: Forwarded {
             requests: g(&s.requests_forwarded),
@@ -667,6 +687,14 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
             rejected: g(&s.tcp_rejected),
             write_overflows: g(&s.tcp_write_overflows),
             write_timeouts: g(&s.tcp_write_timeouts),
+        },
+        ws: WsCounts {
+            upgrades: crate::stats::WsOutcome::ALL
+                .iter()
+                .map(|o| (o.as_str().to_string(), s.ws.upgrades(*o)))
+                .collect(),
+            open: g(&s.ws.open),
+            oversized: g(&s.ws.oversized),
         },
         panics: g(&s.panics),
         listeners: s

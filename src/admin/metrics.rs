@@ -288,7 +288,11 @@ impl Collector for NodeCollector {
             "SIP packets received from phones and the PBX, by transport.",
             MetricType::Counter,
             "transport",
-            &[("udp", g(&s.packets_in_udp)), ("tcp", g(&s.packets_in_tcp))],
+            &[
+                ("udp", g(&s.packets_in_udp)),
+                ("tcp", g(&s.packets_in_tcp)),
+                ("ws", g(&s.ws.packets_in)),
+            ],
         )?;
         labelled(
             &mut e,
@@ -354,6 +358,30 @@ impl Collector for NodeCollector {
             "sipwarden_tcp_write_timeouts",
             "TCP connections closed because a write took longer than sip.tcp_write_timeout.",
             g(&s.tcp_write_timeouts),
+        )?;
+        let upgrades: Vec<_> = crate::stats::WsOutcome::ALL
+            .iter()
+            .map(|o| (o.as_str(), s.ws.upgrades(*o)))
+            .collect();
+        labelled(
+            &mut e,
+            "sipwarden_ws_upgrades",
+            "WebSocket upgrades (sip.listen_ws, sip.listen_wss), by outcome.",
+            MetricType::Counter,
+            "outcome",
+            &upgrades,
+        )?;
+        gauge(
+            &mut e,
+            "sipwarden_ws_connections_open",
+            "WebSocket connections open now.",
+            g(&s.ws.open),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_ws_oversized",
+            "WebSocket connections closed for a message or frame over websocket.max_frame_bytes.",
+            g(&s.ws.oversized),
         )?;
         counter(
             &mut e,

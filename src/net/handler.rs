@@ -101,10 +101,7 @@ impl Shared {
             stats.drop(DropReason::Malformed);
             return;
         }
-        let framing = match inb.transport {
-            Transport::Udp => Framing::Datagram,
-            Transport::Tcp => Framing::Stream,
-        };
+        let framing = framing(inb.transport);
         let msg = match parse(bytes, framing) {
             Ok(m) => m,
             Err(err) => {
@@ -161,7 +158,7 @@ impl Shared {
                         tracing::debug!(src = %inb.src, target = %t.flow.addr, transport = t.flow.transport.as_str(), why = t.why, "nat detection");
                     }
                     if from_upstream
-                        && to.transport == Transport::Tcp
+                        && to.transport.is_connection()
                         && to != router.upstream()
                         && self.transports.conns.get(&to.addr).is_none()
                     {
@@ -309,6 +306,8 @@ impl Shared {
             let a = match t {
                 Transport::Udp => cfg.udp.as_ref().or(cfg.tcp.as_ref()),
                 Transport::Tcp => cfg.tcp.as_ref().or(cfg.udp.as_ref()),
+                Transport::Ws => cfg.ws.as_ref().or(cfg.wss.as_ref()),
+                Transport::Wss => cfg.wss.as_ref().or(cfg.ws.as_ref()),
             };
             a.map_or_else(String::new, |a| format!("{}:{}", a.host, a.port))
         };
@@ -333,10 +332,7 @@ impl Shared {
     }
 
     async fn reply_forbidden(self: &Arc<Self>, inb: Inbound, bytes: &[u8], scratch: &mut Scratch) {
-        let framing = match inb.transport {
-            Transport::Udp => Framing::Datagram,
-            Transport::Tcp => Framing::Stream,
-        };
+        let framing = framing(inb.transport);
         if let Ok(msg) = parse(bytes, framing) {
             if msg.is_request() {
                 let a =
@@ -347,5 +343,14 @@ impl Shared {
                     .await;
             }
         }
+    }
+}
+
+/// How a message of this transport is delimited: a datagram or a WebSocket message is one whole
+/// message (RFC 7118 §5: no Content-Length needed); on a TCP stream Content-Length frames it.
+fn framing(t: Transport) -> Framing {
+    match t {
+        Transport::Udp | Transport::Ws | Transport::Wss => Framing::Datagram,
+        Transport::Tcp => Framing::Stream,
     }
 }

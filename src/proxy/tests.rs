@@ -11,6 +11,8 @@ fn router(upstream: Transport) -> Router {
     let cfg = RouterConfig {
         udp: Some(me.clone()),
         tcp: Some(me.clone()),
+        ws: None,
+        wss: None,
         aliases: vec![me],
         incoming: IncomingMode::Path,
         nat: NatDetection::Auto,

@@ -153,6 +153,8 @@ impl Dialog {
             let tr = match t {
                 Transport::Udp => "UDP",
                 Transport::Tcp => "TCP",
+                Transport::Ws => "WS",
+                Transport::Wss => "WSS",
             };
             let host = via(t);
             m.extend_from_slice(
