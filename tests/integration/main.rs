@@ -7,3 +7,4 @@ mod protection;
 mod proxy_core;
 mod rfc4475;
 mod routing;
+mod websocket;
