@@ -50,6 +50,7 @@ pub struct Config {
     pub log: Log,
     pub fraud: Fraud,
     pub feeds: Feeds,
+    pub tls: Tls,
     pub websocket: Websocket,
 }
 
@@ -58,6 +59,8 @@ pub struct Config {
 pub struct Sip {
     pub listen_udp: Vec<SocketAddr>,
     pub listen_tcp: Vec<SocketAddr>,
+    /// SIP over TLS (RFC 3261 §26.2); empty: off. Needs `tls.certificate` and `tls.private_key`.
+    pub listen_tls: Vec<SocketAddr>,
     /// SIP over plain WebSocket (RFC 7118), for deployments behind a TLS-terminating load
     /// balancer; browsers only connect to `wss://` themselves. Limits in `[websocket]`.
     pub listen_ws: Vec<SocketAddr>,
@@ -110,6 +113,7 @@ impl Default for Sip {
         Self {
             listen_udp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
             listen_tcp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
+            listen_tls: Vec::new(),
             listen_ws: Vec::new(),
             public_address: String::new(),
             max_message_bytes: 16384,
@@ -167,6 +171,7 @@ impl Default for Websocket {
 pub enum TransportKind {
     Udp,
     Tcp,
+    Tls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +188,11 @@ pub struct Upstream {
     pub address: String,
     pub transport: TransportKind,
     pub incoming: IncomingMode,
+    /// PEM file of the CA(s) that sign the PBX's certificate (`transport = "tls"`); empty: the
+    /// system's web roots are not trusted, so this is required for TLS.
+    pub tls_ca: String,
+    /// Name the PBX's certificate must carry, also sent as SNI; empty: the upstream host.
+    pub tls_server_name: String,
 }
 
 impl Default for Upstream {
@@ -191,6 +201,8 @@ impl Default for Upstream {
             address: "127.0.0.1:5080".into(),
             transport: TransportKind::Udp,
             incoming: IncomingMode::Path,
+            tls_ca: String::new(),
+            tls_server_name: String::new(),
         }
     }
 }
@@ -803,6 +815,139 @@ impl Default for Feeds {
     }
 }
 
+/// `[tls]`: certificates and limits of the TLS listeners (`sip.listen_tls`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// PEM certificate chain (leaf first); re-read on SIGHUP and when the file changes.
+    pub certificate: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `certificate`.
+    pub private_key: String,
+    /// Per-name pairs chosen by the client's SNI; `certificate` is the fallback.
+    pub sni: Vec<TlsSni>,
+    /// Lowest protocol version accepted: "1.2" or "1.3".
+    pub min_version: TlsVersion,
+    /// PEM file of the CA(s) that sign client certificates; needed when `verify_client` is on.
+    pub client_ca: String,
+    /// `off`, `optional` (verify a certificate when one is sent) or `required`.
+    pub verify_client: VerifyClient,
+    /// A connection that has not completed its handshake in this long is closed: a client that
+    /// opens connections and never speaks holds memory and a socket each.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Connections still in handshake per source address (IPv6: per `protection.ipv6_prefix`).
+    /// A handshake costs the server a key exchange: one source must not hold many at once.
+    pub max_handshakes_per_ip: usize,
+}
+
+/// One `[[tls.sni]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSni {
+    /// Server name, exact (`pbx.example.com`) or one wildcard label (`*.example.com`).
+    pub name: String,
+    pub certificate: String,
+    pub private_key: String,
+}
+
+/// `tls.min_version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V12,
+    #[serde(rename = "1.3")]
+    V13,
+}
+
+/// `tls.verify_client`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyClient {
+    Off,
+    Optional,
+    Required,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Self {
+            certificate: String::new(),
+            private_key: String::new(),
+            sni: Vec::new(),
+            min_version: TlsVersion::V12,
+            client_ca: String::new(),
+            verify_client: VerifyClient::Off,
+            handshake_timeout: Duration::from_secs(5),
+            max_handshakes_per_ip: 16,
+        }
+    }
+}
+
+/// At most this many `[[tls.sni]]` entries (each holds a parsed key in memory).
+pub const TLS_MAX_SNI: usize = 256;
+
+fn validate_tls(c: &Config) -> Result<(), ConfigError> {
+    let t = &c.tls;
+    if !c.sip.listen_tls.is_empty() && (t.certificate.is_empty() || t.private_key.is_empty()) {
+        let key = if t.certificate.is_empty() {
+            "tls.certificate"
+        } else {
+            "tls.private_key"
+        };
+        return Err(invalid(key, "required when sip.listen_tls is set"));
+    }
+    if t.certificate.is_empty() != t.private_key.is_empty() {
+        return Err(invalid(
+            "tls.private_key",
+            "tls.certificate and tls.private_key are set together",
+        ));
+    }
+    if t.sni.len() > TLS_MAX_SNI {
+        return Err(invalid("tls.sni", format!("at most {TLS_MAX_SNI} entries")));
+    }
+    for (i, e) in t.sni.iter().enumerate() {
+        let n = e.name.strip_prefix("*.").unwrap_or(&e.name);
+        let ok = !n.is_empty()
+            && n.len() <= 253
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        if !ok {
+            return Err(invalid(
+                &format!("tls.sni[{i}].name"),
+                "a DNS name, optionally starting with \"*.\"",
+            ));
+        }
+        if e.certificate.is_empty() || e.private_key.is_empty() {
+            return Err(invalid(
+                &format!("tls.sni[{i}].certificate"),
+                "certificate and private_key are required",
+            ));
+        }
+    }
+    if t.verify_client != VerifyClient::Off && t.client_ca.is_empty() {
+        return Err(invalid(
+            "tls.client_ca",
+            "required when tls.verify_client is optional or required",
+        ));
+    }
+    positive("tls.handshake_timeout", t.handshake_timeout)?;
+    nonzero("tls.max_handshakes_per_ip", t.max_handshakes_per_ip as u64)?;
+    if c.upstream.transport == TransportKind::Tls && c.upstream.tls_ca.is_empty() {
+        return Err(invalid(
+            "upstream.tls_ca",
+            "required when upstream.transport = \"tls\" (the CA that signs the PBX's certificate)",
+        ));
+    }
+    let n = &c.upstream.tls_server_name;
+    if !n.is_empty() && rustls::pki_types::ServerName::try_from(n.as_str()).is_err() {
+        return Err(invalid(
+            "upstream.tls_server_name",
+            "must be a DNS name or an IP address",
+        ));
+    }
+    Ok(())
+}
+
 /// Where the PBX is, as written in `upstream.address`, before name resolution.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTarget {
@@ -835,6 +980,7 @@ pub fn parse_upstream(s: &str, default_transport: TransportKind) -> Result<Upstr
                 transport = match t.to_ascii_lowercase().as_str() {
                     "udp" => TransportKind::Udp,
                     "tcp" => TransportKind::Tcp,
+                    "tls" => TransportKind::Tls,
                     other => return Err(format!("unsupported transport {other:?}")),
                 };
             }
@@ -902,7 +1048,8 @@ impl Config {
     /// The checks serde cannot do: ranges, cross-key rules, non-empty lists.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let c = &self;
-        if c.sip.listen_udp.is_empty() && c.sip.listen_tcp.is_empty() {
+        if c.sip.listen_udp.is_empty() && c.sip.listen_tcp.is_empty() && c.sip.listen_tls.is_empty()
+        {
             return Err(invalid(
                 "sip.listen_udp",
                 "no SIP listener: set listen_udp or listen_tcp",
@@ -1049,6 +1196,7 @@ impl Config {
         }
         validate_fraud(&c.fraud)?;
         validate_feeds(&c.feeds)?;
+        validate_tls(c)?;
         validate_websocket(c)?;
         tracing_subscriber::EnvFilter::try_new(&c.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;

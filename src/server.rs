@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, TransportKind};
 use crate::net::handler::Shared;
+use crate::net::tls::{self, TlsAcceptor, TlsUpstream};
 use crate::net::upstream::Resolver;
 use crate::net::{tcp, udp, Conns, Transports};
 use crate::node::Node;
@@ -38,6 +39,8 @@ pub enum ServerError {
 pub struct Bound {
     pub udp: Vec<UdpSocket>,
     pub tcp: Vec<TcpListener>,
+    /// `sip.listen_tls`: TCP listeners whose connections start with a TLS handshake.
+    pub tls: Vec<TcpListener>,
     /// `sip.listen_ws`: plain WebSocket listeners.
     pub ws: Vec<TcpListener>,
     pub admin: Option<TcpListener>,
@@ -129,6 +132,7 @@ pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
     let mut b = Bound {
         udp: Vec::new(),
         tcp: Vec::new(),
+        tls: Vec::new(),
         ws: Vec::new(),
         admin: None,
         tftp: None,
@@ -146,6 +150,14 @@ pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
         b.tcp
             .push(tcp_listener(addr).map_err(|source| ServerError::Bind {
                 what: "SIP TCP",
+                addr,
+                source,
+            })?);
+    }
+    for &addr in &cfg.sip.listen_tls {
+        b.tls
+            .push(tcp_listener(addr).map_err(|source| ServerError::Bind {
+                what: "SIP TLS",
                 addr,
                 source,
             })?);
@@ -224,6 +236,11 @@ fn router_config(
         .iter()
         .filter_map(|s| s.local_addr().ok())
         .collect::<Vec<_>>();
+    let tls = bound
+        .tls
+        .iter()
+        .filter_map(|s| s.local_addr().ok())
+        .collect::<Vec<_>>();
     let pick = |v: &[SocketAddr]| {
         v.iter()
             .find(|a| a.is_ipv4() == upstream.is_ipv4())
@@ -238,10 +255,16 @@ fn router_config(
     let mut aliases: Vec<Advertised> = udp
         .iter()
         .chain(tcp.iter())
+        .chain(tls.iter())
         .chain(ws.iter())
         .map(|a| advertised(cfg, *a, upstream))
         .collect();
-    for a in udp.iter().chain(tcp.iter()).chain(ws.iter()) {
+    for a in udp
+        .iter()
+        .chain(tcp.iter())
+        .chain(tls.iter())
+        .chain(ws.iter())
+    {
         if !a.ip().is_unspecified() {
             aliases.push(Advertised::new(&a.ip().to_string(), a.port()));
         }
@@ -250,10 +273,12 @@ fn router_config(
         .iter()
         .map(|a| (Transport::Udp, *a))
         .chain(tcp.iter().map(|a| (Transport::Tcp, *a)))
+        .chain(tls.iter().map(|a| (Transport::Tls, *a)))
         .collect();
     RouterConfig {
         udp: pick(&udp),
         tcp: pick(&tcp),
+        tls: pick(&tls),
         ws: pick(&ws),
         wss: None,
         aliases,
@@ -269,6 +294,7 @@ fn upstream_flow(cfg: &Config, addr: SocketAddr) -> Flow {
         transport: match cfg.upstream.transport {
             TransportKind::Udp => Transport::Udp,
             TransportKind::Tcp => Transport::Tcp,
+            TransportKind::Tls => Transport::Tls,
         },
         addr,
     }
@@ -419,7 +445,15 @@ pub async fn start(
             conns: Arc::new(Conns::default()),
         },
         max_message_bytes: cfg.sip.max_message_bytes,
+        tls_upstream: TlsUpstream::from_config(&cfg)
+            .map_err(|e| ServerError::Other(format!("upstream.tls_ca: {e}")))?,
     });
+    // Certificates are loaded before anything serves: a TLS listener without them is an error.
+    let tls_acceptor = if bound.tls.is_empty() {
+        None
+    } else {
+        Some(TlsAcceptor::new(node.clone()).map_err(|e| ServerError::Other(format!("tls: {e}")))?)
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = {
@@ -464,6 +498,21 @@ pub async fn start(
         tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
             crate::net::ws::serve(l.clone(), shared.clone(), Transport::Ws, stopped())
         }));
+    }
+
+    if let Some(acceptor) = &tls_acceptor {
+        for l in bound.tls {
+            let name = match l.local_addr() {
+                Ok(a) => format!("tls:{a}"),
+                Err(_) => "tls".to_string(),
+            };
+            let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
+            let acceptor = acceptor.clone();
+            tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
+                tls::serve(l.clone(), acceptor.clone(), shared.clone(), stopped())
+            }));
+        }
+        tasks.push(tokio::spawn(acceptor.clone().watch(stopped())));
     }
 
     // Expire blocks once a second; send the BYEs of calls the toll-fraud guard ended.
@@ -539,6 +588,7 @@ pub async fn start(
     {
         let node = node.clone();
         let stop = stopped();
+        let tls_acceptor = tls_acceptor.clone();
         tasks.push(tokio::spawn(async move {
             tokio::pin!(stop);
             loop {
@@ -552,6 +602,11 @@ pub async fn start(
                 };
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "config reload refused; the running config is unchanged");
+                }
+                // Certificates are re-read on every reload request, even when the config
+                // file itself did not change (the usual certificate renewal).
+                if let Some(a) = tls_acceptor.clone() {
+                    let _ = tokio::task::spawn_blocking(move || a.reload(true)).await;
                 }
                 let _ = req.send(result);
             }
@@ -698,6 +753,10 @@ pub fn reload(
     check_reload(&cfg, admin_bound)?;
     if cfg.sip.listen_udp != old.sip.listen_udp
         || cfg.sip.listen_tcp != old.sip.listen_tcp
+        || cfg.sip.listen_tls != old.sip.listen_tls
+        || cfg.upstream.transport != old.upstream.transport
+        || cfg.upstream.tls_ca != old.upstream.tls_ca
+        || cfg.upstream.tls_server_name != old.upstream.tls_server_name
         || cfg.sip.listen_ws != old.sip.listen_ws
         || cfg.admin.listen != old.admin.listen
         || cfg.upstream.address != old.upstream.address
@@ -714,7 +773,7 @@ pub fn reload(
         || cfg.sip.nat_detection != old.sip.nat_detection
     {
         tracing::warn!(
-            "listen addresses, upstream.address, state.path, cluster.redis_url, tftp.enabled/listen, notify.webhook/email_*/smtp_url/digest, sip.flow_key and sip.nat_detection change only on restart"
+            "listen addresses, upstream.address/transport/tls_*, state.path, cluster.redis_url, tftp.enabled/listen, notify.webhook/email_*/smtp_url/digest, sip.flow_key and sip.nat_detection change only on restart"
         );
     }
     node.reconfigure(cfg);

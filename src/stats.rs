@@ -89,6 +89,7 @@ pub enum Transport {
     Ws,
     /// SIP over a WebSocket over TLS (RFC 7118).
     Wss,
+    Tls,
 }
 
 impl Transport {
@@ -98,12 +99,84 @@ impl Transport {
             Transport::Tcp => "tcp",
             Transport::Ws => "ws",
             Transport::Wss => "wss",
+            Transport::Tls => "tls",
         }
     }
 
-    /// Carried on a connection of ours (the connection table is the way back).
-    pub fn is_connection(self) -> bool {
+    /// A connection-oriented transport: the way back to a peer is the connection it opened.
+    /// (TCP and TLS messages are framed out of the stream; a WebSocket message is one SIP
+    /// message.)
+    pub fn is_stream(self) -> bool {
         !matches!(self, Transport::Udp)
+    }
+}
+
+/// Why a TLS handshake did not complete. The names are the `reason` label in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsFailure {
+    /// Not finished within `tls.handshake_timeout`.
+    Timeout,
+    /// Over `tls.max_handshakes_per_ip` (or the total cap) when it arrived.
+    Cap,
+    /// No protocol version or cipher suite in common (TLS 1.0/1.1 clients end here).
+    Incompatible,
+    /// The client sent a fatal alert (typically: it does not trust our certificate).
+    Alert,
+    /// The client certificate is missing or does not verify (`tls.verify_client`).
+    ClientCertificate,
+    /// Not TLS, or TLS that breaks the protocol.
+    Protocol,
+    /// The client closed or reset the connection during the handshake.
+    Closed,
+}
+
+impl TlsFailure {
+    pub const ALL: [TlsFailure; 7] = [
+        TlsFailure::Timeout,
+        TlsFailure::Cap,
+        TlsFailure::Incompatible,
+        TlsFailure::Alert,
+        TlsFailure::ClientCertificate,
+        TlsFailure::Protocol,
+        TlsFailure::Closed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::Cap => "cap",
+            TlsFailure::Incompatible => "incompatible",
+            TlsFailure::Alert => "alert",
+            TlsFailure::ClientCertificate => "client_certificate",
+            TlsFailure::Protocol => "protocol",
+            TlsFailure::Closed => "closed",
+        }
+    }
+}
+
+/// TLS counters: handshakes by outcome, failures by reason, certificate reloads by outcome.
+#[derive(Debug, Default)]
+pub struct TlsStats {
+    pub handshakes_ok: AtomicU64,
+    failures: [AtomicU64; TlsFailure::ALL.len()],
+    /// Connections in handshake now (a gauge).
+    pub in_handshake: AtomicU64,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+impl TlsStats {
+    pub fn failed(&self, r: TlsFailure) {
+        inc(&self.failures[r as usize]);
+    }
+
+    pub fn failures(&self, r: TlsFailure) -> u64 {
+        self.failures[r as usize].load(Ordering::Relaxed)
+    }
+
+    /// Failed handshakes, every reason together.
+    pub fn handshakes_failed(&self) -> u64 {
+        TlsFailure::ALL.iter().map(|r| self.failures(*r)).sum()
     }
 }
 
@@ -111,6 +184,7 @@ impl Transport {
 pub struct Stats {
     pub packets_in_udp: AtomicU64,
     pub packets_in_tcp: AtomicU64,
+    pub packets_in_tls: AtomicU64,
     pub requests_forwarded: AtomicU64,
     pub responses_forwarded: AtomicU64,
     /// Responses sipwarden generated itself (403, 483, 503, ...).
@@ -127,6 +201,9 @@ pub struct Stats {
     pub tcp_write_overflows: AtomicU64,
     /// TCP connections closed because one write took longer than `sip.tcp_write_timeout`.
     pub tcp_write_timeouts: AtomicU64,
+    /// Connections closed because their source got blocked (TCP and TLS).
+    pub conns_closed_blocked: AtomicU64,
+    pub tls: TlsStats,
     /// Panics caught on the packet path (a bug an attacker may be able to trigger at will).
     pub panics: AtomicU64,
     /// Unix second of the last panic logged: panic logs are limited to one a second.
@@ -227,6 +304,7 @@ impl Stats {
             Transport::Udp => &self.packets_in_udp,
             Transport::Tcp => &self.packets_in_tcp,
             Transport::Ws | Transport::Wss => &self.ws.packets_in,
+            Transport::Tls => &self.packets_in_tls,
         });
     }
 

@@ -35,6 +35,8 @@ pub enum Anomaly {
     /// A refused WebSocket upgrade (not an upgrade, no `sip` subprotocol, too slow) or a
     /// broken or oversized WebSocket frame.
     WebSocket(&'static str),
+    /// A TLS handshake that failed, timed out or went over `tls.max_handshakes_per_ip`.
+    TlsHandshake,
 }
 
 impl Anomaly {
@@ -68,6 +70,7 @@ impl Anomaly {
             Anomaly::BadRequestUri => "malformed Request-URI".into(),
             Anomaly::ForgedResponse => "forged Via of ours (branch does not verify)".into(),
             Anomaly::WebSocket(why) => format!("websocket: {why}"),
+            Anomaly::TlsHandshake => "TLS handshake failed".into(),
         }
     }
 }

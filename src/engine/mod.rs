@@ -581,6 +581,16 @@ impl Engine {
     }
 
     /// Expire blocks whose time is up. Call about once a second.
+    /// An operational alert from outside the packet path (a certificate that does not load):
+    /// logged, counted and notified like the engine's own.
+    pub fn alert(&mut self, kind: BlockType, source: String, message: String) {
+        self.events.push(Event::Alert {
+            kind,
+            source,
+            message,
+        });
+    }
+
     pub fn tick(&mut self, now: Millis) {
         self.clock.set(now);
         self.fraud_tick(now);

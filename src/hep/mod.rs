@@ -123,7 +123,7 @@ impl TapInner {
             self.stats.filtered.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let tcp = t == Transport::Tcp;
+        let tcp = t.is_stream();
         let local = if tcp { self.local_tcp } else { self.local_udp };
         let local = same_family(local, peer.ip());
         let (src, dst) = if outgoing {

@@ -23,6 +23,8 @@ pub struct Shared {
     pub router: ArcSwap<Router>,
     pub transports: Transports,
     pub max_message_bytes: usize,
+    /// The PBX over TLS (`upstream.transport = "tls"`), else `None`.
+    pub tls_upstream: Option<super::tls::TlsUpstream>,
 }
 
 /// Per-task scratch space, reused for every packet: the clean path allocates nothing once
@@ -158,7 +160,7 @@ impl Shared {
                         tracing::debug!(src = %inb.src, target = %t.flow.addr, transport = t.flow.transport.as_str(), why = t.why, "nat detection");
                     }
                     if from_upstream
-                        && to.transport.is_connection()
+                        && to.transport.is_stream()
                         && to != router.upstream()
                         && self.transports.conns.get(&to.addr).is_none()
                     {
@@ -289,8 +291,12 @@ impl Shared {
     ) -> Result<(), DropReason> {
         let upstream = self.router.load().upstream();
         match self.send_on(to, out, local).await {
-            Err(DropReason::NoRoute) if to.transport == Transport::Tcp && to == upstream => {
-                super::tcp::connect_upstream(self, to.addr).await?;
+            Err(DropReason::NoRoute) if to.transport.is_stream() && to == upstream => {
+                if to.transport == Transport::Tls {
+                    super::tls::connect_upstream(self, to.addr).await?;
+                } else {
+                    super::tcp::connect_upstream(self, to.addr).await?;
+                }
                 self.transports.send(to, out).await
             }
             r => r,
@@ -308,6 +314,7 @@ impl Shared {
                 Transport::Tcp => cfg.tcp.as_ref().or(cfg.udp.as_ref()),
                 Transport::Ws => cfg.ws.as_ref().or(cfg.wss.as_ref()),
                 Transport::Wss => cfg.wss.as_ref().or(cfg.ws.as_ref()),
+                Transport::Tls => cfg.tls.as_ref().or(cfg.tcp.as_ref()),
             };
             a.map_or_else(String::new, |a| format!("{}:{}", a.host, a.port))
         };
@@ -351,6 +358,6 @@ impl Shared {
 fn framing(t: Transport) -> Framing {
     match t {
         Transport::Udp | Transport::Ws | Transport::Wss => Framing::Datagram,
-        Transport::Tcp => Framing::Stream,
+        Transport::Tcp | Transport::Tls => Framing::Stream,
     }
 }

@@ -4,6 +4,7 @@
 pub mod handler;
 pub mod tcp;
 pub mod tftp;
+pub mod tls;
 pub mod udp;
 pub mod upstream;
 pub mod ws;
@@ -283,7 +284,7 @@ impl Transports {
                     .map_err(|_| DropReason::SendFailed)
             }
             // A WebSocket connection sits in the same table; its writer frames each message.
-            Transport::Tcp | Transport::Ws | Transport::Wss => {
+            Transport::Tcp | Transport::Tls | Transport::Ws | Transport::Wss => {
                 let tx = self.conns.get(&to.addr).ok_or(DropReason::NoRoute)?;
                 tx.send(Bytes::copy_from_slice(bytes))
             }

@@ -29,6 +29,7 @@ fn transport_char(t: Transport) -> u8 {
         Transport::Tcp => b't',
         Transport::Ws => b'w',
         Transport::Wss => b'x',
+        Transport::Tls => b's',
     }
 }
 
@@ -105,6 +106,7 @@ pub fn decode(keys: &Keys, tok: &[u8]) -> Option<Flow> {
         b't' => Transport::Tcp,
         b'w' => Transport::Ws,
         b'x' => Transport::Wss,
+        b's' => Transport::Tls,
         _ => return None,
     };
     let ip_len = match hex.len() {

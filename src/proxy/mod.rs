@@ -64,6 +64,7 @@ pub struct RouterConfig {
     /// are recognised as ours.
     pub ws: Option<Advertised>,
     pub wss: Option<Advertised>,
+    pub tls: Option<Advertised>,
     /// Other names we answer to (listen IPs), for recognising our own Route entries.
     pub aliases: Vec<Advertised>,
     pub incoming: IncomingMode,
@@ -160,7 +161,7 @@ impl Router {
         let src = canonical(inb.src);
         match inb.transport {
             Transport::Udp => self.upstreams.contains(&src),
-            Transport::Tcp => self.upstreams.iter().any(|a| a.ip() == src.ip()),
+            Transport::Tcp | Transport::Tls => self.upstreams.iter().any(|a| a.ip() == src.ip()),
             // The PBX is never reached over a WebSocket.
             Transport::Ws | Transport::Wss => false,
         }
@@ -204,6 +205,7 @@ impl Router {
             .udp
             .iter()
             .chain(self.cfg.tcp.iter())
+            .chain(self.cfg.tls.iter())
             .chain(self.cfg.aliases.iter())
             .any(|a| host_ip(a.host.as_bytes()).map(crate::blocks::canonical_ip) == Some(ip))
     }
@@ -217,18 +219,19 @@ impl Router {
     }
 
     fn advertised(&self, t: Transport) -> &Advertised {
-        let (first, other) = match t {
-            Transport::Udp => (&self.cfg.udp, &self.cfg.tcp),
-            Transport::Tcp => (&self.cfg.tcp, &self.cfg.udp),
-            Transport::Ws => (&self.cfg.ws, &self.cfg.wss),
-            Transport::Wss => (&self.cfg.wss, &self.cfg.ws),
+        let (first, other, third) = match t {
+            Transport::Udp => (&self.cfg.udp, &self.cfg.tcp, &self.cfg.tls),
+            Transport::Tcp => (&self.cfg.tcp, &self.cfg.udp, &self.cfg.tls),
+            Transport::Tls => (&self.cfg.tls, &self.cfg.tcp, &self.cfg.udp),
+            Transport::Ws => (&self.cfg.ws, &self.cfg.wss, &self.cfg.tcp),
+            Transport::Wss => (&self.cfg.wss, &self.cfg.ws, &self.cfg.tls),
         };
-        // At least one listener exists (config validation); fall back to the other transport.
+        // At least one listener exists (config validation); fall back to another transport.
         first
             .as_ref()
             .or(other.as_ref())
+            .or(third.as_ref())
             .or(self.cfg.udp.as_ref())
-            .or(self.cfg.tcp.as_ref())
             .or(self.cfg.aliases.first())
             .unwrap_or(&self.fallback)
     }
@@ -240,6 +243,7 @@ impl Router {
             .udp
             .iter()
             .chain(self.cfg.tcp.iter())
+            .chain(self.cfg.tls.iter())
             .chain(self.cfg.aliases.iter())
             .any(|a| a.port == port && host.eq_ignore_ascii_case(a.host.as_bytes()))
     }
@@ -649,8 +653,9 @@ fn stamped_hop(top: &Via, inb: &Inbound) -> Option<Flow> {
         ViaTransport::Udp => Transport::Udp,
         // A WebSocket client's Via names a host that does not exist (RFC 7118 §5: `*.invalid`):
         // received/rport name its connection, which is the way back (only over a connection).
-        ViaTransport::Ws if inb.transport.is_connection() => Transport::Ws,
-        ViaTransport::Wss if inb.transport.is_connection() => Transport::Wss,
+        ViaTransport::Ws if inb.transport.is_stream() => Transport::Ws,
+        ViaTransport::Wss if inb.transport.is_stream() => Transport::Wss,
+        ViaTransport::Tls => Transport::Tls,
         _ => return None,
     };
     Some(Flow {
@@ -707,6 +712,7 @@ fn via_proto(t: Transport) -> &'static str {
         Transport::Tcp => "TCP",
         Transport::Ws => "WS",
         Transport::Wss => "WSS",
+        Transport::Tls => "TLS",
     }
 }
 
@@ -761,6 +767,7 @@ fn via_destination(buf: &[u8], v: &Via) -> Option<Flow> {
         ViaTransport::Udp => Transport::Udp,
         ViaTransport::Ws => Transport::Ws,
         ViaTransport::Wss => Transport::Wss,
+        ViaTransport::Tls => Transport::Tls,
         _ => return None,
     };
     Some(Flow {
@@ -777,6 +784,7 @@ fn uri_flow(buf: &[u8], u: &Uri) -> Option<Flow> {
         Some(t) if t.eq_ignore_ascii_case(b"udp") => Transport::Udp,
         Some(t) if t.eq_ignore_ascii_case(b"ws") => Transport::Ws,
         Some(t) if t.eq_ignore_ascii_case(b"wss") => Transport::Wss,
+        Some(t) if t.eq_ignore_ascii_case(b"tls") => Transport::Tls,
         None => Transport::Udp,
         Some(_) => return None,
     };

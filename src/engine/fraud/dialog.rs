@@ -155,6 +155,7 @@ impl Dialog {
                 Transport::Tcp => "TCP",
                 Transport::Ws => "WS",
                 Transport::Wss => "WSS",
+                Transport::Tls => "TLS",
             };
             let host = via(t);
             m.extend_from_slice(
