@@ -64,6 +64,10 @@ pub struct Sip {
     /// SIP over plain WebSocket (RFC 7118), for deployments behind a TLS-terminating load
     /// balancer; browsers only connect to `wss://` themselves. Limits in `[websocket]`.
     pub listen_ws: Vec<SocketAddr>,
+    /// SIP over secure WebSocket (RFC 7118) for WebRTC softphones; needs `tls.certificate`. An
+    /// address that is also in `listen_tls` is one port for both: each connection is classified
+    /// by its first request line after the TLS handshake (`GET ` is a WebSocket upgrade).
+    pub listen_wss: Vec<SocketAddr>,
     /// Host advertised in Via, Record-Route and Path; empty: the listen address.
     pub public_address: String,
     pub max_message_bytes: usize,
@@ -115,6 +119,7 @@ impl Default for Sip {
             listen_tcp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
             listen_tls: Vec::new(),
             listen_ws: Vec::new(),
+            listen_wss: Vec::new(),
             public_address: String::new(),
             max_message_bytes: 16384,
             max_connections: 4096,
@@ -895,6 +900,12 @@ fn validate_tls(c: &Config) -> Result<(), ConfigError> {
             "tls.private_key"
         };
         return Err(invalid(key, "required when sip.listen_tls is set"));
+    }
+    if !c.sip.listen_wss.is_empty() && t.certificate.is_empty() {
+        return Err(invalid(
+            "tls.certificate",
+            "required when sip.listen_wss is set",
+        ));
     }
     if t.certificate.is_empty() != t.private_key.is_empty() {
         return Err(invalid(

@@ -39,7 +39,7 @@ use crate::stats::{DropReason, Transport, WsOutcome};
 /// connections and never finishes the upgrade holds at most that many sockets, each for at most
 /// `websocket.handshake_timeout`.
 #[derive(Default)]
-pub(crate) struct Pending {
+pub struct Pending {
     inner: Mutex<PendingMap>,
 }
 
@@ -118,6 +118,84 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         tokio::spawn(run(stream, peer, shared.clone(), transport, admit));
     }
+}
+
+/// Accept WSS connections on a listener of its own (`sip.listen_wss` not shared with
+/// `sip.listen_tls`): the checks, then the TLS handshake, then the WebSocket upgrade.
+pub async fn serve_wss(
+    listener: Arc<TcpListener>,
+    acceptor: Arc<super::tls::TlsAcceptor>,
+    shared: Arc<Shared>,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let pending = Arc::new(Pending::default());
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "wss accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        };
+        let peer = canonical(peer);
+        // Blocked sources and addresses over the cap cost no TLS handshake.
+        let Some(admit) = admit(&shared, &pending, peer) else {
+            continue;
+        };
+        let (acceptor, shared) = (acceptor.clone(), shared.clone());
+        tokio::spawn(async move {
+            // The TLS acceptor counts and scores its own failures.
+            let Ok(tls) = acceptor.accept(stream, peer).await else {
+                return;
+            };
+            run(tls, peer, shared, Transport::Wss, admit).await;
+        });
+    }
+}
+
+/// The first bytes of a WebSocket upgrade request.
+const GET: &[u8] = b"GET ";
+
+/// On a port shared by SIP over TLS and WSS (an address in both `sip.listen_tls` and
+/// `sip.listen_wss`), after the TLS handshake: read the first bytes. `GET ` is a WebSocket
+/// upgrade, handled here to its end (`None` comes back); anything else (a SIP request line, a
+/// CRLF keep-alive, nothing within `websocket.handshake_timeout`) is SIP over TLS, and the
+/// stream comes back with the bytes read put back in front.
+pub async fn split_wss<S>(
+    mut stream: S,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+    pending: &Arc<Pending>,
+) -> Option<Rewind<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncReadExt;
+    let mut head = [0u8; 4];
+    let mut n = 0usize;
+    let deadline = Instant::now() + shared.node.config().websocket.handshake_timeout;
+    // At most 4 bytes, and only while they still spell the start of `GET `.
+    while n < head.len() && head.get(..n) == GET.get(..n) {
+        let Some(buf) = head.get_mut(n..) else { break };
+        match tokio::time::timeout_at(deadline, stream.read(buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(k)) => n += k,
+            Err(_) => break,
+        }
+    }
+    let head = Bytes::copy_from_slice(head.get(..n).unwrap_or_default());
+    let stream = Rewind::new(head.clone(), stream);
+    if head.as_ref() != GET {
+        return Some(stream);
+    }
+    let admitted = admit(shared, pending, peer)?;
+    run(stream, peer, shared.clone(), Transport::Wss, admitted).await;
+    None
 }
 
 /// What [`admit`] decided for a new connection: it may go on to the upgrade.

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
 use sipwarden::stats::WsOutcome;
@@ -233,5 +234,122 @@ async fn upgrade_failures_block_the_source_and_close_its_open_connection() {
     let s = &node.stats;
     assert_eq!(s.ws.upgrades(WsOutcome::NoSubprotocol), threshold as u64);
     assert!(s.ws.upgrades(WsOutcome::Blocked) >= 1);
+    proxy.stop().await;
+}
+
+/// A self-signed certificate for `localhost` (written to `dir`) and a TLS client trusting it.
+fn tls_pair(dir: &std::path::Path) -> (String, String, tokio_rustls::TlsConnector) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join("wss.pem"), dir.join("wss.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ck.cert.der().clone()).unwrap();
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    (
+        cert.display().to_string(),
+        key.display().to_string(),
+        tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+    )
+}
+
+async fn tls_connect(
+    c: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    c.connect(name, tcp).await.unwrap()
+}
+
+#[tokio::test]
+async fn tls_and_wss_share_one_port() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, connector) = tls_pair(dir.path());
+    // One address in both lists: it must be a fixed port.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let pbx = Ua::bind("127.0.0.1").await;
+    let proxy = start(pbx.addr, |c| {
+        c.sip.listen_tls = vec![port];
+        c.sip.listen_wss = vec![port];
+        c.tls.certificate = cert;
+        c.tls.private_key = key;
+    })
+    .await;
+
+    // A WebRTC client: TLS, then the upgrade.
+    let tls = tls_connect(&connector, port).await;
+    let mut req = format!("wss://localhost:{}/", port.port())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "sip".parse().unwrap());
+    let (mut wss, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    let reg = request(
+        "REGISTER",
+        "sip:pbx.test",
+        "WSS abc.invalid",
+        "z9hG4bKwssreg",
+        "1001",
+        "1001",
+        "wss-reg",
+        1,
+        "Contact: <sip:u1@abc.invalid;transport=ws>\r\n",
+    );
+    wss.send(Message::text(reg)).await.unwrap();
+    let (seen, from) = pbx.recv().await;
+    assert!(
+        vias(&seen)[1].starts_with("SIP/2.0/WSS abc.invalid"),
+        "{seen}"
+    );
+    assert!(
+        header(&seen, "Path").unwrap().starts_with("<sip:swx"),
+        "{seen}"
+    );
+    pbx.send(from, &respond(&seen, 200, "OK", "")).await;
+    let ok = match tokio::time::timeout(WAIT, wss.next()).await {
+        Ok(Some(Ok(Message::Text(t)))) => t.to_string(),
+        other => panic!("{other:?}"),
+    };
+    assert!(first_line(&ok).starts_with("SIP/2.0 200"), "{ok}");
+
+    // A desk phone: SIP over TLS on the same port.
+    let mut phone = tls_connect(&connector, port).await;
+    let reg = request(
+        "REGISTER",
+        "sip:pbx.test",
+        "TLS 10.0.0.7:5061",
+        "z9hG4bKtlsreg",
+        "1002",
+        "1002",
+        "tls-reg",
+        1,
+        "Contact: <sip:1002@10.0.0.7:5061;transport=tls>\r\n",
+    );
+    phone.write_all(reg.as_bytes()).await.unwrap();
+    let (seen, from) = pbx.recv().await;
+    assert!(vias(&seen)[1].starts_with("SIP/2.0/TLS 10.0.0.7"), "{seen}");
+    pbx.send(from, &respond(&seen, 200, "OK", "")).await;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, phone.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let ok = String::from_utf8_lossy(&buf[..n]).to_string();
+    assert!(first_line(&ok).starts_with("SIP/2.0 200"), "{ok}");
+
+    let s = &proxy.node().stats;
+    assert_eq!(s.ws.upgrades(WsOutcome::Ok), 1);
+    assert_eq!(s.tls.handshakes_ok.load(Relaxed), 2);
     proxy.stop().await;
 }
