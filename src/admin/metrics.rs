@@ -697,6 +697,32 @@ mod tests {
     use crate::engine::Detection;
 
     #[test]
+    fn websocket_series_rendered() {
+        let (node, _rx) = Node::new(Config::default());
+        let s = &node.stats.ws;
+        s.upgrade(crate::stats::WsOutcome::Ok);
+        s.upgrade(crate::stats::WsOutcome::Ok);
+        s.upgrade(crate::stats::WsOutcome::NoSubprotocol);
+        s.open.store(1, Ordering::Relaxed);
+        node.stats.packet_in(crate::stats::Transport::Wss);
+        let text = render(&node, Box::leak(Box::new(EventCounters::new())));
+        for want in [
+            "sipwarden_ws_upgrades_total{outcome=\"ok\"} 2",
+            "sipwarden_ws_upgrades_total{outcome=\"no_subprotocol\"} 1",
+            "sipwarden_ws_upgrades_total{outcome=\"blocked\"} 0",
+            "# TYPE sipwarden_ws_connections_open gauge",
+            "sipwarden_ws_connections_open 1",
+            "sipwarden_ws_oversized_total 0",
+            "sipwarden_sip_packets_received_total{transport=\"ws\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "missing {want:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
     fn health_rendered() {
         let (node, _rx) = Node::new(Config::default());
         let lines =

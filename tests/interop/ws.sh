@@ -208,8 +208,8 @@ main() {
 	fi
 
 	# An upgrade flood from one address: blocked; JsSIP keeps working.
-	local i codes=""
-	for i in $(seq 1 30); do
+	local _ codes=""
+	for _ in $(seq 1 30); do
 		codes+="$(upgrade "$FLOOD_IP" chat) "
 		has_block "$FLOOD_IP" ANOMALY && break
 	done

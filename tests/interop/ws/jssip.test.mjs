@@ -75,16 +75,18 @@ const server = createServer((req, res) => {
 });
 await new Promise((ok) => server.listen(port, "127.0.0.1", ok));
 
-const browser = await chromium.launch({
+// An empty profile of our own (playwright takes it as userDataDir, not as a flag).
+const ctx = await chromium.launchPersistentContext(process.env.USER_DATA_DIR || "/tmp/sw-ws-chromium", {
   executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  ignoreHTTPSErrors: true,
   args: [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
     "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
-    "--ignore-certificate-errors", `--user-data-dir=${process.env.USER_DATA_DIR || "/tmp/sw-ws-chromium"}`,
+    "--ignore-certificate-errors",
   ],
 });
-const ctx = await browser.newContext({ ignoreHTTPSErrors: true });
 const pages = [];
 for (const p of phones) {
   const pg = await ctx.newPage();
@@ -109,5 +111,5 @@ for (;;) {
   if ((doneFile && existsSync(doneFile)) || Date.now() - started > maxSeconds * 1000) break;
   await new Promise((ok) => setTimeout(ok, 200));
 }
-await browser.close();
+await ctx.close();
 server.close();
