@@ -329,6 +329,23 @@ fn router_config(
     }
 }
 
+/// Close the TCP and TLS connections of sources that are blocked now (the connection code
+/// also checks on every read; this catches a connection that stays silent, or one in a call).
+/// The PBX's connections are never closed this way.
+fn close_blocked(shared: &Shared) {
+    let node = &shared.node;
+    let now = node.now();
+    let n = shared.transports.conns.close_where(|a| {
+        matches!(
+            node.gate().check(now, a),
+            crate::blocks::GateVerdict::Blocked { .. }
+        ) && !node.with_engine(|e| e.is_upstream(a.ip()))
+    });
+    if n > 0 {
+        tracing::info!(connections = n, "closed the connections of blocked sources");
+    }
+}
+
 fn upstream_flow(cfg: &Config, addr: SocketAddr) -> Flow {
     Flow {
         transport: match cfg.upstream.transport {
@@ -592,6 +609,7 @@ pub async fn start(
                             e.tick(now);
                             e.take_fraud_byes()
                         });
+                        close_blocked(&shared);
                         for d in &byes {
                             shared.send_fraud_byes(d).await;
                         }

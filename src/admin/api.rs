@@ -167,6 +167,8 @@ pub struct StatsView {
     pub events_dropped: u64,
     pub tcp: TcpCounts,
     #[serde(default)]
+    pub tls: TlsCounts,
+    #[serde(default)]
     pub ws: WsCounts,
     /// Panics caught on the packet path.
     #[serde(default)]
@@ -234,6 +236,8 @@ pub struct HepHealth {
 pub struct Transports {
     pub udp: u64,
     pub tcp: u64,
+    #[serde(default)]
+    pub tls: u64,
     /// WebSocket and secure WebSocket together.
     #[serde(default)]
     pub ws: u64,
@@ -248,6 +252,21 @@ pub struct WsCounts {
     pub open: u64,
     /// Closed for a message or frame over `websocket.max_frame_bytes`.
     pub oversized: u64,
+}
+
+/// TLS counters in `/api/stats`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TlsCounts {
+    pub handshakes_ok: u64,
+    pub handshakes_failed: u64,
+    /// Failed handshakes by reason (every reason listed, zeros included).
+    pub failures: BTreeMap<String, u64>,
+    /// In handshake now.
+    pub in_handshake: u64,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    /// TCP and TLS connections closed because their source was blocked.
+    pub closed_blocked: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -649,9 +668,10 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
         .iter()
         .map(|r| (r.as_str().to_string(), s.dropped(*r)))
         .collect();
-    let (udp, tcp, ws) = (
+    let (udp, tcp, tls, ws) = (
         g(&s.packets_in_udp),
         g(&s.packets_in_tcp),
+        g(&s.packets_in_tls),
         g(&s.ws.packets_in),
     );
     let count = g(&s.latency_count);
@@ -666,8 +686,9 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
         packets_in: Transports {
             udp,
             tcp,
+            tls,
             ws,
-            total: udp + tcp + ws,
+            total: udp + tcp + tls + ws,
         },
         forwarded: Forwarded {
             requests: g(&s.requests_forwarded),
@@ -687,6 +708,18 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
             rejected: g(&s.tcp_rejected),
             write_overflows: g(&s.tcp_write_overflows),
             write_timeouts: g(&s.tcp_write_timeouts),
+        },
+        tls: TlsCounts {
+            handshakes_ok: g(&s.tls.handshakes_ok),
+            handshakes_failed: s.tls.handshakes_failed(),
+            failures: crate::stats::TlsFailure::ALL
+                .iter()
+                .map(|r| (r.as_str().to_string(), s.tls.failures(*r)))
+                .collect(),
+            in_handshake: g(&s.tls.in_handshake),
+            reloads_ok: g(&s.tls.reloads_ok),
+            reloads_failed: g(&s.tls.reloads_failed),
+            closed_blocked: g(&s.conns_closed_blocked),
         },
         ws: WsCounts {
             upgrades: crate::stats::WsOutcome::ALL

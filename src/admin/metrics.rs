@@ -291,8 +291,53 @@ impl Collector for NodeCollector {
             &[
                 ("udp", g(&s.packets_in_udp)),
                 ("tcp", g(&s.packets_in_tcp)),
+                ("tls", g(&s.packets_in_tls)),
                 ("ws", g(&s.ws.packets_in)),
             ],
+        )?;
+        let t = &s.tls;
+        labelled(
+            &mut e,
+            "sipwarden_tls_handshakes",
+            "TLS handshakes on sip.listen_tls, by outcome.",
+            MetricType::Counter,
+            "outcome",
+            &[
+                ("ok", g(&t.handshakes_ok)),
+                ("failed", t.handshakes_failed()),
+            ],
+        )?;
+        let fails: Vec<_> = crate::stats::TlsFailure::ALL
+            .iter()
+            .map(|r| (r.as_str(), t.failures(*r)))
+            .collect();
+        labelled(
+            &mut e,
+            "sipwarden_tls_handshake_failures",
+            "TLS handshakes that did not complete, by reason.",
+            MetricType::Counter,
+            "reason",
+            &fails,
+        )?;
+        gauge(
+            &mut e,
+            "sipwarden_tls_handshakes_in_progress",
+            "TLS connections in handshake now.",
+            g(&t.in_handshake),
+        )?;
+        labelled(
+            &mut e,
+            "sipwarden_tls_certificate_reloads",
+            "Certificate reloads (SIGHUP, file change), by outcome; a failure keeps the old ones.",
+            MetricType::Counter,
+            "outcome",
+            &[("ok", g(&t.reloads_ok)), ("failed", g(&t.reloads_failed))],
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_connections_closed_blocked",
+            "TCP and TLS connections closed because their source was blocked.",
+            g(&s.conns_closed_blocked),
         )?;
         labelled(
             &mut e,

@@ -39,6 +39,8 @@ pub enum WriteClose {
     Overflow = 1,
     /// One write took longer than `sip.tcp_write_timeout`.
     Timeout = 2,
+    /// The source got blocked ([`Conns::close_where`]).
+    Blocked = 3,
 }
 
 /// What the senders of one connection and its writer task share: the bytes in flight and the
@@ -62,6 +64,7 @@ impl WriteQueue {
         match self.closed.load(Relaxed) {
             1 => WriteClose::Overflow,
             2 => WriteClose::Timeout,
+            3 => WriteClose::Blocked,
             _ => WriteClose::Open,
         }
     }
@@ -205,6 +208,20 @@ impl Conns {
 
     pub fn len(&self) -> usize {
         self.map.lock().total
+    }
+
+    /// Close every connection whose peer matches `f` (a source that just got blocked: its open
+    /// connections must not outlive the block). Their tasks wake and end; returns how many.
+    pub fn close_where(&self, f: impl Fn(SocketAddr) -> bool) -> usize {
+        let m = self.map.lock();
+        let mut n = 0;
+        for (addr, (_, tx)) in m.by_addr.iter() {
+            if tx.q.closed() == WriteClose::Open && f(*addr) {
+                tx.q.close_with(WriteClose::Blocked);
+                n += 1;
+            }
+        }
+        n
     }
 
     pub fn is_empty(&self) -> bool {

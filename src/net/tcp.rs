@@ -204,6 +204,9 @@ impl Drop for Open {
             WriteClose::Timeout => {
                 s.tcp_write_timeouts.fetch_add(1, Relaxed);
             }
+            WriteClose::Blocked => {
+                s.conns_closed_blocked.fetch_add(1, Relaxed);
+            }
         }
     }
 }
@@ -329,9 +332,9 @@ where
                 tracing::debug!(%peer, why = ?q.closed(), "closing tcp connection: writer ended");
                 break 'conn;
             }
-            // A message did not fit in the write queue.
+            // A message did not fit in the write queue, or the source got blocked.
             _ = q.close.notified() => {
-                tracing::debug!(%peer, "closing tcp connection: write queue full");
+                tracing::debug!(%peer, why = ?q.closed(), "closing connection");
                 break 'conn;
             }
         };

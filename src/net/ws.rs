@@ -380,9 +380,6 @@ pub(crate) async fn run<S>(
     let mut idle_deadline = Instant::now() + ws_cfg.idle_timeout;
     let mut ping =
         tokio::time::interval_at(Instant::now() + ws_cfg.ping_interval, ws_cfg.ping_interval);
-    // A block taken while the connection is open closes it within a second, even if the
-    // source says nothing more (the gate lookup is lock-free and counts a hit only when blocked).
-    let mut gate = tokio::time::interval(std::time::Duration::from_secs(1));
     let write_timeout = cfg.sip.tcp_write_timeout;
     let why: &str = loop {
         tokio::select! {
@@ -440,22 +437,22 @@ pub(crate) async fn run<S>(
                     }
                 }
             }
+            // A message did not fit in the write queue, or the source got blocked: the server
+            // closes the connections of blocked sources every second (`Conns::close_where`).
             _ = q.close.notified() => {
+                if q.closed() == WriteClose::Blocked {
+                    stats.conns_closed_blocked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    stats.drop(DropReason::Blocked);
+                    let close = CloseFrame { code: CloseCode::Policy, reason: "blocked".into() };
+                    let _ = timeout(std::time::Duration::from_secs(1), ws.close(Some(close))).await;
+                    break "source blocked";
+                }
                 stats.tcp_write_overflows.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 break "write queue full";
             }
             _ = ping.tick() => {
                 if timeout(write_timeout, ws.send(Message::Ping(Bytes::new()))).await.map_or(true, |r| r.is_err()) {
                     break "ping not sent";
-                }
-            }
-            _ = gate.tick() => {
-                let now = shared.node.now();
-                if let GateVerdict::Blocked { .. } = shared.node.gate().check(now, peer) {
-                    stats.drop(DropReason::Blocked);
-                    let close = CloseFrame { code: CloseCode::Policy, reason: "blocked".into() };
-                    let _ = timeout(std::time::Duration::from_secs(1), ws.close(Some(close))).await;
-                    break "source blocked";
                 }
             }
         }

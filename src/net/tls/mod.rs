@@ -283,6 +283,12 @@ pub async fn serve(
             let Ok(tls) = acceptor.accept(stream, peer).await else {
                 return;
             };
+            // Blocked while in handshake (by this flood or anything else): no connection.
+            let now = shared.node.now();
+            if shared.node.with_engine(|e| e.is_blocked(now, peer)) {
+                shared.node.stats.drop(DropReason::Blocked);
+                return;
+            }
             if let Some(pending) = wss {
                 if let Some(tls) = super::ws::split_wss(tls, peer, &shared, &pending).await {
                     let (rd, wr) = tokio::io::split(tls);
