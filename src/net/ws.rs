@@ -237,6 +237,9 @@ pub(crate) fn admit(
     })
 }
 
+/// The upgrade request itself is bounded by tungstenite (64 KiB, 512 reads) and in time by
+/// `websocket.handshake_timeout`.
+///
 /// The tungstenite limits from the config: one WebSocket message (and frame) at most
 /// `websocket.max_frame_bytes`, instead of the crate's 64 MiB default that would let one
 /// connection make us buffer that much.
