@@ -353,3 +353,61 @@ async fn tls_and_wss_share_one_port() {
     assert_eq!(s.tls.handshakes_ok.load(Relaxed), 2);
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn wss_on_a_port_of_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, connector) = tls_pair(dir.path());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let pbx = Ua::bind("127.0.0.1").await;
+    let proxy = start(pbx.addr, |c| {
+        c.sip.listen_wss = vec![port];
+        c.tls.certificate = cert;
+        c.tls.private_key = key;
+    })
+    .await;
+    let tls = tls_connect(&connector, port).await;
+    let mut req = format!("wss://localhost:{}/", port.port())
+        .into_client_request()
+        .unwrap();
+    req.headers_mut()
+        .insert("Sec-WebSocket-Protocol", "sip".parse().unwrap());
+    let (mut wss, _) = tokio_tungstenite::client_async(req, tls).await.unwrap();
+    let opt = request(
+        "OPTIONS",
+        "sip:pbx.test",
+        "WSS own.invalid",
+        "z9hG4bKwssown",
+        "1001",
+        "1001",
+        "wss-own",
+        1,
+        "",
+    );
+    wss.send(Message::text(opt)).await.unwrap();
+    let (seen, from) = pbx.recv().await;
+    assert!(
+        vias(&seen)[1].starts_with("SIP/2.0/WSS own.invalid"),
+        "{seen}"
+    );
+    pbx.send(from, &respond(&seen, 200, "OK", "")).await;
+    let ok = ws_recv_tls(&mut wss).await;
+    assert!(first_line(&ok).starts_with("SIP/2.0 200"), "{ok}");
+    assert_eq!(proxy.node().stats.ws.upgrades(WsOutcome::Ok), 1);
+    proxy.stop().await;
+}
+
+async fn ws_recv_tls(
+    ws: &mut WebSocketStream<tokio_rustls::client::TlsStream<TcpStream>>,
+) -> String {
+    loop {
+        match tokio::time::timeout(WAIT, ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => return t.to_string(),
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            other => panic!("{other:?}"),
+        }
+    }
+}
