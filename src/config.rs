@@ -51,6 +51,7 @@ pub struct Config {
     pub fraud: Fraud,
     pub feeds: Feeds,
     pub tls: Tls,
+    pub websocket: Websocket,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +61,13 @@ pub struct Sip {
     pub listen_tcp: Vec<SocketAddr>,
     /// SIP over TLS (RFC 3261 §26.2); empty: off. Needs `tls.certificate` and `tls.private_key`.
     pub listen_tls: Vec<SocketAddr>,
+    /// SIP over plain WebSocket (RFC 7118), for deployments behind a TLS-terminating load
+    /// balancer; browsers only connect to `wss://` themselves. Limits in `[websocket]`.
+    pub listen_ws: Vec<SocketAddr>,
+    /// SIP over secure WebSocket (RFC 7118) for WebRTC softphones; needs `tls.certificate`. An
+    /// address that is also in `listen_tls` is one port for both: each connection is classified
+    /// by its first request line after the TLS handshake (`GET ` is a WebSocket upgrade).
+    pub listen_wss: Vec<SocketAddr>,
     /// Host advertised in Via, Record-Route and Path; empty: the listen address.
     pub public_address: String,
     pub max_message_bytes: usize,
@@ -110,6 +118,8 @@ impl Default for Sip {
             listen_udp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
             listen_tcp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
             listen_tls: Vec::new(),
+            listen_ws: Vec::new(),
+            listen_wss: Vec::new(),
             public_address: String::new(),
             max_message_bytes: 16384,
             max_connections: 4096,
@@ -121,6 +131,42 @@ impl Default for Sip {
             flow_key_grace: Duration::from_secs(7 * 24 * 3600),
             tcp_write_queue_bytes: 256 * 1024,
             tcp_write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// `[websocket]`: limits of SIP over WebSocket (`sip.listen_ws`, `sip.listen_wss`). A WebSocket
+/// connection also counts against `sip.max_connections` and `sip.max_connections_per_ip`, and
+/// its write queue is `sip.tcp_write_queue_bytes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Websocket {
+    /// Largest WebSocket message and frame accepted, in bytes. One SIP message per WebSocket
+    /// message; the SIP message itself is still held to `sip.max_message_bytes`. A bigger frame
+    /// closes the connection and scores the source (the crate would otherwise buffer up to
+    /// 64 MiB per connection by default).
+    pub max_frame_bytes: usize,
+    /// The HTTP upgrade must complete within this long (slow-loris guard).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Connections from one address (IPv6: per `protection.ipv6_prefix`) still in the upgrade.
+    pub max_handshakes_per_ip: usize,
+    /// A WebSocket ping this often; a browser answers it, so a dead peer is found.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A connection with no frame at all (pongs included) for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Websocket {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 65536,
+            handshake_timeout: Duration::from_secs(5),
+            max_handshakes_per_ip: 8,
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
         }
     }
 }
@@ -147,9 +193,6 @@ pub struct Upstream {
     pub address: String,
     pub transport: TransportKind,
     pub incoming: IncomingMode,
-    /// PEM file of the CA(s) that sign the PBX's certificate (`transport = "tls"`); empty: the
-    /// system's web roots are not trusted, so this is required for TLS.
-    pub tls_ca: String,
     /// Name the PBX's certificate must carry, also sent as SNI; empty: the upstream host.
     pub tls_server_name: String,
 }
@@ -160,7 +203,6 @@ impl Default for Upstream {
             address: "127.0.0.1:5080".into(),
             transport: TransportKind::Udp,
             incoming: IncomingMode::Path,
-            tls_ca: String::new(),
             tls_server_name: String::new(),
         }
     }
@@ -822,6 +864,9 @@ pub struct Tls {
     /// Connections still in handshake per source address (IPv6: per `protection.ipv6_prefix`).
     /// A handshake costs the server a key exchange: one source must not hold many at once.
     pub max_handshakes_per_ip: usize,
+    /// PEM file of the CA(s) that sign the PBX's certificate (`upstream.transport = "tls"`);
+    /// the system's web roots are not trusted, so this is required for a TLS upstream.
+    pub upstream_ca: String,
 }
 
 /// One `[[tls.sni]]` entry.
@@ -863,6 +908,7 @@ impl Default for Tls {
             verify_client: VerifyClient::Off,
             handshake_timeout: Duration::from_secs(5),
             max_handshakes_per_ip: 16,
+            upstream_ca: String::new(),
         }
     }
 }
@@ -879,6 +925,12 @@ fn validate_tls(c: &Config) -> Result<(), ConfigError> {
             "tls.private_key"
         };
         return Err(invalid(key, "required when sip.listen_tls is set"));
+    }
+    if !c.sip.listen_wss.is_empty() && t.certificate.is_empty() {
+        return Err(invalid(
+            "tls.certificate",
+            "required when sip.listen_wss is set",
+        ));
     }
     if t.certificate.is_empty() != t.private_key.is_empty() {
         return Err(invalid(
@@ -916,9 +968,9 @@ fn validate_tls(c: &Config) -> Result<(), ConfigError> {
     }
     positive("tls.handshake_timeout", t.handshake_timeout)?;
     nonzero("tls.max_handshakes_per_ip", t.max_handshakes_per_ip as u64)?;
-    if c.upstream.transport == TransportKind::Tls && c.upstream.tls_ca.is_empty() {
+    if c.upstream.transport == TransportKind::Tls && c.tls.upstream_ca.is_empty() {
         return Err(invalid(
-            "upstream.tls_ca",
+            "tls.upstream_ca",
             "required when upstream.transport = \"tls\" (the CA that signs the PBX's certificate)",
         ));
     }
@@ -1200,6 +1252,7 @@ impl Config {
         validate_fraud(&c.fraud)?;
         validate_feeds(&c.feeds)?;
         validate_tls(c)?;
+        validate_websocket(c)?;
         tracing_subscriber::EnvFilter::try_new(&c.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(self)
@@ -1218,6 +1271,29 @@ impl Config {
             transport: self.upstream.transport,
         })
     }
+}
+
+fn validate_websocket(c: &Config) -> Result<(), ConfigError> {
+    let w = &c.websocket;
+    if !(c.sip.max_message_bytes..=1 << 20).contains(&w.max_frame_bytes) {
+        return Err(invalid(
+            "websocket.max_frame_bytes",
+            "must be at least sip.max_message_bytes and at most 1048576",
+        ));
+    }
+    positive("websocket.handshake_timeout", w.handshake_timeout)?;
+    nonzero(
+        "websocket.max_handshakes_per_ip",
+        w.max_handshakes_per_ip as u64,
+    )?;
+    positive("websocket.ping_interval", w.ping_interval)?;
+    if w.idle_timeout <= w.ping_interval {
+        return Err(invalid(
+            "websocket.idle_timeout",
+            "must be longer than websocket.ping_interval (a live peer answers every ping)",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_fraud(f: &Fraud) -> Result<(), ConfigError> {

@@ -41,6 +41,12 @@ pub struct Bound {
     pub tcp: Vec<TcpListener>,
     /// `sip.listen_tls`: TCP listeners whose connections start with a TLS handshake.
     pub tls: Vec<TcpListener>,
+    /// `sip.listen_ws`: plain WebSocket listeners.
+    pub ws: Vec<TcpListener>,
+    /// `sip.listen_wss` addresses not in `sip.listen_tls`: WSS-only listeners.
+    pub wss: Vec<TcpListener>,
+    /// For each of `tls`: its address is also in `sip.listen_wss` (one port for both).
+    pub tls_with_wss: Vec<bool>,
     pub admin: Option<TcpListener>,
     pub tftp: Option<UdpSocket>,
 }
@@ -131,6 +137,9 @@ pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
         udp: Vec::new(),
         tcp: Vec::new(),
         tls: Vec::new(),
+        ws: Vec::new(),
+        wss: Vec::new(),
+        tls_with_wss: Vec::new(),
         admin: None,
         tftp: None,
     };
@@ -158,6 +167,32 @@ pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
                 addr,
                 source,
             })?);
+    }
+    b.tls_with_wss = cfg
+        .sip
+        .listen_tls
+        .iter()
+        .map(|a| cfg.sip.listen_wss.contains(a))
+        .collect();
+    for &addr in cfg
+        .sip
+        .listen_wss
+        .iter()
+        .filter(|a| !cfg.sip.listen_tls.contains(a))
+    {
+        b.wss
+            .push(tcp_listener(addr).map_err(|source| ServerError::Bind {
+                what: "SIP secure WebSocket",
+                addr,
+                source,
+            })?);
+    }
+    for &addr in &cfg.sip.listen_ws {
+        b.ws.push(tcp_listener(addr).map_err(|source| ServerError::Bind {
+            what: "SIP WebSocket",
+            addr,
+            source,
+        })?);
     }
     let addr = cfg.admin.listen;
     b.admin = Some(
@@ -237,13 +272,39 @@ fn router_config(
             .or(v.first())
             .map(|a| advertised(cfg, *a, upstream))
     };
+    let ws = bound
+        .ws
+        .iter()
+        .filter_map(|s| s.local_addr().ok())
+        .collect::<Vec<_>>();
+    let wss = bound
+        .wss
+        .iter()
+        .chain(
+            bound
+                .tls
+                .iter()
+                .zip(bound.tls_with_wss.iter())
+                .filter(|(_, w)| **w)
+                .map(|(l, _)| l),
+        )
+        .filter_map(|s| s.local_addr().ok())
+        .collect::<Vec<_>>();
     let mut aliases: Vec<Advertised> = udp
         .iter()
         .chain(tcp.iter())
         .chain(tls.iter())
+        .chain(ws.iter())
+        .chain(wss.iter())
         .map(|a| advertised(cfg, *a, upstream))
         .collect();
-    for a in udp.iter().chain(tcp.iter()).chain(tls.iter()) {
+    for a in udp
+        .iter()
+        .chain(tcp.iter())
+        .chain(tls.iter())
+        .chain(ws.iter())
+        .chain(wss.iter())
+    {
         if !a.ip().is_unspecified() {
             aliases.push(Advertised::new(&a.ip().to_string(), a.port()));
         }
@@ -258,6 +319,8 @@ fn router_config(
         udp: pick(&udp),
         tcp: pick(&tcp),
         tls: pick(&tls),
+        ws: pick(&ws),
+        wss: pick(&wss),
         aliases,
         incoming: cfg.upstream.incoming,
         nat: cfg.sip.nat_detection,
@@ -442,10 +505,10 @@ pub async fn start(
         },
         max_message_bytes: cfg.sip.max_message_bytes,
         tls_upstream: TlsUpstream::from_config(&cfg)
-            .map_err(|e| ServerError::Other(format!("upstream.tls_ca: {e}")))?,
+            .map_err(|e| ServerError::Other(format!("tls.upstream_ca: {e}")))?,
     });
     // Certificates are loaded before anything serves: a TLS listener without them is an error.
-    let tls_acceptor = if bound.tls.is_empty() {
+    let tls_acceptor = if bound.tls.is_empty() && bound.wss.is_empty() {
         None
     } else {
         Some(TlsAcceptor::new(node.clone()).map_err(|e| ServerError::Other(format!("tls: {e}")))?)
@@ -490,17 +553,47 @@ pub async fn start(
             tcp::serve(l.clone(), shared.clone(), stopped())
         }));
     }
+    for l in bound.ws {
+        let name = match l.local_addr() {
+            Ok(a) => format!("ws:{a}"),
+            Err(_) => "ws".to_string(),
+        };
+        let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
+        tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
+            crate::net::ws::serve(l.clone(), shared.clone(), Transport::Ws, stopped())
+        }));
+    }
 
     if let Some(acceptor) = &tls_acceptor {
-        for l in bound.tls {
+        for (l, with_wss) in bound.tls.into_iter().zip(bound.tls_with_wss) {
             let name = match l.local_addr() {
+                Ok(a) if with_wss => format!("tls+wss:{a}"),
                 Ok(a) => format!("tls:{a}"),
                 Err(_) => "tls".to_string(),
             };
             let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
             let acceptor = acceptor.clone();
+            // One handshake table per listener, kept across restarts of its loop.
+            let wss = with_wss.then(|| Arc::new(crate::net::ws::Pending::default()));
             tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
-                tls::serve(l.clone(), acceptor.clone(), shared.clone(), stopped())
+                tls::serve(
+                    l.clone(),
+                    acceptor.clone(),
+                    shared.clone(),
+                    wss.clone(),
+                    stopped(),
+                )
+            }));
+        }
+        for l in bound.wss {
+            let name = match l.local_addr() {
+                Ok(a) => format!("wss:{a}"),
+                Err(_) => "wss".to_string(),
+            };
+            let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
+            let acceptor = acceptor.clone();
+            tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
+                crate::net::ws::serve_wss(l.clone(), acceptor.clone(), shared.clone(), stopped())
             }));
         }
         tasks.push(tokio::spawn(acceptor.clone().watch(stopped())));
@@ -747,8 +840,10 @@ pub fn reload(
         || cfg.sip.listen_tcp != old.sip.listen_tcp
         || cfg.sip.listen_tls != old.sip.listen_tls
         || cfg.upstream.transport != old.upstream.transport
-        || cfg.upstream.tls_ca != old.upstream.tls_ca
+        || cfg.tls.upstream_ca != old.tls.upstream_ca
         || cfg.upstream.tls_server_name != old.upstream.tls_server_name
+        || cfg.sip.listen_ws != old.sip.listen_ws
+        || cfg.sip.listen_wss != old.sip.listen_wss
         || cfg.admin.listen != old.admin.listen
         || cfg.upstream.address != old.upstream.address
         || cfg.state.path != old.state.path
@@ -766,7 +861,7 @@ pub fn reload(
         || cfg.sip.nat_detection != old.sip.nat_detection
     {
         tracing::warn!(
-            "listen addresses, upstream.address/transport/tls_*, state.path, cluster.redis_url/shared_counters/count_interval, tftp.enabled/listen, notify.webhook/email_*/smtp_url/digest, sip.flow_key and sip.nat_detection change only on restart"
+            "listen addresses, upstream.address/transport/tls_server_name, tls.upstream_ca, state.path, cluster.redis_url/shared_counters/count_interval, tftp.enabled/listen, notify.webhook/email_*/smtp_url/digest, sip.flow_key and sip.nat_detection change only on restart"
         );
     }
     node.reconfigure(cfg);

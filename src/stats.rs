@@ -90,6 +90,10 @@ impl DropReason {
 pub enum Transport {
     Udp,
     Tcp,
+    /// SIP over a plain WebSocket (RFC 7118), behind a TLS-terminating load balancer.
+    Ws,
+    /// SIP over a WebSocket over TLS (RFC 7118).
+    Wss,
     Tls,
 }
 
@@ -98,12 +102,15 @@ impl Transport {
         match self {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
             Transport::Tls => "tls",
         }
     }
 
-    /// A connection-oriented transport: messages are framed out of a stream, and the way back
-    /// to a peer is the connection it opened.
+    /// A connection-oriented transport: the way back to a peer is the connection it opened.
+    /// (TCP and TLS messages are framed out of the stream; a WebSocket message is one SIP
+    /// message.)
     pub fn is_stream(self) -> bool {
         !matches!(self, Transport::Udp)
     }
@@ -290,6 +297,68 @@ pub struct Stats {
     pub latency_sum_us: AtomicU64,
     pub latency_count: AtomicU64,
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
+    /// SIP over WebSocket (`sip.listen_ws`, `sip.listen_wss`).
+    pub ws: WsStats,
+}
+
+/// How a WebSocket upgrade ended. The names are the `outcome` label in metrics and stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsOutcome {
+    /// Upgraded with the `sip` subprotocol.
+    Ok,
+    /// The client offered no `sip` subprotocol (refused 400, scored).
+    NoSubprotocol,
+    /// Not a WebSocket upgrade request, or a broken one (scored).
+    BadRequest,
+    /// The handshake did not finish within `websocket.handshake_timeout` (scored).
+    Timeout,
+    /// Refused before the handshake: too many connections or handshakes from the address, or
+    /// in total.
+    Capped,
+    /// Refused before the handshake: the source is blocked.
+    Blocked,
+}
+
+impl WsOutcome {
+    pub const ALL: [WsOutcome; 6] = [
+        WsOutcome::Ok,
+        WsOutcome::NoSubprotocol,
+        WsOutcome::BadRequest,
+        WsOutcome::Timeout,
+        WsOutcome::Capped,
+        WsOutcome::Blocked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WsOutcome::Ok => "ok",
+            WsOutcome::NoSubprotocol => "no_subprotocol",
+            WsOutcome::BadRequest => "bad_request",
+            WsOutcome::Timeout => "timeout",
+            WsOutcome::Capped => "capped",
+            WsOutcome::Blocked => "blocked",
+        }
+    }
+}
+
+/// WebSocket counters: upgrades by outcome (counters), open connections (a gauge), and
+/// connections closed for an oversized frame or message.
+#[derive(Debug, Default)]
+pub struct WsStats {
+    upgrades: [AtomicU64; WsOutcome::ALL.len()],
+    pub open: AtomicU64,
+    pub oversized: AtomicU64,
+    pub packets_in: Counter,
+}
+
+impl WsStats {
+    pub fn upgrade(&self, o: WsOutcome) {
+        inc(&self.upgrades[o as usize]);
+    }
+
+    pub fn upgrades(&self, o: WsOutcome) -> u64 {
+        self.upgrades[o as usize].load(Ordering::Relaxed)
+    }
 }
 
 /// Upper bounds (µs) of the forwarding latency histogram.
@@ -304,6 +373,7 @@ impl Stats {
         match t {
             Transport::Udp => &self.packets_in_udp,
             Transport::Tcp => &self.packets_in_tcp,
+            Transport::Ws | Transport::Wss => &self.ws.packets_in,
             Transport::Tls => &self.packets_in_tls,
         }
         .inc();

@@ -168,6 +168,8 @@ pub struct StatsView {
     pub tcp: TcpCounts,
     #[serde(default)]
     pub tls: TlsCounts,
+    #[serde(default)]
+    pub ws: WsCounts,
     /// Panics caught on the packet path.
     #[serde(default)]
     pub panics: u64,
@@ -236,7 +238,20 @@ pub struct Transports {
     pub tcp: u64,
     #[serde(default)]
     pub tls: u64,
+    /// WebSocket and secure WebSocket together.
+    #[serde(default)]
+    pub ws: u64,
     pub total: u64,
+}
+
+/// SIP over WebSocket: upgrades by outcome (every outcome listed), open connections.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WsCounts {
+    pub upgrades: BTreeMap<String, u64>,
+    /// Open now (a gauge).
+    pub open: u64,
+    /// Closed for a message or frame over `websocket.max_frame_bytes`.
+    pub oversized: u64,
 }
 
 /// TLS counters in `/api/stats`.
@@ -689,10 +704,11 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
         .iter()
         .map(|r| (r.as_str().to_string(), s.dropped(*r)))
         .collect();
-    let (udp, tcp, tls) = (
+    let (udp, tcp, tls, ws) = (
         g(&s.packets_in_udp),
         g(&s.packets_in_tcp),
         g(&s.packets_in_tls),
+        g(&s.ws.packets_in),
     );
     let count = g(&s.latency_count);
     StatsView {
@@ -707,7 +723,8 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
             udp,
             tcp,
             tls,
-            total: udp + tcp + tls,
+            ws,
+            total: udp + tcp + tls + ws,
         },
         forwarded: Forwarded {
             requests: g(&s.requests_forwarded),
@@ -739,6 +756,14 @@ pub(crate) fn stats_view(st: &AppState) -> StatsView {
             reloads_ok: g(&s.tls.reloads_ok),
             reloads_failed: g(&s.tls.reloads_failed),
             closed_blocked: g(&s.conns_closed_blocked),
+        },
+        ws: WsCounts {
+            upgrades: crate::stats::WsOutcome::ALL
+                .iter()
+                .map(|o| (o.as_str().to_string(), s.ws.upgrades(*o)))
+                .collect(),
+            open: g(&s.ws.open),
+            oversized: g(&s.ws.oversized),
         },
         panics: g(&s.panics),
         listeners: s

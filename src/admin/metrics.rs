@@ -300,6 +300,7 @@ impl Collector for NodeCollector {
                 ("udp", g(&s.packets_in_udp)),
                 ("tcp", g(&s.packets_in_tcp)),
                 ("tls", g(&s.packets_in_tls)),
+                ("ws", g(&s.ws.packets_in)),
             ],
         )?;
         let t = &s.tls;
@@ -410,6 +411,30 @@ impl Collector for NodeCollector {
             "sipwarden_tcp_write_timeouts",
             "TCP connections closed because a write took longer than sip.tcp_write_timeout.",
             g(&s.tcp_write_timeouts),
+        )?;
+        let upgrades: Vec<_> = crate::stats::WsOutcome::ALL
+            .iter()
+            .map(|o| (o.as_str(), s.ws.upgrades(*o)))
+            .collect();
+        labelled(
+            &mut e,
+            "sipwarden_ws_upgrades",
+            "WebSocket upgrades (sip.listen_ws, sip.listen_wss), by outcome.",
+            MetricType::Counter,
+            "outcome",
+            &upgrades,
+        )?;
+        gauge(
+            &mut e,
+            "sipwarden_ws_connections_open",
+            "WebSocket connections open now.",
+            g(&s.ws.open),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_ws_oversized",
+            "WebSocket connections closed for a message or frame over websocket.max_frame_bytes.",
+            g(&s.ws.oversized),
         )?;
         counter(
             &mut e,
@@ -725,6 +750,32 @@ mod tests {
     use crate::blocks::BlockKey;
     use crate::config::Config;
     use crate::engine::Detection;
+
+    #[test]
+    fn websocket_series_rendered() {
+        let (node, _rx) = Node::new(Config::default());
+        let s = &node.stats.ws;
+        s.upgrade(crate::stats::WsOutcome::Ok);
+        s.upgrade(crate::stats::WsOutcome::Ok);
+        s.upgrade(crate::stats::WsOutcome::NoSubprotocol);
+        s.open.store(1, Ordering::Relaxed);
+        node.stats.packet_in(crate::stats::Transport::Wss);
+        let text = render(&node, Box::leak(Box::new(EventCounters::new())));
+        for want in [
+            "sipwarden_ws_upgrades_total{outcome=\"ok\"} 2",
+            "sipwarden_ws_upgrades_total{outcome=\"no_subprotocol\"} 1",
+            "sipwarden_ws_upgrades_total{outcome=\"blocked\"} 0",
+            "# TYPE sipwarden_ws_connections_open gauge",
+            "sipwarden_ws_connections_open 1",
+            "sipwarden_ws_oversized_total 0",
+            "sipwarden_sip_packets_received_total{transport=\"ws\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "missing {want:?} in\n{text}"
+            );
+        }
+    }
 
     #[test]
     fn health_rendered() {

@@ -395,7 +395,7 @@ async fn stats_counts_and_history() {
     assert_eq!(s["mode"], "enforce");
     assert_eq!(
         s["packets_in"],
-        serde_json::json!({"udp": 1, "tcp": 0, "tls": 0, "total": 1})
+        serde_json::json!({"udp": 1, "tcp": 0, "tls": 0, "ws": 0, "total": 1})
     );
     assert_eq!(s["tls"]["failures"]["timeout"], 0);
     assert_eq!(s["tls"]["reloads_failed"], 0);

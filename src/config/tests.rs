@@ -152,14 +152,15 @@ fn tls_keys_are_checked_and_named() {
     let sni = "[tls]\ncertificate = \"a\"\nprivate_key = \"b\"\n\
                sni = [{ name = \"bad name\", certificate = \"c\", private_key = \"d\" }]\n";
     assert!(err(sni).contains("tls.sni[0].name"));
-    assert!(err("[upstream]\ntransport = \"tls\"\n").contains("upstream.tls_ca"));
+    assert!(err("[upstream]\ntransport = \"tls\"\n").contains("tls.upstream_ca"));
     assert!(
         err("[upstream]\ntls_server_name = \"not a name!\"\n").contains("upstream.tls_server_name")
     );
     let ok = Config::from_toml(
         "[sip]\nlisten_tls = [\"[::1]:5061\"]\n[tls]\ncertificate = \"a\"\nprivate_key = \"b\"\n\
-         min_version = \"1.3\"\nsni = [{ name = \"*.example.com\", certificate = \"c\", private_key = \"d\" }]\n\
-         [upstream]\naddress = \"sip:pbx.example.com;transport=tls\"\ntls_ca = \"ca.pem\"\n",
+         min_version = \"1.3\"\nupstream_ca = \"ca.pem\"\n\
+         sni = [{ name = \"*.example.com\", certificate = \"c\", private_key = \"d\" }]\n\
+         [upstream]\naddress = \"sip:pbx.example.com;transport=tls\"\n",
     )
     .unwrap();
     assert_eq!(ok.tls.min_version, TlsVersion::V13);

@@ -176,6 +176,8 @@ impl Engine {
             Transport::Udp => (&s.listen_udp, &s.listen_tcp),
             Transport::Tcp => (&s.listen_tcp, &s.listen_udp),
             Transport::Tls => (&s.listen_tls, &s.listen_udp),
+            Transport::Ws => (&s.listen_ws, &s.listen_udp),
+            Transport::Wss => (&s.listen_wss, &s.listen_udp),
         };
         first
             .first()

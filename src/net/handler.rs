@@ -123,10 +123,7 @@ impl Shared {
             stats.drop(DropReason::Malformed);
             return;
         }
-        let framing = match inb.transport {
-            Transport::Udp => Framing::Datagram,
-            Transport::Tcp | Transport::Tls => Framing::Stream,
-        };
+        let framing = framing(inb.transport);
         let msg = match parse(bytes, framing) {
             Ok(m) => m,
             Err(err) => {
@@ -338,6 +335,8 @@ impl Shared {
             let a = match t {
                 Transport::Udp => cfg.udp.as_ref().or(cfg.tcp.as_ref()),
                 Transport::Tcp => cfg.tcp.as_ref().or(cfg.udp.as_ref()),
+                Transport::Ws => cfg.ws.as_ref().or(cfg.wss.as_ref()),
+                Transport::Wss => cfg.wss.as_ref().or(cfg.ws.as_ref()),
                 Transport::Tls => cfg.tls.as_ref().or(cfg.tcp.as_ref()),
             };
             a.map_or_else(String::new, |a| format!("{}:{}", a.host, a.port))
@@ -363,10 +362,7 @@ impl Shared {
     }
 
     async fn reply_forbidden(self: &Arc<Self>, inb: Inbound, bytes: &[u8], scratch: &mut Scratch) {
-        let framing = match inb.transport {
-            Transport::Udp => Framing::Datagram,
-            Transport::Tcp | Transport::Tls => Framing::Stream,
-        };
+        let framing = framing(inb.transport);
         if let Ok(msg) = parse(bytes, framing) {
             if msg.is_request() {
                 let a =
@@ -377,5 +373,14 @@ impl Shared {
                     .await;
             }
         }
+    }
+}
+
+/// How a message of this transport is delimited: a datagram or a WebSocket message is one whole
+/// message (RFC 7118 §5: no Content-Length needed); on a TCP stream Content-Length frames it.
+fn framing(t: Transport) -> Framing {
+    match t {
+        Transport::Udp | Transport::Ws | Transport::Wss => Framing::Datagram,
+        Transport::Tcp | Transport::Tls => Framing::Stream,
     }
 }

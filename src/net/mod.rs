@@ -7,6 +7,7 @@ pub mod tftp;
 pub mod tls;
 pub mod udp;
 pub mod upstream;
+pub mod ws;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -299,7 +300,8 @@ impl Transports {
                     .map(|_| ())
                     .map_err(|_| DropReason::SendFailed)
             }
-            Transport::Tcp | Transport::Tls => {
+            // A WebSocket connection sits in the same table; its writer frames each message.
+            Transport::Tcp | Transport::Tls | Transport::Ws | Transport::Wss => {
                 let tx = self.conns.get(&to.addr).ok_or(DropReason::NoRoute)?;
                 tx.send(Bytes::copy_from_slice(bytes))
             }

@@ -58,6 +58,8 @@ pub(crate) fn transport_param(t: Transport) -> &'static str {
     match t {
         Transport::Udp => "",
         Transport::Tcp => ";transport=tcp",
+        Transport::Ws => ";transport=ws",
+        Transport::Wss => ";transport=wss",
         Transport::Tls => ";transport=tls",
     }
 }

@@ -12,6 +12,8 @@ fn router(upstream: Transport) -> Router {
         tls: None,
         udp: Some(me.clone()),
         tcp: Some(me.clone()),
+        ws: None,
+        wss: None,
         aliases: vec![me],
         incoming: IncomingMode::Path,
         nat: NatDetection::Auto,

@@ -8,3 +8,4 @@ mod proxy_core;
 mod rfc4475;
 mod routing;
 mod tls;
+mod websocket;

@@ -101,7 +101,6 @@ sw_config() {
 		address = "$up"
 		transport = "$transport"
 		incoming = "path"
-		tls_ca = "$c/ca.pem"
 		tls_server_name = "kam.tls.test"
 		[anomaly]
 		threshold = 5
@@ -115,6 +114,7 @@ sw_config() {
 		sni = [{ name = "pbx.tls.test", certificate = "$c/pbx.pem", private_key = "$c/pbx.key" }]
 		handshake_timeout = "3s"
 		max_handshakes_per_ip = 8
+		upstream_ca = "$c/ca.pem"
 	EOT
 }
 

@@ -153,6 +153,8 @@ impl Dialog {
             let tr = match t {
                 Transport::Udp => "UDP",
                 Transport::Tcp => "TCP",
+                Transport::Ws => "WS",
+                Transport::Wss => "WSS",
                 Transport::Tls => "TLS",
             };
             let host = via(t);

@@ -1,5 +1,5 @@
 //! The client side towards a PBX on TLS (`upstream.transport = "tls"`): its certificate is
-//! verified against `upstream.tls_ca` for `upstream.tls_server_name` (default: the host of
+//! verified against `tls.upstream_ca` for `upstream.tls_server_name` (default: the host of
 //! `upstream.address`), which is also the SNI sent.
 
 use std::net::SocketAddr;
@@ -29,7 +29,7 @@ impl TlsUpstream {
         if cfg.upstream.transport != crate::config::TransportKind::Tls {
             return Ok(None);
         }
-        let roots = load_roots(&cfg.upstream.tls_ca)?;
+        let roots = load_roots(&cfg.tls.upstream_ca)?;
         let host = if cfg.upstream.tls_server_name.is_empty() {
             cfg.upstream_target().host
         } else {

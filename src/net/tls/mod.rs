@@ -249,10 +249,14 @@ impl TlsAcceptor {
 /// Accept TLS connections until `shutdown` resolves: blocked sources are refused before the
 /// handshake, each handshake runs in its own task, and a finished one becomes a SIP
 /// connection like a TCP one.
+///
+/// `wss`: the port is shared with `sip.listen_wss`; after the handshake a connection whose
+/// first bytes are `GET ` is a WebSocket upgrade ([`super::ws::split_wss`]).
 pub async fn serve(
     listener: Arc<TcpListener>,
     acceptor: Arc<TlsAcceptor>,
     shared: Arc<Shared>,
+    wss: Option<Arc<super::ws::Pending>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -274,7 +278,7 @@ pub async fn serve(
             shared.node.stats.drop(DropReason::Blocked);
             continue;
         }
-        let (acceptor, shared) = (acceptor.clone(), shared.clone());
+        let (acceptor, shared, wss) = (acceptor.clone(), shared.clone(), wss.clone());
         tokio::spawn(async move {
             let Ok(tls) = acceptor.accept(stream, peer).await else {
                 return;
@@ -283,6 +287,13 @@ pub async fn serve(
             let now = shared.node.now();
             if shared.node.with_engine(|e| e.is_blocked(now, peer)) {
                 shared.node.stats.drop(DropReason::Blocked);
+                return;
+            }
+            if let Some(pending) = wss {
+                if let Some(tls) = super::ws::split_wss(tls, peer, &shared, &pending).await {
+                    let (rd, wr) = tokio::io::split(tls);
+                    super::tcp::run_conn(rd, wr, no_reset, peer, Transport::Tls, shared).await;
+                }
                 return;
             }
             let (rd, wr) = tokio::io::split(tls);
