@@ -8,13 +8,16 @@
 #   sipp UAC 127.0.0.43 -> sipwarden 127.0.0.1:5260 -> sipp UAS 127.0.0.42:5290 (the PBX)
 #   flood sources 127.3.0.0 + i (bench/flood.rs), admin 127.0.0.1:8280
 #
-# usage: bench/flood.sh     env: BLOCKS (100000), SOURCES (10000), SECS (10), CPS (200)
+# usage: bench/flood.sh     env: BLOCKS (100000), SOURCES (10000), SECS (10), CPS (200),
+#                                 LIST_EVERY (1 s between listings; 0 = back to back)
 # Loopback only; every phase bounded in count and time.
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 REPO=$(cd "$HERE/.." && pwd)
 cd "$REPO"
 BLOCKS=${BLOCKS:-100000} SOURCES=${SOURCES:-10000} SECS=${SECS:-10} CPS=${CPS:-200}
+# Pause between two listings (0: back to back, the heaviest an operator's tools can make it).
+LIST_EVERY=${LIST_EVERY:-1}
 SW=127.0.0.1:5260 API=http://127.0.0.1:8280 UAS=127.0.0.42:5290 UAC_IP=127.0.0.43
 WORK=$(mktemp -d /tmp/sipwarden-flood.XXXXXX)
 PIDS=()
@@ -73,6 +76,7 @@ phase() {
 			end=$((SECONDS + SECS))
 			while ((SECONDS < end)); do
 				curl -s -o /dev/null --max-time 30 -w '%{time_total} %{size_download}\n' "$API/api/blocks"
+				sleep "$LIST_EVERY"
 			done
 		) >"$d/listings.txt" &
 		lister=$!
@@ -115,5 +119,5 @@ PY
 }
 
 phase "flood + calls" 0
-phase "flood + calls + GET /api/blocks in a loop" 1
+phase "flood + calls + GET /api/blocks every ${LIST_EVERY}s" 1
 echo "   sipwarden RSS at the end: $(awk '/VmRSS/ {print $2, $3}' /proc/$SW_PID/status)"
