@@ -521,10 +521,30 @@ pub struct Geoip {
     pub database: String,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Cluster {
     pub redis_url: String,
+    /// How this node appears in `/api/cluster` (empty: the host name).
+    pub node_name: String,
+    /// Entries kept in the shared log (`XADD MAXLEN ~`): bounds Redis memory (entries are at
+    /// most 32 KiB, usually well under 1 KiB). A node cut off for longer than the log covers
+    /// reloads the whole set instead of catching up.
+    pub log_max_len: usize,
+    /// Entries older than this are trimmed from the log.
+    #[serde(with = "humantime_serde")]
+    pub log_max_age: Duration,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            redis_url: String::new(),
+            node_name: String::new(),
+            log_max_len: 100_000,
+            log_max_age: Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -1000,11 +1020,25 @@ impl Config {
             return Err(invalid("hep.password", "at most 255 bytes"));
         }
         let r = &c.cluster.redis_url;
-        if !(r.is_empty() || r.starts_with("redis://")) {
+        if !(r.is_empty() || r.starts_with("redis://") || r.starts_with("rediss://")) {
             return Err(invalid(
                 "cluster.redis_url",
-                "must be a redis:// URL (TLS is not supported: use a private network or a tunnel)",
+                "must be a redis:// or rediss:// (TLS) URL",
             ));
+        }
+        if !r.is_empty() {
+            if let Err(e) = redis::Client::open(r.as_str()) {
+                return Err(invalid("cluster.redis_url", e.to_string()));
+            }
+        }
+        if c.cluster.node_name.len() > 64 {
+            return Err(invalid("cluster.node_name", "at most 64 bytes"));
+        }
+        if !(1000..=10_000_000).contains(&c.cluster.log_max_len) {
+            return Err(invalid("cluster.log_max_len", "between 1000 and 10000000"));
+        }
+        if c.cluster.log_max_age < Duration::from_secs(60) {
+            return Err(invalid("cluster.log_max_age", "at least 60s"));
         }
         validate_fraud(&c.fraud)?;
         validate_feeds(&c.feeds)?;

@@ -229,6 +229,50 @@ fn health(e: &mut Enc<'_>, node: &Node) -> R {
         "State changes not shared or not stored because a cluster queue was full.",
         h.cluster_dropped,
     )?;
+    gauge(
+        e,
+        "sipwarden_cluster_link_up",
+        "1 while this node follows the shared log in Redis.",
+        u64::from(h.cluster_connected),
+    )?;
+    counter(
+        e,
+        "sipwarden_cluster_received",
+        "State changes read from other nodes' entries in the shared log.",
+        h.cluster_received,
+    )?;
+    counter(
+        e,
+        "sipwarden_cluster_reconciled",
+        "Blocks and list entries published again because the shared set lacked them.",
+        h.cluster_reconciled,
+    )?;
+    counter(
+        e,
+        "sipwarden_cluster_malformed",
+        "Entries of the shared log or set that could not be decoded (skipped).",
+        h.cluster_malformed,
+    )?;
+    labelled(
+        e,
+        "sipwarden_cluster_catchups",
+        "Connections to Redis by how the node caught up: stream (resumed from its last log entry) or full (loaded the whole set).",
+        MetricType::Counter,
+        "path",
+        &[
+            ("stream", h.cluster_catchup_stream),
+            ("full", h.cluster_catchup_full),
+        ],
+    )?;
+    {
+        let mut m = e.encode_descriptor(
+            "sipwarden_cluster_node_lag",
+            "The largest lag over the other nodes: now minus the writing time of their last log entry seen (heartbeats every 3 s).",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        m.encode_gauge(&(h.cluster_node_lag_ms as f64 / 1000.0))?;
+    }
     {
         let mut m = e.encode_descriptor(
             "sipwarden_cluster_publish_lag",
