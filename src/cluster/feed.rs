@@ -24,7 +24,7 @@ const BLOCK_MS: u64 = 2000;
 /// Entries per XREAD, rows per HSCAN, events applied under one engine lock: bounds each
 /// reply in memory (entries are capped at `wire::MAX_ENTRY`) and each lock hold.
 const READ_COUNT: usize = 500;
-const SCAN_COUNT: usize = 1000;
+const SCAN_COUNT: usize = 5000;
 const APPLY_BATCH: usize = 1000;
 /// Events per republished batch at reconciliation.
 const REPUBLISH_BATCH: usize = 512;
@@ -40,7 +40,7 @@ pub(super) struct Feed {
     pub client: redis::Client,
     pub node_id: Arc<str>,
     pub node: Arc<Node>,
-    pub learned: mpsc::Sender<Event>,
+    pub learned: mpsc::Sender<Vec<Event>>,
     pub republish: mpsc::WeakSender<Outgoing>,
     pub stats: Arc<ClusterStats>,
     pub server: String,
@@ -389,9 +389,7 @@ impl Feed {
             self.stats
                 .superseded
                 .fetch_add(n_gone as u64, Ordering::Relaxed);
-            for ev in learned {
-                self.store(ev).await?;
-            }
+            self.store(learned).await?;
         }
         let n = missing.len();
         let wall = wall_ms();
@@ -489,7 +487,8 @@ impl Feed {
     }
 
     /// Apply other nodes' events, a batch per engine lock, and queue what changed for the
-    /// local store (waiting when its queue is full: this task is not on the packet path).
+    /// local store (the engine first: a joining node enforces 100k blocks before its store
+    /// has written them).
     async fn apply_all(&self, evs: Vec<Event>) -> Result<(), Lost> {
         let mut it = evs.into_iter().peekable();
         while it.peek().is_some() {
@@ -504,17 +503,21 @@ impl Feed {
             self.stats
                 .applied
                 .fetch_add(learned.len() as u64, Ordering::Relaxed);
-            for ev in learned {
-                self.store(ev).await?;
-            }
+            self.store(learned).await?;
         }
         Ok(())
     }
 
-    async fn store(&self, ev: Event) -> Result<(), Lost> {
-        tracing::debug!(target: "sipwarden::cluster", event = ?ev, "applied from the cluster");
-        if self.learned.send(ev).await.is_err() {
-            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+    /// Hand what was applied to the store forwarder, in order (waits when
+    /// [`super::STORE_BATCHES`] batches are queued).
+    async fn store(&self, evs: Vec<Event>) -> Result<(), Lost> {
+        if evs.is_empty() {
+            return Ok(());
+        }
+        tracing::debug!(target: "sipwarden::cluster", events = evs.len(), "applied from the cluster");
+        let n = evs.len() as u64;
+        if self.learned.send(evs).await.is_err() {
+            self.stats.dropped.fetch_add(n, Ordering::Relaxed);
         }
         Ok(())
     }
@@ -572,5 +575,96 @@ pub(super) fn apply(e: &mut Engine, now: Millis, ev: Event) -> Option<Event> {
             }
         },
         Event::Strikes { .. } | Event::Alert { .. } => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blocks::{BlockKey, BlockType, ListEntry};
+
+    const T0: Millis = 1_700_000_000_000;
+
+    fn block(ip: &str) -> Block {
+        Block {
+            key: BlockKey::whole(format!("{ip}/32").parse().unwrap()),
+            kind: BlockType::Manual,
+            device: String::new(),
+            reason: "peer".into(),
+            blocked_at: T0,
+            expires_at: Some(T0 + 60_000),
+            strikes: 1,
+            hits: 0,
+            evidence: Vec::new(),
+            enforced: true,
+        }
+    }
+
+    fn engine() -> Engine {
+        let mut c = crate::config::Config::default();
+        c.lists.whitelist = vec!["192.0.2.0/24".parse().unwrap()];
+        let mut e = Engine::new(&c, T0);
+        e.set_upstream(vec!["127.0.0.70".parse().unwrap()]);
+        e
+    }
+
+    #[test]
+    fn peers_cannot_block_the_whitelist_or_the_pbx_or_list_everything() {
+        let mut e = engine();
+        for ip in ["192.0.2.5", "127.0.0.70"] {
+            assert_eq!(apply(&mut e, T0, Event::Blocked(block(ip))), None, "{ip}");
+        }
+        let mut expired = block("203.0.113.9");
+        expired.expires_at = Some(T0 - 1);
+        assert_eq!(apply(&mut e, T0, Event::Blocked(expired)), None);
+        let entry = ListEntry {
+            comment: String::new(),
+            added_at: T0,
+            source: "api".into(),
+        };
+        let all = Event::ListAdded {
+            list: ListKind::Blacklist,
+            net: "0.0.0.0/0".parse().unwrap(),
+            entry: entry.clone(),
+        };
+        assert_eq!(apply(&mut e, T0, all), None);
+        assert!(e.block_table().is_empty());
+        assert!(e.lists().entries(ListKind::Blacklist).is_empty());
+
+        let ok = apply(&mut e, T0, Event::Blocked(block("203.0.113.9")));
+        assert!(matches!(ok, Some(Event::Blocked(_))));
+        let added = apply(
+            &mut e,
+            T0,
+            Event::ListAdded {
+                list: ListKind::Blacklist,
+                net: "198.51.100.0/24".parse().unwrap(),
+                entry,
+            },
+        );
+        match added {
+            Some(Event::ListAdded { entry, .. }) => assert_eq!(entry.source, "cluster"),
+            other => panic!("{other:?}"),
+        }
+        let key = block("203.0.113.9").key;
+        let un = Event::Unblocked {
+            key,
+            kind: BlockType::Manual,
+            why: UnblockReason::Manual,
+        };
+        assert!(apply(&mut e, T0, un.clone()).is_some());
+        assert_eq!(apply(&mut e, T0, un), None, "nothing left to unblock");
+    }
+
+    #[test]
+    fn set_rows_decode_or_count_as_malformed() {
+        let v = Value::Array(vec![
+            Value::BulkString(b"a".to_vec()),
+            Value::BulkString(b"1".to_vec()),
+            Value::Int(3),
+        ]);
+        assert_eq!(pairs(&v), vec![(&b"a"[..], &b"1"[..])]);
+        assert!(pairs(&Value::Nil).is_empty());
+        assert_eq!(names(&v).len(), 2);
     }
 }

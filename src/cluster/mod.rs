@@ -58,8 +58,12 @@ use wire::{list_field, Hello};
 /// Batches waiting for the publisher. Beyond this (Redis away during an attack) new events are
 /// not queued, and counted; reconciliation on reconnect still shares what the node holds.
 pub const QUEUE: usize = 4096;
-/// Events learnt from other nodes waiting for the local store (the feed waits when it is full).
+/// Events learnt from other nodes waiting for the local store.
 pub const LEARNED_QUEUE: usize = 65_536;
+/// Batches of learnt events (one per log page or set page, at most a few thousand events
+/// each) waiting for the forwarder to the store; the feed waits when this many are queued.
+/// Decouples applying from storing, so a full load is as fast as the engine, not the disk.
+const STORE_BATCHES: usize = 128;
 /// Nodes remembered for `/api/cluster`: the oldest contact gives way (node ids are written
 /// by whoever can write to Redis).
 pub const MAX_NODES: usize = 64;
@@ -68,7 +72,7 @@ const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a node writes its heartbeat entry, trims the log by age and prunes due fields.
 const HEARTBEAT: Duration = Duration::from_secs(3);
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(15);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long start-up waits for the first load of the cluster's blocks before serving anyway.
 const FIRST_SYNC: Duration = Duration::from_secs(3);
 
@@ -226,6 +230,7 @@ pub struct Cluster {
     learned: Option<mpsc::Receiver<Event>>,
     publisher: JoinHandle<()>,
     feed: JoinHandle<()>,
+    forwarder: JoinHandle<()>,
     pub stats: Arc<ClusterStats>,
 }
 
@@ -277,6 +282,16 @@ impl Cluster {
         *stats.server.lock() = server.clone();
         let (out_tx, out_rx) = mpsc::channel(QUEUE);
         let (learned_tx, learned_rx) = mpsc::channel(LEARNED_QUEUE);
+        let (batch_tx, mut batch_rx) = mpsc::channel::<Vec<Event>>(STORE_BATCHES);
+        let forwarder = tokio::spawn(async move {
+            while let Some(batch) = batch_rx.recv().await {
+                for ev in batch {
+                    if learned_tx.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
         let (synced_tx, synced_rx) = oneshot::channel();
         let publisher = tokio::spawn(
             publish::Publisher {
@@ -292,7 +307,7 @@ impl Cluster {
             client,
             node_id: node_id.clone(),
             node,
-            learned: learned_tx,
+            learned: batch_tx,
             republish: out_tx.downgrade(),
             stats: stats.clone(),
             server: server.clone(),
@@ -304,7 +319,7 @@ impl Cluster {
             _ => tracing::warn!(
                 target: "sipwarden::cluster",
                 %server,
-                "cluster blocks not loaded yet (Redis unreachable); serving, will load them on connect"
+                "cluster blocks not loaded yet (Redis unreachable or the load still running); serving, they apply as they arrive"
             ),
         }
         tracing::info!(target: "sipwarden::cluster", %server, node = %node_id, "cluster sharing started");
@@ -314,6 +329,7 @@ impl Cluster {
             learned: Some(learned_rx),
             publisher,
             feed,
+            forwarder,
             stats,
         })
     }
@@ -356,12 +372,14 @@ impl Cluster {
         let _ = tokio::time::timeout(Duration::from_secs(2), &mut self.publisher).await;
         self.publisher.abort();
         self.feed.abort();
+        self.forwarder.abort();
     }
 }
 
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.feed.abort();
+        self.forwarder.abort();
     }
 }
 
