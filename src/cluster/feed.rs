@@ -106,20 +106,40 @@ impl Feed {
         synced: &mut Option<oneshot::Sender<()>>,
         backoff: &mut Backoff,
     ) -> Lost {
-        match self.connect_and_catch_up().await {
-            Ok((cmd, blk)) => {
-                if let Some(s) = synced.take() {
-                    let _ = s.send(());
-                }
-                self.stats.connected.store(true, Ordering::Relaxed);
-                backoff.reset();
-                self.follow(cmd, blk).await
-            }
-            Err(e) => e,
+        let t = Instant::now();
+        let (mut cmd, blk, how, rows) = match self.connect_and_catch_up().await {
+            Ok(x) => x,
+            Err(e) => return e,
+        };
+        let caught_up_ms = t.elapsed().as_millis() as u64;
+        // The set is enforced here now: serving may start while reconciliation runs.
+        if let Some(s) = synced.take() {
+            let _ = s.send(());
         }
+        self.stats.connected.store(true, Ordering::Relaxed);
+        backoff.reset();
+        let t = Instant::now();
+        let (re, gone) = match self.reconcile(&mut cmd).await {
+            Ok(x) => x,
+            Err(e) => return e,
+        };
+        tracing::info!(
+            target: "sipwarden::cluster",
+            server = %self.server,
+            caught_up_by = how,
+            rows,
+            caught_up_ms,
+            republished = re,
+            superseded = gone,
+            reconcile_ms = t.elapsed().as_millis() as u64,
+            "cluster feed connected"
+        );
+        self.follow(cmd, blk).await
     }
 
-    async fn connect_and_catch_up(&mut self) -> Result<(Conn, Conn), Lost> {
+    /// Connect, then catch up from the stream or by a full load; returns the two connections,
+    /// the path taken and how many entries or rows it read.
+    async fn connect_and_catch_up(&mut self) -> Result<(Conn, Conn, &'static str, usize), Lost> {
         let mut cmd = timed(
             CONNECT_TIMEOUT,
             self.client.get_multiplexed_async_connection(),
@@ -185,9 +205,7 @@ impl Feed {
         if let Some(p) = self.pos.as_mut() {
             p.epoch = epoch;
         }
-        let (re, gone) = self.reconcile(&mut cmd).await?;
-        tracing::info!(target: "sipwarden::cluster", server = %self.server, caught_up_by = how, rows, republished = re, superseded = gone, "cluster feed connected");
-        Ok((cmd, blk))
+        Ok((cmd, blk, how, rows))
     }
 
     /// Read the log from `id` until the end; returns how many entries.
@@ -234,19 +252,27 @@ impl Feed {
         .await?;
         let tail = wire::first_id(&tail).unwrap_or_default();
         let mut rows = 0;
-        for key in [wire::LISTS_KEY, wire::BLOCKS_KEY] {
-            let mut cursor = 0u64;
-            loop {
-                let page: Value = timed(
+        // The next page is fetched (on a clone of the connection) while this one is decoded
+        // and applied.
+        let fetch = |conn: &Conn, key: &'static str, cursor: u64| {
+            let mut conn = conn.clone();
+            tokio::spawn(async move {
+                timed(
                     OP_TIMEOUT,
                     redis::cmd("HSCAN")
                         .arg(key)
                         .arg(cursor)
                         .arg("COUNT")
                         .arg(SCAN_COUNT)
-                        .query_async(cmd),
+                        .query_async::<Value>(&mut conn),
                 )
-                .await?;
+                .await
+            })
+        };
+        for key in [wire::LISTS_KEY, wire::BLOCKS_KEY] {
+            let mut pending = fetch(cmd, key, 0);
+            loop {
+                let page = pending.await.map_err(|_| Lost::Closed)??;
                 let Value::Array(parts) = &page else {
                     break;
                 };
@@ -256,16 +282,17 @@ impl Feed {
                     .and_then(|c| std::str::from_utf8(c).ok())
                     .and_then(|c| c.parse().ok())
                     .unwrap_or(0);
+                let ahead = (next != 0).then(|| fetch(cmd, key, next));
                 let evs = parts
                     .get(1)
                     .map(|v| self.decode_rows(key, &pairs(v)))
                     .unwrap_or_default();
                 rows += evs.len();
                 self.apply_all(evs).await?;
-                if next == 0 {
-                    break;
+                match ahead {
+                    Some(p) => pending = p,
+                    None => break,
                 }
-                cursor = next;
             }
         }
         self.pos = Some(Pos {
