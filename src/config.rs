@@ -525,6 +525,9 @@ pub struct Geoip {
 #[serde(deny_unknown_fields, default)]
 pub struct Cluster {
     pub redis_url: String,
+    /// PEM file of the CA that signed the Redis server's certificate, for `rediss://` with a
+    /// private CA (empty: the system's roots and Mozilla's).
+    pub redis_ca: String,
     /// How this node appears in `/api/cluster` (empty: the host name).
     pub node_name: String,
     /// Entries kept in the shared log (`XADD MAXLEN ~`): bounds Redis memory (entries are at
@@ -540,6 +543,7 @@ impl Default for Cluster {
     fn default() -> Self {
         Self {
             redis_url: String::new(),
+            redis_ca: String::new(),
             node_name: String::new(),
             log_max_len: 100_000,
             log_max_age: Duration::from_secs(3600),
@@ -1030,6 +1034,12 @@ impl Config {
             if let Err(e) = redis::Client::open(r.as_str()) {
                 return Err(invalid("cluster.redis_url", e.to_string()));
             }
+        }
+        if !c.cluster.redis_ca.is_empty() && !r.starts_with("rediss://") {
+            return Err(invalid(
+                "cluster.redis_ca",
+                "only with a rediss:// cluster.redis_url",
+            ));
         }
         if c.cluster.node_name.len() > 64 {
             return Err(invalid("cluster.node_name", "at most 64 bytes"));

@@ -80,6 +80,8 @@ const FIRST_SYNC: Duration = Duration::from_secs(3);
 pub enum ClusterError {
     #[error("cluster.redis_url: {0}")]
     Url(String),
+    #[error("cluster.redis_ca: {0}")]
+    Ca(String),
 }
 
 /// A node seen in the log.
@@ -250,8 +252,20 @@ impl Cluster {
     /// blocks (so they apply before the SIP sockets serve), then carries on in the background
     /// if Redis is not there yet.
     pub async fn start(url: &str, node: Arc<Node>) -> Result<Cluster, ClusterError> {
-        let client = redis::Client::open(url).map_err(|e| ClusterError::Url(e.to_string()))?;
         let cfg = node.config();
+        let client = if cfg.cluster.redis_ca.is_empty() {
+            redis::Client::open(url).map_err(|e| ClusterError::Url(e.to_string()))?
+        } else {
+            let ca = std::fs::read(&cfg.cluster.redis_ca).map_err(|e| {
+                ClusterError::Ca(format!("cannot read {}: {e}", cfg.cluster.redis_ca))
+            })?;
+            let certs = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(ca),
+            };
+            redis::Client::build_with_tls(url, certs)
+                .map_err(|e| ClusterError::Ca(e.to_string()))?
+        };
         let node_id: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
         let server = client.get_connection_info().addr.to_string();
         let name = if cfg.cluster.node_name.is_empty() {

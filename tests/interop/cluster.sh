@@ -25,8 +25,12 @@
 #               nodes hold (reconciled > 0); then node 2 restarted with an empty state file
 #               gets them all from the set.
 #   bulk        100k blocks written into the set; node 3 restarted with an empty state file:
-#               the time until it holds all of them is printed (goal <= 2 s).
+#               the time its full load takes (first HSCAN to the last block enforced) is
+#               printed and checked (goal <= 2 s), and the time from process start.
+#   tls         Redis restarted TLS-only (certificate made here with openssl); node 1 with
+#               rediss:// and cluster.redis_ca connects and republishes its blocks.
 #
+# usage: tests/interop/cluster.sh [join|propagate|hostile|cutoff|restart|bulk|tls ...] (default all)
 # env: SIPWARDEN_BIN (default target/release/sipwarden; never built here), KEEP=1 keeps the
 #      work dir (always kept on failure).
 set -uo pipefail
@@ -290,7 +294,51 @@ case_bulk() {
 		"$WORK/node3/out.txt"
 }
 
+# tls: Redis restarted TLS-only on the same port (a certificate made here with openssl, as a
+# private CA); node 1 reconnects with rediss:// and cluster.redis_ca and refills the set.
+case_tls() {
+	local t=$WORK/tls
+	mkdir -p "$t"
+	printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >"$t/ext"
+	if ! { openssl req -x509 -newkey rsa:2048 -nodes -keyout "$t/ca.key" -out "$t/ca.pem" -days 2 \
+		-subj "/CN=sipwarden test CA" &&
+		openssl req -newkey rsa:2048 -nodes -keyout "$t/key.pem" -out "$t/srv.csr" -subj "/CN=127.0.0.1" &&
+		openssl x509 -req -in "$t/srv.csr" -CA "$t/ca.pem" -CAkey "$t/ca.key" -CAcreateserial \
+			-out "$t/cert.pem" -days 2 -extfile "$t/ext"; } >/dev/null 2>&1; then
+		fail tls "openssl could not make a certificate"
+		return
+	fi
+	post_block $N1 203.0.113.240
+	stop_bg node1
+	stop_bg node2
+	stop_bg node3
+	stop_bg redis
+	tool_bg redis 600 redis-server --port 0 --tls-port $REDIS_PORT --bind 127.0.0.1 \
+		--tls-cert-file "$t/cert.pem" --tls-key-file "$t/key.pem" --tls-auth-clients no \
+		--save "" --appendonly no --user default off --user node1 on '>pw1' '~sipwarden:*' '&*' '+@all'
+	RCLI=(redis-cli --tls --cacert "$t/ca.pem" -h 127.0.0.1 -p $REDIS_PORT --user node1 --pass pw1 --no-auth-warning)
+	local i
+	for i in $(seq 1 50); do
+		"${RCLI[@]}" ping 2>/dev/null | grep -q PONG && break
+		sleep 0.1
+	done
+	sed -i -e "s|^redis_url = .*|redis_url = \"rediss://node1:pw1@127.0.0.1:$REDIS_PORT/\"|" \
+		-e "s|^node_name = .*|node_name = \"node1\"\nredis_ca = \"$t/ca.pem\"|" "$WORK/conf1/proxy.toml"
+	local ok=0 n=0
+	if start_node 1 && wait_for 10 link_up $N1; then
+		for i in $(seq 1 50); do
+			n=$("${RCLI[@]}" HLEN sipwarden:blocks 2>/dev/null || echo 0)
+			((n > 0)) && ok=1 && break
+			sleep 0.1
+		done
+	fi
+	check tls-link "((ok))" "node 1 over rediss:// with cluster.redis_ca: link up, $n blocks republished to the new Redis" \
+		"$WORK/node1/out.txt"
+}
+
+CASES=(join propagate hostile cutoff restart bulk tls)
 main() {
+	(($#)) && CASES=("$@")
 	command -v redis-server >/dev/null || { fail redis "redis-server not installed"; exit 1; }
 	[[ -x $SIPWARDEN_BIN ]] || { fail binary "no $SIPWARDEN_BIN (cargo build --release)"; exit 1; }
 	local started=$SECONDS
@@ -304,7 +352,7 @@ main() {
 		fail start "a node did not start" "$WORK/node1/out.txt" "$WORK/node2/out.txt" "$WORK/node3/out.txt"
 	else
 		local c
-		for c in join propagate hostile cutoff restart bulk; do
+		for c in "${CASES[@]}"; do
 			log "$c"
 			"case_$c"
 		done
