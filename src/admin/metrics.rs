@@ -742,6 +742,10 @@ mod tests {
         let cl = std::sync::Arc::new(crate::cluster::ClusterStats::default());
         cl.connected.store(true, Ordering::Relaxed);
         cl.publish_failures.store(3, Ordering::Relaxed);
+        cl.received.store(11, Ordering::Relaxed);
+        cl.reconciled.store(6, Ordering::Relaxed);
+        cl.catchup_stream.store(2, Ordering::Relaxed);
+        cl.catchup_full.store(1, Ordering::Relaxed);
         node.stats.health.attach_cluster(cl);
         let n = std::sync::Arc::new(crate::notify::NotifyStats::default());
         n.sent.store(4, Ordering::Relaxed);
@@ -759,6 +763,12 @@ mod tests {
             "sipwarden_cluster_configured 1",
             "sipwarden_cluster_connected 1",
             "sipwarden_cluster_publish_failures_total 3",
+            "sipwarden_cluster_link_up 1",
+            "sipwarden_cluster_received_total 11",
+            "sipwarden_cluster_reconciled_total 6",
+            "sipwarden_cluster_catchups_total{path=\"stream\"} 2",
+            "sipwarden_cluster_catchups_total{path=\"full\"} 1",
+            "sipwarden_cluster_node_lag_seconds 0.0",
             "sipwarden_notifications_total{outcome=\"sent\"} 4",
             "sipwarden_notifications_total{outcome=\"dropped\"} 1",
             "sipwarden_hep_packets_total{outcome=\"sent\"} 9",
