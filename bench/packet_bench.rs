@@ -6,7 +6,7 @@
 //! 1. a blocked source's packets: sipwarden (release binary) vs a bare UDP receive loop, both
 //!    a blocking one (the kernel's floor) and one on the same socket setup as sipwarden's
 //!    (socket2 with 4 MiB buffers and SO_REUSEPORT, non-blocking, tokio `recv_from` on a
-//!    two-worker runtime);
+//!    two-worker runtime), and sipwarden's own batched `recvmmsg` receive with nothing behind it;
 //! 2. clean traffic forwarded through the protection pipeline vs the same traffic from a
 //!    whitelisted source (which skips every detector).
 //!
@@ -137,7 +137,37 @@ fn sink_async(addr: &str) {
     println!("{n}");
 }
 
-/// Run a sink (`mode` = "sink" or "sink-async") in its own process: CPU seconds and packets.
+/// The bare batched loop on sipwarden's socket setup: sipwarden's own `recvmmsg` receive
+/// (`net::udp::Batch`, up to 32 datagrams per call) with nothing behind it.
+fn sink_mmsg(addr: &str) {
+    let addr: SocketAddr = addr.parse().expect("addr");
+    let raw =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
+    raw.set_recv_buffer_size(4 << 20).ok();
+    raw.set_send_buffer_size(4 << 20).ok();
+    raw.set_reuse_port(true).ok();
+    raw.set_nonblocking(true).expect("nonblocking");
+    raw.bind(&addr.into()).expect("bind sink");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let n = rt.block_on(async move {
+        let sock = tokio::net::UdpSocket::from_std(raw.into()).expect("tokio socket");
+        let mut batch = sipwarden::net::udp::Batch::new(16385);
+        let mut n = 0u64;
+        let mut wait = Duration::from_secs(20);
+        while let Ok(Ok(k)) = tokio::time::timeout(wait, batch.recv(&sock)).await {
+            n += batch.datagrams().take(k).count() as u64;
+            wait = Duration::from_secs(1);
+        }
+        n
+    });
+    println!("{n}");
+}
+
+/// Run a sink (`mode` = "sink", "sink-async" or "sink-mmsg") in its own process: CPU seconds and packets.
 fn bare_phase(me: &PathBuf, mode: &str) -> (f64, u64) {
     let sink_addr: SocketAddr = format!("127.0.0.1:{}", free_port("127.0.0.1"))
         .parse()
@@ -393,6 +423,10 @@ fn main() {
             sink_async(args.get(2).map_or("127.0.0.1:0", String::as_str));
             return;
         }
+        Some("sink-mmsg") => {
+            sink_mmsg(args.get(2).map_or("127.0.0.1:0", String::as_str));
+            return;
+        }
         Some("callgrind") => {
             let bins: Vec<&String> = args.iter().skip(2).collect();
             let r: Vec<Option<f64>> = bins.iter().map(|b| callgrind(b)).collect();
@@ -414,6 +448,7 @@ fn main() {
     // 1a. The bare receive loops, each in its own process like sipwarden.
     let (bare_cpu, bare_n) = bare_phase(&me, "sink");
     let (same_cpu, same_n) = bare_phase(&me, "sink-async");
+    let (mmsg_cpu, mmsg_n) = bare_phase(&me, "sink-mmsg");
 
     // The PBX for the forwarding phases: a socket nobody reads (the kernel drops the excess).
     let pbx = UdpSocket::bind("127.0.0.1:0").expect("bind pbx");
@@ -446,6 +481,7 @@ fn main() {
     println!("{PACKETS} INVITEs (~700 bytes) sent per phase on loopback");
     let b = line("bare UDP receive loop (blocking)", bare_cpu, bare_n);
     let s = line("bare loop, sipwarden's socket setup", same_cpu, same_n);
+    let m = line("bare recvmmsg loop, same setup", mmsg_cpu, mmsg_n);
     let d = line("sipwarden: blocked source dropped", drop_cpu, drop_n);
     let pr = line("sipwarden: clean, all detectors", prot_cpu, prot_n);
     let w = line("sipwarden: clean, whitelisted", wl_cpu, wl_n);
@@ -456,6 +492,10 @@ fn main() {
     println!(
         "ratio blocked-drop capacity / bare loop, same socket setup = {:.2}",
         s / d
+    );
+    println!(
+        "ratio blocked-drop capacity / bare recvmmsg loop     = {:.2}",
+        m / d
     );
     println!(
         "ratio protected / unprotected forwarding capacity   = {:.2}",

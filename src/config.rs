@@ -50,6 +50,8 @@ pub struct Config {
     pub log: Log,
     pub fraud: Fraud,
     pub feeds: Feeds,
+    pub tls: Tls,
+    pub websocket: Websocket,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,6 +59,15 @@ pub struct Config {
 pub struct Sip {
     pub listen_udp: Vec<SocketAddr>,
     pub listen_tcp: Vec<SocketAddr>,
+    /// SIP over TLS (RFC 3261 §26.2); empty: off. Needs `tls.certificate` and `tls.private_key`.
+    pub listen_tls: Vec<SocketAddr>,
+    /// SIP over plain WebSocket (RFC 7118), for deployments behind a TLS-terminating load
+    /// balancer; browsers only connect to `wss://` themselves. Limits in `[websocket]`.
+    pub listen_ws: Vec<SocketAddr>,
+    /// SIP over secure WebSocket (RFC 7118) for WebRTC softphones; needs `tls.certificate`. An
+    /// address that is also in `listen_tls` is one port for both: each connection is classified
+    /// by its first request line after the TLS handshake (`GET ` is a WebSocket upgrade).
+    pub listen_wss: Vec<SocketAddr>,
     /// Host advertised in Via, Record-Route and Path; empty: the listen address.
     pub public_address: String,
     pub max_message_bytes: usize,
@@ -106,6 +117,9 @@ impl Default for Sip {
         Self {
             listen_udp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
             listen_tcp: vec![SocketAddr::from(([0, 0, 0, 0], 5060))],
+            listen_tls: Vec::new(),
+            listen_ws: Vec::new(),
+            listen_wss: Vec::new(),
             public_address: String::new(),
             max_message_bytes: 16384,
             max_connections: 4096,
@@ -121,11 +135,48 @@ impl Default for Sip {
     }
 }
 
+/// `[websocket]`: limits of SIP over WebSocket (`sip.listen_ws`, `sip.listen_wss`). A WebSocket
+/// connection also counts against `sip.max_connections` and `sip.max_connections_per_ip`, and
+/// its write queue is `sip.tcp_write_queue_bytes`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Websocket {
+    /// Largest WebSocket message and frame accepted, in bytes. One SIP message per WebSocket
+    /// message; the SIP message itself is still held to `sip.max_message_bytes`. A bigger frame
+    /// closes the connection and scores the source (the crate would otherwise buffer up to
+    /// 64 MiB per connection by default).
+    pub max_frame_bytes: usize,
+    /// The HTTP upgrade must complete within this long (slow-loris guard).
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Connections from one address (IPv6: per `protection.ipv6_prefix`) still in the upgrade.
+    pub max_handshakes_per_ip: usize,
+    /// A WebSocket ping this often; a browser answers it, so a dead peer is found.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
+    /// A connection with no frame at all (pongs included) for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for Websocket {
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 65536,
+            handshake_timeout: Duration::from_secs(5),
+            max_handshakes_per_ip: 8,
+            ping_interval: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportKind {
     Udp,
     Tcp,
+    Tls,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +193,8 @@ pub struct Upstream {
     pub address: String,
     pub transport: TransportKind,
     pub incoming: IncomingMode,
+    /// Name the PBX's certificate must carry, also sent as SNI; empty: the upstream host.
+    pub tls_server_name: String,
 }
 
 impl Default for Upstream {
@@ -150,6 +203,7 @@ impl Default for Upstream {
             address: "127.0.0.1:5080".into(),
             transport: TransportKind::Udp,
             incoming: IncomingMode::Path,
+            tls_server_name: String::new(),
         }
     }
 }
@@ -490,6 +544,9 @@ pub struct Hep {
     pub capture_id: u32,
     pub password: String,
     pub only: HepOnly,
+    /// Fraction of Call-IDs exported (0.0–1.0), chosen by a keyed hash of the Call-ID so a
+    /// sampled dialog is whole.
+    pub sample: f64,
 }
 
 impl Default for Hep {
@@ -499,6 +556,7 @@ impl Default for Hep {
             capture_id: 2001,
             password: String::new(),
             only: HepOnly::All,
+            sample: 1.0,
         }
     }
 }
@@ -511,7 +569,8 @@ pub enum HepOnly {
     All,
     /// Messages of INVITE dialogs (not REGISTER, OPTIONS, SUBSCRIBE/NOTIFY, MESSAGE).
     Dialogs,
-    /// Messages from or to a source in the block table (what an attacker sent).
+    /// Messages from or to a source that is blocked or has an open anomaly record (what an
+    /// attacker sent, including its packets dropped at the gate, and what was answered).
     Blocked,
 }
 
@@ -537,6 +596,15 @@ pub struct Cluster {
     /// Entries older than this are trimmed from the log.
     #[serde(with = "humantime_serde")]
     pub log_max_age: Duration,
+    /// Count REGISTER/auth failures, INVITE and TFTP rates cluster-wide (see
+    /// [`crate::cluster_count`]); only with `redis_url`.
+    pub shared_counters: bool,
+    /// How often a node publishes its count deltas.
+    #[serde(with = "humantime_serde")]
+    pub count_interval: Duration,
+    /// A peer not heard from for this long has its counts dropped.
+    #[serde(with = "humantime_serde")]
+    pub peer_timeout: Duration,
 }
 
 impl Default for Cluster {
@@ -547,6 +615,9 @@ impl Default for Cluster {
             node_name: String::new(),
             log_max_len: 100_000,
             log_max_age: Duration::from_secs(3600),
+            shared_counters: true,
+            count_interval: Duration::from_millis(100),
+            peer_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -786,6 +857,149 @@ impl Default for Feeds {
     }
 }
 
+/// `[tls]`: certificates and limits of the TLS listeners (`sip.listen_tls`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tls {
+    /// PEM certificate chain (leaf first); re-read on SIGHUP and when the file changes.
+    pub certificate: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `certificate`.
+    pub private_key: String,
+    /// Per-name pairs chosen by the client's SNI; `certificate` is the fallback.
+    pub sni: Vec<TlsSni>,
+    /// Lowest protocol version accepted: "1.2" or "1.3".
+    pub min_version: TlsVersion,
+    /// PEM file of the CA(s) that sign client certificates; needed when `verify_client` is on.
+    pub client_ca: String,
+    /// `off`, `optional` (verify a certificate when one is sent) or `required`.
+    pub verify_client: VerifyClient,
+    /// A connection that has not completed its handshake in this long is closed: a client that
+    /// opens connections and never speaks holds memory and a socket each.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Connections still in handshake per source address (IPv6: per `protection.ipv6_prefix`).
+    /// A handshake costs the server a key exchange: one source must not hold many at once.
+    pub max_handshakes_per_ip: usize,
+    /// PEM file of the CA(s) that sign the PBX's certificate (`upstream.transport = "tls"`);
+    /// the system's web roots are not trusted, so this is required for a TLS upstream.
+    pub upstream_ca: String,
+}
+
+/// One `[[tls.sni]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSni {
+    /// Server name, exact (`pbx.example.com`) or one wildcard label (`*.example.com`).
+    pub name: String,
+    pub certificate: String,
+    pub private_key: String,
+}
+
+/// `tls.min_version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TlsVersion {
+    #[serde(rename = "1.2")]
+    V12,
+    #[serde(rename = "1.3")]
+    V13,
+}
+
+/// `tls.verify_client`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VerifyClient {
+    Off,
+    Optional,
+    Required,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Self {
+            certificate: String::new(),
+            private_key: String::new(),
+            sni: Vec::new(),
+            min_version: TlsVersion::V12,
+            client_ca: String::new(),
+            verify_client: VerifyClient::Off,
+            handshake_timeout: Duration::from_secs(5),
+            max_handshakes_per_ip: 16,
+            upstream_ca: String::new(),
+        }
+    }
+}
+
+/// At most this many `[[tls.sni]]` entries (each holds a parsed key in memory).
+pub const TLS_MAX_SNI: usize = 256;
+
+fn validate_tls(c: &Config) -> Result<(), ConfigError> {
+    let t = &c.tls;
+    if !c.sip.listen_tls.is_empty() && (t.certificate.is_empty() || t.private_key.is_empty()) {
+        let key = if t.certificate.is_empty() {
+            "tls.certificate"
+        } else {
+            "tls.private_key"
+        };
+        return Err(invalid(key, "required when sip.listen_tls is set"));
+    }
+    if !c.sip.listen_wss.is_empty() && t.certificate.is_empty() {
+        return Err(invalid(
+            "tls.certificate",
+            "required when sip.listen_wss is set",
+        ));
+    }
+    if t.certificate.is_empty() != t.private_key.is_empty() {
+        return Err(invalid(
+            "tls.private_key",
+            "tls.certificate and tls.private_key are set together",
+        ));
+    }
+    if t.sni.len() > TLS_MAX_SNI {
+        return Err(invalid("tls.sni", format!("at most {TLS_MAX_SNI} entries")));
+    }
+    for (i, e) in t.sni.iter().enumerate() {
+        let n = e.name.strip_prefix("*.").unwrap_or(&e.name);
+        let ok = !n.is_empty()
+            && n.len() <= 253
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-');
+        if !ok {
+            return Err(invalid(
+                &format!("tls.sni[{i}].name"),
+                "a DNS name, optionally starting with \"*.\"",
+            ));
+        }
+        if e.certificate.is_empty() || e.private_key.is_empty() {
+            return Err(invalid(
+                &format!("tls.sni[{i}].certificate"),
+                "certificate and private_key are required",
+            ));
+        }
+    }
+    if t.verify_client != VerifyClient::Off && t.client_ca.is_empty() {
+        return Err(invalid(
+            "tls.client_ca",
+            "required when tls.verify_client is optional or required",
+        ));
+    }
+    positive("tls.handshake_timeout", t.handshake_timeout)?;
+    nonzero("tls.max_handshakes_per_ip", t.max_handshakes_per_ip as u64)?;
+    if c.upstream.transport == TransportKind::Tls && c.tls.upstream_ca.is_empty() {
+        return Err(invalid(
+            "tls.upstream_ca",
+            "required when upstream.transport = \"tls\" (the CA that signs the PBX's certificate)",
+        ));
+    }
+    let n = &c.upstream.tls_server_name;
+    if !n.is_empty() && rustls::pki_types::ServerName::try_from(n.as_str()).is_err() {
+        return Err(invalid(
+            "upstream.tls_server_name",
+            "must be a DNS name or an IP address",
+        ));
+    }
+    Ok(())
+}
+
 /// Where the PBX is, as written in `upstream.address`, before name resolution.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamTarget {
@@ -818,6 +1032,7 @@ pub fn parse_upstream(s: &str, default_transport: TransportKind) -> Result<Upstr
                 transport = match t.to_ascii_lowercase().as_str() {
                     "udp" => TransportKind::Udp,
                     "tcp" => TransportKind::Tcp,
+                    "tls" => TransportKind::Tls,
                     other => return Err(format!("unsupported transport {other:?}")),
                 };
             }
@@ -885,7 +1100,8 @@ impl Config {
     /// The checks serde cannot do: ranges, cross-key rules, non-empty lists.
     pub fn validate(self) -> Result<Config, ConfigError> {
         let c = &self;
-        if c.sip.listen_udp.is_empty() && c.sip.listen_tcp.is_empty() {
+        if c.sip.listen_udp.is_empty() && c.sip.listen_tcp.is_empty() && c.sip.listen_tls.is_empty()
+        {
             return Err(invalid(
                 "sip.listen_udp",
                 "no SIP listener: set listen_udp or listen_tcp",
@@ -1023,6 +1239,9 @@ impl Config {
         if c.hep.password.len() > 255 {
             return Err(invalid("hep.password", "at most 255 bytes"));
         }
+        if !(0.0..=1.0).contains(&c.hep.sample) {
+            return Err(invalid("hep.sample", "must be between 0.0 and 1.0"));
+        }
         let r = &c.cluster.redis_url;
         if !(r.is_empty() || r.starts_with("redis://") || r.starts_with("rediss://")) {
             return Err(invalid(
@@ -1050,8 +1269,26 @@ impl Config {
         if c.cluster.log_max_age < Duration::from_secs(60) {
             return Err(invalid("cluster.log_max_age", "at least 60s"));
         }
+        let ci = c.cluster.count_interval;
+        if ci < Duration::from_millis(10) || ci > Duration::from_secs(10) {
+            return Err(invalid(
+                "cluster.count_interval",
+                "must be between 10ms and 10s",
+            ));
+        }
+        let pt = c.cluster.peer_timeout;
+        // Idle nodes send an empty round every second (cluster_count::link): a shorter
+        // timeout would drop live peers between two of them.
+        if pt < ci.saturating_mul(3).max(Duration::from_secs(3)) || pt > Duration::from_secs(3600) {
+            return Err(invalid(
+                "cluster.peer_timeout",
+                "must be at least 3s and 3 x cluster.count_interval, and at most 1h",
+            ));
+        }
         validate_fraud(&c.fraud)?;
         validate_feeds(&c.feeds)?;
+        validate_tls(c)?;
+        validate_websocket(c)?;
         tracing_subscriber::EnvFilter::try_new(&c.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         Ok(self)
@@ -1070,6 +1307,29 @@ impl Config {
             transport: self.upstream.transport,
         })
     }
+}
+
+fn validate_websocket(c: &Config) -> Result<(), ConfigError> {
+    let w = &c.websocket;
+    if !(c.sip.max_message_bytes..=1 << 20).contains(&w.max_frame_bytes) {
+        return Err(invalid(
+            "websocket.max_frame_bytes",
+            "must be at least sip.max_message_bytes and at most 1048576",
+        ));
+    }
+    positive("websocket.handshake_timeout", w.handshake_timeout)?;
+    nonzero(
+        "websocket.max_handshakes_per_ip",
+        w.max_handshakes_per_ip as u64,
+    )?;
+    positive("websocket.ping_interval", w.ping_interval)?;
+    if w.idle_timeout <= w.ping_interval {
+        return Err(invalid(
+            "websocket.idle_timeout",
+            "must be longer than websocket.ping_interval (a live peer answers every ping)",
+        ));
+    }
+    Ok(())
 }
 
 fn validate_fraud(f: &Fraud) -> Result<(), ConfigError> {

@@ -12,6 +12,7 @@
 //! - [`feeds`]: threat-feed clients (APIBAN, plain address lists).
 //! - [`state`]: the state task: durable store (redb), restore at start.
 //! - [`cluster`]: block sharing between nodes through Redis.
+//! - [`cluster_count`]: cluster-wide counting (REGISTER failures, INVITE and TFTP rates).
 //! - [`hep`]: HEP v3 export of every SIP message to sngrep or Homer (pure encoder, bounded queue).
 //! - [`net`]: sockets: UDP, TCP, TFTP relay, upstream resolution.
 //! - [`tftp`]: the TFTP codec and the provisioning guard's decisions (sans-I/O).
@@ -24,6 +25,7 @@ pub mod blocks;
 pub mod cli;
 pub mod clock;
 pub mod cluster;
+pub mod cluster_count;
 pub mod config;
 pub mod engine;
 pub mod feeds;

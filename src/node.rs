@@ -151,6 +151,12 @@ impl Node {
         f(&e)
     }
 
+    /// As [`Node::inspect`] without folding the gate's hits first: for a reader that walks the
+    /// table in several short lock holds and folded once at its start.
+    pub fn peek<R>(&self, f: impl FnOnce(&Engine) -> R) -> R {
+        f(&self.engine.lock())
+    }
+
     /// The drop gate: is a source blocked, without the engine's lock.
     pub fn gate(&self) -> &Gate {
         &self.gate

@@ -372,6 +372,7 @@ mod tests {
             strikes: 1,
             hits: 1,
             evidence: vec!["OPTIONS sip:100@x SIP/2.0 UA=friendly-scanner".into()],
+            packets: Vec::new(),
             enforced,
         })
     }

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Config, TransportKind};
 use crate::net::handler::Shared;
+use crate::net::tls::{self, TlsAcceptor, TlsUpstream};
 use crate::net::upstream::Resolver;
 use crate::net::{tcp, udp, Conns, Transports};
 use crate::node::Node;
@@ -38,6 +39,14 @@ pub enum ServerError {
 pub struct Bound {
     pub udp: Vec<UdpSocket>,
     pub tcp: Vec<TcpListener>,
+    /// `sip.listen_tls`: TCP listeners whose connections start with a TLS handshake.
+    pub tls: Vec<TcpListener>,
+    /// `sip.listen_ws`: plain WebSocket listeners.
+    pub ws: Vec<TcpListener>,
+    /// `sip.listen_wss` addresses not in `sip.listen_tls`: WSS-only listeners.
+    pub wss: Vec<TcpListener>,
+    /// For each of `tls`: its address is also in `sip.listen_wss` (one port for both).
+    pub tls_with_wss: Vec<bool>,
     pub admin: Option<TcpListener>,
     pub tftp: Option<UdpSocket>,
 }
@@ -127,6 +136,10 @@ pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
     let mut b = Bound {
         udp: Vec::new(),
         tcp: Vec::new(),
+        tls: Vec::new(),
+        ws: Vec::new(),
+        wss: Vec::new(),
+        tls_with_wss: Vec::new(),
         admin: None,
         tftp: None,
     };
@@ -146,6 +159,40 @@ pub async fn bind(cfg: &Config) -> Result<Bound, ServerError> {
                 addr,
                 source,
             })?);
+    }
+    for &addr in &cfg.sip.listen_tls {
+        b.tls
+            .push(tcp_listener(addr).map_err(|source| ServerError::Bind {
+                what: "SIP TLS",
+                addr,
+                source,
+            })?);
+    }
+    b.tls_with_wss = cfg
+        .sip
+        .listen_tls
+        .iter()
+        .map(|a| cfg.sip.listen_wss.contains(a))
+        .collect();
+    for &addr in cfg
+        .sip
+        .listen_wss
+        .iter()
+        .filter(|a| !cfg.sip.listen_tls.contains(a))
+    {
+        b.wss
+            .push(tcp_listener(addr).map_err(|source| ServerError::Bind {
+                what: "SIP secure WebSocket",
+                addr,
+                source,
+            })?);
+    }
+    for &addr in &cfg.sip.listen_ws {
+        b.ws.push(tcp_listener(addr).map_err(|source| ServerError::Bind {
+            what: "SIP WebSocket",
+            addr,
+            source,
+        })?);
     }
     let addr = cfg.admin.listen;
     b.admin = Some(
@@ -214,18 +261,50 @@ fn router_config(
         .iter()
         .filter_map(|s| s.local_addr().ok())
         .collect::<Vec<_>>();
+    let tls = bound
+        .tls
+        .iter()
+        .filter_map(|s| s.local_addr().ok())
+        .collect::<Vec<_>>();
     let pick = |v: &[SocketAddr]| {
         v.iter()
             .find(|a| a.is_ipv4() == upstream.is_ipv4())
             .or(v.first())
             .map(|a| advertised(cfg, *a, upstream))
     };
+    let ws = bound
+        .ws
+        .iter()
+        .filter_map(|s| s.local_addr().ok())
+        .collect::<Vec<_>>();
+    let wss = bound
+        .wss
+        .iter()
+        .chain(
+            bound
+                .tls
+                .iter()
+                .zip(bound.tls_with_wss.iter())
+                .filter(|(_, w)| **w)
+                .map(|(l, _)| l),
+        )
+        .filter_map(|s| s.local_addr().ok())
+        .collect::<Vec<_>>();
     let mut aliases: Vec<Advertised> = udp
         .iter()
         .chain(tcp.iter())
+        .chain(tls.iter())
+        .chain(ws.iter())
+        .chain(wss.iter())
         .map(|a| advertised(cfg, *a, upstream))
         .collect();
-    for a in udp.iter().chain(tcp.iter()) {
+    for a in udp
+        .iter()
+        .chain(tcp.iter())
+        .chain(tls.iter())
+        .chain(ws.iter())
+        .chain(wss.iter())
+    {
         if !a.ip().is_unspecified() {
             aliases.push(Advertised::new(&a.ip().to_string(), a.port()));
         }
@@ -234,10 +313,14 @@ fn router_config(
         .iter()
         .map(|a| (Transport::Udp, *a))
         .chain(tcp.iter().map(|a| (Transport::Tcp, *a)))
+        .chain(tls.iter().map(|a| (Transport::Tls, *a)))
         .collect();
     RouterConfig {
         udp: pick(&udp),
         tcp: pick(&tcp),
+        tls: pick(&tls),
+        ws: pick(&ws),
+        wss: pick(&wss),
         aliases,
         incoming: cfg.upstream.incoming,
         nat: cfg.sip.nat_detection,
@@ -246,11 +329,29 @@ fn router_config(
     }
 }
 
+/// Close the TCP and TLS connections of sources that are blocked now (the connection code
+/// also checks on every read; this catches a connection that stays silent, or one in a call).
+/// The PBX's connections are never closed this way.
+fn close_blocked(shared: &Shared) {
+    let node = &shared.node;
+    let now = node.now();
+    let n = shared.transports.conns.close_where(|a| {
+        matches!(
+            node.gate().check(now, a),
+            crate::blocks::GateVerdict::Blocked { .. }
+        ) && !node.with_engine(|e| e.is_upstream(a.ip()))
+    });
+    if n > 0 {
+        tracing::info!(connections = n, "closed the connections of blocked sources");
+    }
+}
+
 fn upstream_flow(cfg: &Config, addr: SocketAddr) -> Flow {
     Flow {
         transport: match cfg.upstream.transport {
             TransportKind::Udp => Transport::Udp,
             TransportKind::Tcp => Transport::Tcp,
+            TransportKind::Tls => Transport::Tls,
         },
         addr,
     }
@@ -348,6 +449,8 @@ pub async fn start(
     } else {
         Some(crate::cluster::Cluster::start(&cfg.cluster.redis_url, node.clone()).await?)
     };
+    let counts = crate::cluster_count::SharedCounts::for_config(&cfg);
+    node.with_engine(|e| e.set_shared_counts(counts.clone()));
     let state = crate::state::Handle::spawn(events_rx, node.clone(), Some(store), cluster);
     crate::hep::start(&node).await; // HEP export task (hep.address)
 
@@ -401,7 +504,15 @@ pub async fn start(
             conns: Arc::new(Conns::default()),
         },
         max_message_bytes: cfg.sip.max_message_bytes,
+        tls_upstream: TlsUpstream::from_config(&cfg)
+            .map_err(|e| ServerError::Other(format!("tls.upstream_ca: {e}")))?,
     });
+    // Certificates are loaded before anything serves: a TLS listener without them is an error.
+    let tls_acceptor = if bound.tls.is_empty() && bound.wss.is_empty() {
+        None
+    } else {
+        Some(TlsAcceptor::new(node.clone()).map_err(|e| ServerError::Other(format!("tls: {e}")))?)
+    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = {
@@ -414,6 +525,11 @@ pub async fn start(
         }
     };
     let mut tasks = Vec::new();
+    if counts.is_enabled() {
+        let (url, every) = (cfg.cluster.redis_url.clone(), cfg.cluster.count_interval);
+        let link = crate::cluster_count::link::run(url, counts, node.clock, every, stopped());
+        tasks.push(tokio::spawn(link));
+    }
     // Listener tasks run supervised: one that ends (a panic that escaped, an error) is
     // restarted, counted and logged, and /healthz fails until it serves again.
     for sock in &udp {
@@ -437,6 +553,51 @@ pub async fn start(
             tcp::serve(l.clone(), shared.clone(), stopped())
         }));
     }
+    for l in bound.ws {
+        let name = match l.local_addr() {
+            Ok(a) => format!("ws:{a}"),
+            Err(_) => "ws".to_string(),
+        };
+        let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
+        tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
+            crate::net::ws::serve(l.clone(), shared.clone(), Transport::Ws, stopped())
+        }));
+    }
+
+    if let Some(acceptor) = &tls_acceptor {
+        for (l, with_wss) in bound.tls.into_iter().zip(bound.tls_with_wss) {
+            let name = match l.local_addr() {
+                Ok(a) if with_wss => format!("tls+wss:{a}"),
+                Ok(a) => format!("tls:{a}"),
+                Err(_) => "tls".to_string(),
+            };
+            let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
+            let acceptor = acceptor.clone();
+            // One handshake table per listener, kept across restarts of its loop.
+            let wss = with_wss.then(|| Arc::new(crate::net::ws::Pending::default()));
+            tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
+                tls::serve(
+                    l.clone(),
+                    acceptor.clone(),
+                    shared.clone(),
+                    wss.clone(),
+                    stopped(),
+                )
+            }));
+        }
+        for l in bound.wss {
+            let name = match l.local_addr() {
+                Ok(a) => format!("wss:{a}"),
+                Err(_) => "wss".to_string(),
+            };
+            let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
+            let acceptor = acceptor.clone();
+            tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
+                crate::net::ws::serve_wss(l.clone(), acceptor.clone(), shared.clone(), stopped())
+            }));
+        }
+        tasks.push(tokio::spawn(acceptor.clone().watch(stopped())));
+    }
 
     // Expire blocks once a second; send the BYEs of calls the toll-fraud guard ended.
     {
@@ -455,6 +616,7 @@ pub async fn start(
                             e.tick(now);
                             e.take_fraud_byes()
                         });
+                        close_blocked(&shared);
                         for d in &byes {
                             shared.send_fraud_byes(d).await;
                         }
@@ -511,6 +673,7 @@ pub async fn start(
     {
         let node = node.clone();
         let stop = stopped();
+        let tls_acceptor = tls_acceptor.clone();
         tasks.push(tokio::spawn(async move {
             tokio::pin!(stop);
             loop {
@@ -524,6 +687,11 @@ pub async fn start(
                 };
                 if let Err(e) = &result {
                     tracing::error!(error = %e, "config reload refused; the running config is unchanged");
+                }
+                // Certificates are re-read on every reload request, even when the config
+                // file itself did not change (the usual certificate renewal).
+                if let Some(a) = tls_acceptor.clone() {
+                    let _ = tokio::task::spawn_blocking(move || a.reload(true)).await;
                 }
                 let _ = req.send(result);
             }
@@ -670,10 +838,18 @@ pub fn reload(
     check_reload(&cfg, admin_bound)?;
     if cfg.sip.listen_udp != old.sip.listen_udp
         || cfg.sip.listen_tcp != old.sip.listen_tcp
+        || cfg.sip.listen_tls != old.sip.listen_tls
+        || cfg.upstream.transport != old.upstream.transport
+        || cfg.tls.upstream_ca != old.tls.upstream_ca
+        || cfg.upstream.tls_server_name != old.upstream.tls_server_name
+        || cfg.sip.listen_ws != old.sip.listen_ws
+        || cfg.sip.listen_wss != old.sip.listen_wss
         || cfg.admin.listen != old.admin.listen
         || cfg.upstream.address != old.upstream.address
         || cfg.state.path != old.state.path
         || cfg.cluster.redis_url != old.cluster.redis_url
+        || cfg.cluster.shared_counters != old.cluster.shared_counters
+        || cfg.cluster.count_interval != old.cluster.count_interval
         || cfg.tftp.enabled != old.tftp.enabled
         || cfg.tftp.listen != old.tftp.listen
         || cfg.notify.webhook != old.notify.webhook
@@ -685,7 +861,7 @@ pub fn reload(
         || cfg.sip.nat_detection != old.sip.nat_detection
     {
         tracing::warn!(
-            "listen addresses, upstream.address, state.path, cluster.redis_url, tftp.enabled/listen, notify.webhook/email_*/smtp_url/digest, sip.flow_key and sip.nat_detection change only on restart"
+            "listen addresses, upstream.address/transport/tls_server_name, tls.upstream_ca, state.path, cluster.redis_url/shared_counters/count_interval, tftp.enabled/listen, notify.webhook/email_*/smtp_url/digest, sip.flow_key and sip.nat_detection change only on restart"
         );
     }
     node.reconfigure(cfg);

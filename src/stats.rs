@@ -1,7 +1,12 @@
-//! Packet counters shared by every socket task: plain atomics on the hot path, rendered by the
-//! admin surface as `/api/stats` and Prometheus text.
+//! Packet counters shared by every socket task, rendered by the admin surface as `/api/stats`
+//! and Prometheus text. The ones every packet touches (packets in, drops, forwards) are
+//! [`Counter`]s: one cache line per core slot, so two cores counting the same event never write
+//! the same word; the rest are plain atomics.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crossbeam_utils::CachePadded;
 
 use parking_lot::Mutex;
 
@@ -85,6 +90,11 @@ impl DropReason {
 pub enum Transport {
     Udp,
     Tcp,
+    /// SIP over a plain WebSocket (RFC 7118), behind a TLS-terminating load balancer.
+    Ws,
+    /// SIP over a WebSocket over TLS (RFC 7118).
+    Wss,
+    Tls,
 }
 
 impl Transport {
@@ -92,20 +102,165 @@ impl Transport {
         match self {
             Transport::Udp => "udp",
             Transport::Tcp => "tcp",
+            Transport::Ws => "ws",
+            Transport::Wss => "wss",
+            Transport::Tls => "tls",
         }
+    }
+
+    /// A connection-oriented transport: the way back to a peer is the connection it opened.
+    /// (TCP and TLS messages are framed out of the stream; a WebSocket message is one SIP
+    /// message.)
+    pub fn is_stream(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+}
+
+/// Why a TLS handshake did not complete. The names are the `reason` label in metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TlsFailure {
+    /// Not finished within `tls.handshake_timeout`.
+    Timeout,
+    /// Over `tls.max_handshakes_per_ip` (or the total cap) when it arrived.
+    Cap,
+    /// No protocol version or cipher suite in common (TLS 1.0/1.1 clients end here).
+    Incompatible,
+    /// The client sent a fatal alert (typically: it does not trust our certificate).
+    Alert,
+    /// The client certificate is missing or does not verify (`tls.verify_client`).
+    ClientCertificate,
+    /// Not TLS, or TLS that breaks the protocol.
+    Protocol,
+    /// The client closed or reset the connection during the handshake.
+    Closed,
+}
+
+impl TlsFailure {
+    pub const ALL: [TlsFailure; 7] = [
+        TlsFailure::Timeout,
+        TlsFailure::Cap,
+        TlsFailure::Incompatible,
+        TlsFailure::Alert,
+        TlsFailure::ClientCertificate,
+        TlsFailure::Protocol,
+        TlsFailure::Closed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsFailure::Timeout => "timeout",
+            TlsFailure::Cap => "cap",
+            TlsFailure::Incompatible => "incompatible",
+            TlsFailure::Alert => "alert",
+            TlsFailure::ClientCertificate => "client_certificate",
+            TlsFailure::Protocol => "protocol",
+            TlsFailure::Closed => "closed",
+        }
+    }
+}
+
+/// TLS counters: handshakes by outcome, failures by reason, certificate reloads by outcome.
+#[derive(Debug, Default)]
+pub struct TlsStats {
+    pub handshakes_ok: AtomicU64,
+    failures: [AtomicU64; TlsFailure::ALL.len()],
+    /// Connections in handshake now (a gauge).
+    pub in_handshake: AtomicU64,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+impl TlsStats {
+    pub fn failed(&self, r: TlsFailure) {
+        inc(&self.failures[r as usize]);
+    }
+
+    pub fn failures(&self, r: TlsFailure) -> u64 {
+        self.failures[r as usize].load(Ordering::Relaxed)
+    }
+
+    /// Failed handshakes, every reason together.
+    pub fn handshakes_failed(&self) -> u64 {
+        TlsFailure::ALL.iter().map(|r| self.failures(*r)).sum()
+    }
+}
+
+/// Core slots of a [`Counter`]. Threads beyond this share slots (still correct, only slower):
+/// 16 cache lines, 1 KiB per counter.
+const SLOTS: usize = 16;
+
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+
+thread_local! {
+    /// This thread's slot, given out round-robin on first use.
+    static SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+fn slot() -> usize {
+    SLOT.with(|s| {
+        let v = s.get();
+        if v != usize::MAX {
+            return v;
+        }
+        let v = NEXT_SLOT.fetch_add(1, Ordering::Relaxed) % SLOTS;
+        s.set(v);
+        v
+    })
+}
+
+/// A counter incremented from many cores at packet rate: each thread adds to its own
+/// cache-padded cell, a read sums them (exact once the writers are done, monotonic always).
+#[derive(Debug, Default)]
+pub struct Counter {
+    cells: [CachePadded<AtomicU64>; SLOTS],
+}
+
+impl Counter {
+    pub fn add(&self, n: u64) {
+        if let Some(c) = self.cells.get(slot()) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.cells
+            .iter()
+            .fold(0u64, |a, c| a.wrapping_add(c.load(Ordering::Relaxed)))
+    }
+}
+
+/// What [`Stats::get`] reads: a plain atomic or a [`Counter`].
+pub trait Read {
+    fn read(&self) -> u64;
+}
+
+impl Read for AtomicU64 {
+    fn read(&self) -> u64 {
+        self.load(Ordering::Relaxed)
+    }
+}
+
+impl Read for Counter {
+    fn read(&self) -> u64 {
+        self.get()
     }
 }
 
 #[derive(Debug, Default)]
 pub struct Stats {
-    pub packets_in_udp: AtomicU64,
-    pub packets_in_tcp: AtomicU64,
-    pub requests_forwarded: AtomicU64,
-    pub responses_forwarded: AtomicU64,
+    pub packets_in_udp: Counter,
+    pub packets_in_tcp: Counter,
+    pub packets_in_tls: Counter,
+    pub requests_forwarded: Counter,
+    pub responses_forwarded: Counter,
     /// Responses sipwarden generated itself (403, 483, 503, ...).
     pub replies_sent: AtomicU64,
     pub keepalives: AtomicU64,
-    dropped: [AtomicU64; DropReason::ALL.len()],
+    dropped: [Counter; DropReason::ALL.len()],
     /// TCP connections accepted (a counter: it only goes up).
     pub tcp_connections: AtomicU64,
     /// TCP connections open now (a gauge).
@@ -116,6 +271,9 @@ pub struct Stats {
     pub tcp_write_overflows: AtomicU64,
     /// TCP connections closed because one write took longer than `sip.tcp_write_timeout`.
     pub tcp_write_timeouts: AtomicU64,
+    /// Connections closed because their source got blocked (TCP and TLS).
+    pub conns_closed_blocked: AtomicU64,
+    pub tls: TlsStats,
     /// Panics caught on the packet path (a bug an attacker may be able to trigger at will).
     pub panics: AtomicU64,
     /// Unix second of the last panic logged: panic logs are limited to one a second.
@@ -139,6 +297,68 @@ pub struct Stats {
     pub latency_sum_us: AtomicU64,
     pub latency_count: AtomicU64,
     pub latency_buckets: [AtomicU64; LATENCY_BUCKETS_US.len()],
+    /// SIP over WebSocket (`sip.listen_ws`, `sip.listen_wss`).
+    pub ws: WsStats,
+}
+
+/// How a WebSocket upgrade ended. The names are the `outcome` label in metrics and stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WsOutcome {
+    /// Upgraded with the `sip` subprotocol.
+    Ok,
+    /// The client offered no `sip` subprotocol (refused 400, scored).
+    NoSubprotocol,
+    /// Not a WebSocket upgrade request, or a broken one (scored).
+    BadRequest,
+    /// The handshake did not finish within `websocket.handshake_timeout` (scored).
+    Timeout,
+    /// Refused before the handshake: too many connections or handshakes from the address, or
+    /// in total.
+    Capped,
+    /// Refused before the handshake: the source is blocked.
+    Blocked,
+}
+
+impl WsOutcome {
+    pub const ALL: [WsOutcome; 6] = [
+        WsOutcome::Ok,
+        WsOutcome::NoSubprotocol,
+        WsOutcome::BadRequest,
+        WsOutcome::Timeout,
+        WsOutcome::Capped,
+        WsOutcome::Blocked,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WsOutcome::Ok => "ok",
+            WsOutcome::NoSubprotocol => "no_subprotocol",
+            WsOutcome::BadRequest => "bad_request",
+            WsOutcome::Timeout => "timeout",
+            WsOutcome::Capped => "capped",
+            WsOutcome::Blocked => "blocked",
+        }
+    }
+}
+
+/// WebSocket counters: upgrades by outcome (counters), open connections (a gauge), and
+/// connections closed for an oversized frame or message.
+#[derive(Debug, Default)]
+pub struct WsStats {
+    upgrades: [AtomicU64; WsOutcome::ALL.len()],
+    pub open: AtomicU64,
+    pub oversized: AtomicU64,
+    pub packets_in: Counter,
+}
+
+impl WsStats {
+    pub fn upgrade(&self, o: WsOutcome) {
+        inc(&self.upgrades[o as usize]);
+    }
+
+    pub fn upgrades(&self, o: WsOutcome) -> u64 {
+        self.upgrades[o as usize].load(Ordering::Relaxed)
+    }
 }
 
 /// Upper bounds (µs) of the forwarding latency histogram.
@@ -150,26 +370,32 @@ fn inc(c: &AtomicU64) {
 
 impl Stats {
     pub fn packet_in(&self, t: Transport) {
-        inc(match t {
+        match t {
             Transport::Udp => &self.packets_in_udp,
             Transport::Tcp => &self.packets_in_tcp,
-        });
+            Transport::Ws | Transport::Wss => &self.ws.packets_in,
+            Transport::Tls => &self.packets_in_tls,
+        }
+        .inc();
     }
 
     pub fn drop(&self, r: DropReason) {
-        inc(&self.dropped[r.index()]);
+        if let Some(c) = self.dropped.get(r.index()) {
+            c.inc();
+        }
     }
 
     pub fn dropped(&self, r: DropReason) -> u64 {
-        self.dropped[r.index()].load(Ordering::Relaxed)
+        self.dropped.get(r.index()).map_or(0, Counter::get)
     }
 
     pub fn forwarded(&self, request: bool) {
-        inc(if request {
+        if request {
             &self.requests_forwarded
         } else {
             &self.responses_forwarded
-        });
+        }
+        .inc();
     }
 
     pub fn latency(&self, us: u64) {
@@ -180,8 +406,8 @@ impl Stats {
         }
     }
 
-    pub fn get(c: &AtomicU64) -> u64 {
-        c.load(Ordering::Relaxed)
+    pub fn get(c: &impl Read) -> u64 {
+        c.read()
     }
 
     /// Count a caught panic; true when it should be logged (the first one in unix second
@@ -272,5 +498,35 @@ impl Listeners {
             .filter(|s| !s.serving)
             .map(|s| s.name)
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_counter_sums_what_every_thread_added() {
+        let c = std::sync::Arc::new(Counter::default());
+        let hs: Vec<_> = (0..4)
+            .map(|_| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for _ in 0..1000 {
+                        c.inc();
+                    }
+                    c.add(5);
+                })
+            })
+            .collect();
+        for h in hs {
+            h.join().unwrap();
+        }
+        assert_eq!(c.get(), 4 * 1005);
+        let s = Stats::default();
+        s.drop(DropReason::Blocked);
+        s.drop(DropReason::Blocked);
+        assert_eq!(s.dropped(DropReason::Blocked), 2);
+        assert_eq!(Stats::get(&s.packets_in_udp), 0);
     }
 }

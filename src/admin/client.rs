@@ -530,8 +530,8 @@ fn stats_text(s: &StatsView) -> String {
     kv(
         "packets in",
         format!(
-            "{} (udp {}, tcp {})",
-            s.packets_in.total, s.packets_in.udp, s.packets_in.tcp
+            "{} (udp {}, tcp {}, tls {})",
+            s.packets_in.total, s.packets_in.udp, s.packets_in.tcp, s.packets_in.tls
         ),
     );
     kv(
@@ -581,6 +581,17 @@ fn stats_text(s: &StatsView) -> String {
         format!(
             "{} connections, {} refused",
             s.tcp.connections, s.tcp.rejected
+        ),
+    );
+    kv(
+        "tls",
+        format!(
+            "{} handshakes, {} failed, {} in progress, reloads {} ok / {} failed",
+            s.tls.handshakes_ok,
+            s.tls.handshakes_failed,
+            s.tls.in_handshake,
+            s.tls.reloads_ok,
+            s.tls.reloads_failed
         ),
     );
     kv(
@@ -737,7 +748,7 @@ mod tests {
         node.stats.packet_in(crate::stats::Transport::Udp);
         let stats = run(Command::Stats { json: false }).await.unwrap();
         assert!(
-            stats.contains("packets in         1 (udp 1, tcp 0)\n"),
+            stats.contains("packets in         1 (udp 1, tcp 0, tls 0)\n"),
             "{stats}"
         );
         assert!(

@@ -17,7 +17,7 @@ use super::history::{History, HistoryView};
 use crate::blocks::{BlockType, Event, UnblockReason};
 use crate::clock::Millis;
 use crate::node::Node;
-use crate::stats::{DropReason, Stats, LATENCY_BUCKETS_US};
+use crate::stats::{DropReason, LATENCY_BUCKETS_US};
 
 const TYPES: usize = BlockType::ALL.len();
 const WHYS: [UnblockReason; 5] = [
@@ -298,7 +298,7 @@ fn health(e: &mut Enc<'_>, node: &Node) -> R {
     labelled(
         e,
         "sipwarden_hep_packets",
-        "HEP export by outcome: sent, dropped (queue full), failed (send error), filtered (hep.only).",
+        "HEP export by outcome: sent, dropped (queue full), failed (send error), filtered (hep.only, hep.sample, blocked-source drops).",
         MetricType::Counter,
         "outcome",
         &[
@@ -307,6 +307,12 @@ fn health(e: &mut Enc<'_>, node: &Node) -> R {
             ("failed", h.hep_failed),
             ("filtered", h.hep_filtered),
         ],
+    )?;
+    counter(
+        e,
+        "sipwarden_hep_filtered",
+        "Messages the HEP filter skipped before the export queue (hep.only, hep.sample, blocked-source drops).",
+        h.hep_filtered,
     )?;
     gauge(
         e,
@@ -320,7 +326,9 @@ impl Collector for NodeCollector {
     fn encode(&self, mut e: DescriptorEncoder<'_>) -> R {
         let node = &self.node;
         let s = &node.stats;
-        let g = Stats::get;
+        fn g(c: &impl crate::stats::Read) -> u64 {
+            c.read()
+        }
 
         let version = [("version", env!("CARGO_PKG_VERSION"))];
         e.encode_descriptor("sipwarden_build", "sipwarden build", None, MetricType::Info)?
@@ -332,7 +340,56 @@ impl Collector for NodeCollector {
             "SIP packets received from phones and the PBX, by transport.",
             MetricType::Counter,
             "transport",
-            &[("udp", g(&s.packets_in_udp)), ("tcp", g(&s.packets_in_tcp))],
+            &[
+                ("udp", g(&s.packets_in_udp)),
+                ("tcp", g(&s.packets_in_tcp)),
+                ("tls", g(&s.packets_in_tls)),
+                ("ws", g(&s.ws.packets_in)),
+            ],
+        )?;
+        let t = &s.tls;
+        labelled(
+            &mut e,
+            "sipwarden_tls_handshakes",
+            "TLS handshakes on sip.listen_tls, by outcome.",
+            MetricType::Counter,
+            "outcome",
+            &[
+                ("ok", g(&t.handshakes_ok)),
+                ("failed", t.handshakes_failed()),
+            ],
+        )?;
+        let fails: Vec<_> = crate::stats::TlsFailure::ALL
+            .iter()
+            .map(|r| (r.as_str(), t.failures(*r)))
+            .collect();
+        labelled(
+            &mut e,
+            "sipwarden_tls_handshake_failures",
+            "TLS handshakes that did not complete, by reason.",
+            MetricType::Counter,
+            "reason",
+            &fails,
+        )?;
+        gauge(
+            &mut e,
+            "sipwarden_tls_handshakes_in_progress",
+            "TLS connections in handshake now.",
+            g(&t.in_handshake),
+        )?;
+        labelled(
+            &mut e,
+            "sipwarden_tls_certificate_reloads",
+            "Certificate reloads (SIGHUP, file change), by outcome; a failure keeps the old ones.",
+            MetricType::Counter,
+            "outcome",
+            &[("ok", g(&t.reloads_ok)), ("failed", g(&t.reloads_failed))],
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_connections_closed_blocked",
+            "TCP and TLS connections closed because their source was blocked.",
+            g(&s.conns_closed_blocked),
         )?;
         labelled(
             &mut e,
@@ -398,6 +455,30 @@ impl Collector for NodeCollector {
             "sipwarden_tcp_write_timeouts",
             "TCP connections closed because a write took longer than sip.tcp_write_timeout.",
             g(&s.tcp_write_timeouts),
+        )?;
+        let upgrades: Vec<_> = crate::stats::WsOutcome::ALL
+            .iter()
+            .map(|o| (o.as_str(), s.ws.upgrades(*o)))
+            .collect();
+        labelled(
+            &mut e,
+            "sipwarden_ws_upgrades",
+            "WebSocket upgrades (sip.listen_ws, sip.listen_wss), by outcome.",
+            MetricType::Counter,
+            "outcome",
+            &upgrades,
+        )?;
+        gauge(
+            &mut e,
+            "sipwarden_ws_connections_open",
+            "WebSocket connections open now.",
+            g(&s.ws.open),
+        )?;
+        counter(
+            &mut e,
+            "sipwarden_ws_oversized",
+            "WebSocket connections closed for a message or frame over websocket.max_frame_bytes.",
+            g(&s.ws.oversized),
         )?;
         counter(
             &mut e,
@@ -541,6 +622,8 @@ impl Collector for NodeCollector {
         )?;
 
         health(&mut e, node)?;
+        let counts = node.inspect(|eng| eng.shared_counts().clone());
+        crate::cluster_count::metrics::encode(&mut e, &counts)?;
 
         counter(
             &mut e,
@@ -713,6 +796,32 @@ mod tests {
     use crate::engine::Detection;
 
     #[test]
+    fn websocket_series_rendered() {
+        let (node, _rx) = Node::new(Config::default());
+        let s = &node.stats.ws;
+        s.upgrade(crate::stats::WsOutcome::Ok);
+        s.upgrade(crate::stats::WsOutcome::Ok);
+        s.upgrade(crate::stats::WsOutcome::NoSubprotocol);
+        s.open.store(1, Ordering::Relaxed);
+        node.stats.packet_in(crate::stats::Transport::Wss);
+        let text = render(&node, Box::leak(Box::new(EventCounters::new())));
+        for want in [
+            "sipwarden_ws_upgrades_total{outcome=\"ok\"} 2",
+            "sipwarden_ws_upgrades_total{outcome=\"no_subprotocol\"} 1",
+            "sipwarden_ws_upgrades_total{outcome=\"blocked\"} 0",
+            "# TYPE sipwarden_ws_connections_open gauge",
+            "sipwarden_ws_connections_open 1",
+            "sipwarden_ws_oversized_total 0",
+            "sipwarden_sip_packets_received_total{transport=\"ws\"} 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == want),
+                "missing {want:?} in\n{text}"
+            );
+        }
+    }
+
+    #[test]
     fn health_rendered() {
         let (node, _rx) = Node::new(Config::default());
         let lines =
@@ -727,6 +836,7 @@ mod tests {
             "sipwarden_cluster_publish_lag_seconds 0.0",
             "sipwarden_notifications_total{outcome=\"failed\"} 0",
             "sipwarden_hep_packets_total{outcome=\"dropped\"} 0",
+            "sipwarden_hep_filtered_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == want),

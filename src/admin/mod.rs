@@ -80,7 +80,10 @@ pub(crate) fn router_with(
     });
     let api = Router::new()
         .route("/blocks", get(api::list_blocks).post(api::add_block))
-        .route("/blocks/{*ip}", delete(api::remove_block))
+        .route(
+            "/blocks/{*ip}",
+            get(dashboard::block_detail).delete(api::remove_block),
+        )
         .route("/whitelist", get(api::whitelist).post(api::whitelist_add))
         .route("/whitelist/{*cidr}", delete(api::whitelist_remove))
         .route("/blacklist", get(api::blacklist).post(api::blacklist_add))

@@ -395,8 +395,10 @@ async fn stats_counts_and_history() {
     assert_eq!(s["mode"], "enforce");
     assert_eq!(
         s["packets_in"],
-        serde_json::json!({"udp": 1, "tcp": 0, "total": 1})
+        serde_json::json!({"udp": 1, "tcp": 0, "tls": 0, "ws": 0, "total": 1})
     );
+    assert_eq!(s["tls"]["failures"]["timeout"], 0);
+    assert_eq!(s["tls"]["reloads_failed"], 0);
     assert_eq!(s["dropped"]["scanner"], 1);
     assert_eq!(
         s["dropped"].as_object().map(|o| o.len()),
@@ -432,6 +434,7 @@ fn scanner_block(now: u64) -> Event {
         strikes: 1,
         hits: 1,
         evidence: vec![],
+        packets: Vec::new(),
         enforced: true,
     })
 }
@@ -603,6 +606,16 @@ async fn metrics_exact_lines() {
     s.packet_in(crate::stats::Transport::Udp);
     s.packet_in(crate::stats::Transport::Udp);
     s.packet_in(crate::stats::Transport::Tcp);
+    s.packet_in(crate::stats::Transport::Tls);
+    s.tls
+        .handshakes_ok
+        .fetch_add(4, std::sync::atomic::Ordering::Relaxed);
+    s.tls.failed(crate::stats::TlsFailure::Timeout);
+    s.tls.failed(crate::stats::TlsFailure::Incompatible);
+    s.tls.failed(crate::stats::TlsFailure::Incompatible);
+    s.tls
+        .reloads_failed
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     s.forwarded(true);
     s.drop(crate::stats::DropReason::Blocked);
     s.latency(8);
@@ -641,6 +654,17 @@ async fn metrics_exact_lines() {
         "# TYPE sipwarden_sip_packets_received counter",
         "sipwarden_sip_packets_received_total{transport=\"udp\"} 2",
         "sipwarden_sip_packets_received_total{transport=\"tcp\"} 1",
+        "sipwarden_sip_packets_received_total{transport=\"tls\"} 1",
+        "# TYPE sipwarden_tls_handshakes counter",
+        "sipwarden_tls_handshakes_total{outcome=\"ok\"} 4",
+        "sipwarden_tls_handshakes_total{outcome=\"failed\"} 3",
+        "sipwarden_tls_handshake_failures_total{reason=\"timeout\"} 1",
+        "sipwarden_tls_handshake_failures_total{reason=\"incompatible\"} 2",
+        "sipwarden_tls_handshake_failures_total{reason=\"cap\"} 0",
+        "sipwarden_tls_handshakes_in_progress 0",
+        "sipwarden_tls_certificate_reloads_total{outcome=\"ok\"} 0",
+        "sipwarden_tls_certificate_reloads_total{outcome=\"failed\"} 1",
+        "sipwarden_connections_closed_blocked_total 0",
         "sipwarden_sip_forwarded_total{kind=\"request\"} 1",
         "sipwarden_sip_forwarded_total{kind=\"response\"} 0",
         "sipwarden_sip_dropped_total{reason=\"blocked\"} 1",

@@ -4,8 +4,10 @@
 //! lists and the policy (through [`Gate::set_policy`]).
 //!
 //! Two parts, by how often they change:
-//! - the enforced blocks, in a sharded map ([`DashMap`]): blocks come and go at attack rate, so
-//!   a copy per change would cost O(blocks); a shard's read lock is held for one lookup;
+//! - the enforced blocks, in a lock-free concurrent map ([`papaya::HashMap`]): blocks come and
+//!   go at attack rate, so a copy per change would cost O(blocks); a lookup takes no lock and
+//!   writes no shared word (its epoch guard is per thread), so two cores dropping packets never
+//!   wait for, nor bounce a cache line with, each other;
 //! - the white- and blacklist with the policy (observe mode, 403 reply, IPv6 prefix), as an
 //!   [`ArcSwap`] snapshot: they change only when an operator or the automatic blacklist acts, and
 //!   a reader pays one atomic load.
@@ -13,7 +15,10 @@
 //! Only *enforced, unexpired* blocks answer [`GateVerdict::Blocked`]: observe-mode blocks are
 //! never put here, and an entry whose time is up stops matching at once, before the engine's
 //! sweep removes it. Packets dropped here are counted per entry ([`Gate::hits`]); the table folds
-//! them into its rows ([`super::BlockTable::fold_gate_hits`]) where the admin reads them. The
+//! them into its rows ([`super::BlockTable::fold_gate_hits`]) where the admin reads them. A
+//! receive loop counts its drops in its own [`LocalHits`] first and adds them to the entries in
+//! bulk ([`Gate::check_local`], [`LocalHits::flush`]), so a flood from one source does not make
+//! every core increment the same counter. The
 //! gate holds no more entries than the block table (`protection.max_blocks`), which bounds it.
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
 
@@ -22,7 +27,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use dashmap::DashMap;
 
 use super::{source_net, Block, BlockKey, BlockType, Lists};
 use crate::clock::Millis;
@@ -69,14 +73,60 @@ struct Entry {
     hits: AtomicU64,
 }
 
-/// Shards of the block map. Two readers contend only when their keys fall in the same shard
-/// (its read-lock word is shared), so many more shards than cores: at 128 two cores dropping
-/// different sources meet in under 1% of lookups. A power of two, as dashmap requires.
-const SHARDS: usize = 128;
+/// Drops a receive loop counts for itself before adding them to the gate's entries: a few
+/// distinct sources (a flood comes from one, or from many one at a time), searched linearly.
+/// Full, or [`LocalHits::FLUSH_EVERY`] drops, or the loop's timer: flushed.
+#[derive(Debug, Default)]
+pub struct LocalHits {
+    pending: Vec<(BlockKey, u64)>,
+    count: u64,
+}
+
+impl LocalHits {
+    /// Distinct sources held before a flush.
+    pub const KEYS: usize = 16;
+    /// Drops held before a flush, so the admin's figures are never far behind.
+    pub const FLUSH_EVERY: u64 = 4096;
+
+    fn add(&mut self, gate: &Gate, key: BlockKey) {
+        self.count += 1;
+        match self.pending.iter_mut().find(|(k, _)| *k == key) {
+            Some((_, n)) => *n += 1,
+            None => {
+                if self.pending.len() >= Self::KEYS {
+                    self.flush(gate);
+                    self.count = 1;
+                }
+                self.pending.push((key, 1));
+            }
+        }
+        if self.count >= Self::FLUSH_EVERY {
+            self.flush(gate);
+        }
+    }
+
+    /// Add the held drops to the gate's entries (those still there).
+    pub fn flush(&mut self, gate: &Gate) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let m = gate.blocks.pin();
+        for (k, n) in self.pending.drain(..) {
+            if let Some(e) = m.get(&k) {
+                e.hits.fetch_add(n, Ordering::Relaxed);
+            }
+        }
+        self.count = 0;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+}
 
 #[derive(Debug)]
 pub struct Gate {
-    blocks: DashMap<BlockKey, Entry>,
+    blocks: papaya::HashMap<BlockKey, Entry>,
     /// (address, port) entries: when zero the second lookup is skipped.
     port_blocks: AtomicUsize,
     policy: ArcSwap<Policy>,
@@ -90,7 +140,7 @@ impl Default for Gate {
     fn default() -> Self {
         let p = Policy::default();
         Gate {
-            blocks: DashMap::with_shard_amount(SHARDS),
+            blocks: papaya::HashMap::new(),
             port_blocks: AtomicUsize::new(0),
             ipv6_prefix: AtomicU8::new(p.ipv6_prefix),
             reply_403: AtomicBool::new(p.reply_403),
@@ -104,18 +154,46 @@ impl Gate {
         Arc::new(Gate::default())
     }
 
-    /// The verdict for a packet from `src` at `now`, counting the hit when blocked. Lock-free
-    /// for the lists; one shard read lock for each block lookup.
+    /// The verdict for a packet from `src` at `now`, counting the hit on the entry when
+    /// blocked. Lock-free.
     pub fn check(&self, now: Millis, src: SocketAddr) -> GateVerdict {
+        self.verdict(now, src, |e, _| {
+            e.hits.fetch_add(1, Ordering::Relaxed);
+        })
+    }
+
+    /// As [`Gate::check`], the hit counted in the caller's `local` (flushed to the entry
+    /// later): what a receive loop uses.
+    pub fn check_local(&self, now: Millis, src: SocketAddr, local: &mut LocalHits) -> GateVerdict {
+        self.verdict(now, src, |_, key| local.add(self, key))
+    }
+
+    fn verdict(
+        &self,
+        now: Millis,
+        src: SocketAddr,
+        mut hit: impl FnMut(&Entry, BlockKey),
+    ) -> GateVerdict {
         let ip = src.ip();
         let net = source_net(ip, self.ipv6_prefix.load(Ordering::Relaxed));
         let reply_403 = self.reply_403.load(Ordering::Relaxed);
-        if let Some(kind) = self.hit(&BlockKey::whole(net), now) {
-            return GateVerdict::Blocked { kind, reply_403 };
-        }
-        if self.port_blocks.load(Ordering::Relaxed) > 0 {
-            if let Some(kind) = self.hit(&BlockKey::with_port(net, src.port()), now) {
+        {
+            let m = self.blocks.pin();
+            let mut lookup = |key: BlockKey| {
+                let e = m.get(&key)?;
+                if matches!(e.expires_at, Some(t) if t <= now) {
+                    return None;
+                }
+                hit(e, key);
+                Some(e.kind)
+            };
+            if let Some(kind) = lookup(BlockKey::whole(net)) {
                 return GateVerdict::Blocked { kind, reply_403 };
+            }
+            if self.port_blocks.load(Ordering::Relaxed) > 0 {
+                if let Some(kind) = lookup(BlockKey::with_port(net, src.port())) {
+                    return GateVerdict::Blocked { kind, reply_403 };
+                }
             }
         }
         let policy = self.policy.load();
@@ -131,15 +209,6 @@ impl Gate {
         GateVerdict::Inspect
     }
 
-    fn hit(&self, key: &BlockKey, now: Millis) -> Option<BlockType> {
-        let e = self.blocks.get(key)?;
-        if matches!(e.expires_at, Some(t) if t <= now) {
-            return None;
-        }
-        e.hits.fetch_add(1, Ordering::Relaxed);
-        Some(e.kind)
-    }
-
     /// Mirror a block stored in the table: enforced ones are put (with no hits yet: the row
     /// carries its own), others taken out.
     pub(crate) fn put(&self, b: &Block) {
@@ -152,16 +221,16 @@ impl Gate {
             expires_at: b.expires_at,
             hits: AtomicU64::new(0),
         };
-        if self.blocks.insert(b.key, entry).is_none() && b.key.port.is_some() {
+        if self.blocks.pin().insert(b.key, entry).is_none() && b.key.port.is_some() {
             self.port_blocks.fetch_add(1, Ordering::Relaxed);
         }
     }
 
     /// Mirror a block leaving the table. Returns the hits not yet folded.
     pub(crate) fn remove(&self, key: &BlockKey) -> u64 {
-        match self.blocks.remove(key) {
-            Some((k, e)) => {
-                if k.port.is_some() {
+        match self.blocks.pin().remove(key) {
+            Some(e) => {
+                if key.port.is_some() {
                     self.port_blocks.fetch_sub(1, Ordering::Relaxed);
                 }
                 e.hits.load(Ordering::Relaxed)
@@ -173,16 +242,17 @@ impl Gate {
     /// Hits counted here for `key`, not yet folded into the table.
     pub fn hits(&self, key: &BlockKey) -> u64 {
         self.blocks
+            .pin()
             .get(key)
             .map_or(0, |e| e.hits.load(Ordering::Relaxed))
     }
 
     /// Take every entry's unfolded hits (resetting them), for the table to add to its rows.
     pub(crate) fn drain_hits(&self, mut f: impl FnMut(&BlockKey, u64)) {
-        for e in self.blocks.iter() {
+        for (k, e) in self.blocks.pin().iter() {
             let n = e.hits.swap(0, Ordering::Relaxed);
             if n > 0 {
-                f(e.key(), n);
+                f(k, n);
             }
         }
     }

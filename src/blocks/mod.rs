@@ -3,11 +3,12 @@
 //! and notifications consume.
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
 
+pub mod evidence;
 pub mod gate;
 mod lists;
 pub mod table;
 
-pub use gate::{Gate, GateVerdict, Policy};
+pub use gate::{Gate, GateVerdict, LocalHits, Policy};
 pub use lists::{ListEntry, ListKind, Lists};
 pub use table::{Block, BlockTable, Hit};
 

@@ -38,6 +38,10 @@ pub struct Block {
     /// Packets dropped because of this block.
     pub hits: u64,
     pub evidence: Vec<String>,
+    /// The captured packets behind the block, for the ladder view (at most
+    /// [`super::evidence::PACKETS`]). Absent in state written before they were kept.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub packets: Vec<super::evidence::Packet>,
     /// `false` in observe mode: shown as a would-be block, nothing is dropped.
     pub enforced: bool,
 }
@@ -353,6 +357,7 @@ mod tests {
             strikes: 1,
             hits: 0,
             evidence: vec![],
+            packets: Vec::new(),
             enforced: true,
         }
     }

@@ -139,3 +139,30 @@ fn email_alert_keys() {
     assert!(err("[notify]\nemail_from = \"@\"\n").contains("notify.email_from"));
     assert!(err("[notify]\ndigest = \"0s\"\n").contains("notify.digest"));
 }
+
+#[test]
+fn tls_keys_are_checked_and_named() {
+    assert!(err("[sip]\nlisten_tls = [\"127.0.0.1:5061\"]\n").contains("tls.certificate"));
+    assert!(err("[tls]\ncertificate = \"a.pem\"\n").contains("tls.private_key"));
+    assert!(err("[tls]\nmin_version = \"1.1\"\n").contains("tls.min_version"));
+    assert!(err("[tls]\nverify_client = \"required\"\n").contains("tls.client_ca"));
+    assert!(err("[tls]\nhandshake_timeout = \"0s\"\n").contains("tls.handshake_timeout"));
+    assert!(err("[tls]\nmax_handshakes_per_ip = 0\n").contains("tls.max_handshakes_per_ip"));
+    assert!(err("[tls]\nbogus = 1\n").contains("bogus"));
+    let sni = "[tls]\ncertificate = \"a\"\nprivate_key = \"b\"\n\
+               sni = [{ name = \"bad name\", certificate = \"c\", private_key = \"d\" }]\n";
+    assert!(err(sni).contains("tls.sni[0].name"));
+    assert!(err("[upstream]\ntransport = \"tls\"\n").contains("tls.upstream_ca"));
+    assert!(
+        err("[upstream]\ntls_server_name = \"not a name!\"\n").contains("upstream.tls_server_name")
+    );
+    let ok = Config::from_toml(
+        "[sip]\nlisten_tls = [\"[::1]:5061\"]\n[tls]\ncertificate = \"a\"\nprivate_key = \"b\"\n\
+         min_version = \"1.3\"\nupstream_ca = \"ca.pem\"\n\
+         sni = [{ name = \"*.example.com\", certificate = \"c\", private_key = \"d\" }]\n\
+         [upstream]\naddress = \"sip:pbx.example.com;transport=tls\"\n",
+    )
+    .unwrap();
+    assert_eq!(ok.tls.min_version, TlsVersion::V13);
+    assert_eq!(ok.upstream_target().transport, TransportKind::Tls);
+}

@@ -32,6 +32,11 @@ pub enum Anomaly {
     /// request whose own Via claims to be ours: an attempt to make us route what we did not
     /// cause.
     ForgedResponse,
+    /// A refused WebSocket upgrade (not an upgrade, no `sip` subprotocol, too slow) or a
+    /// broken or oversized WebSocket frame.
+    WebSocket(&'static str),
+    /// A TLS handshake that failed, timed out or went over `tls.max_handshakes_per_ip`.
+    TlsHandshake,
 }
 
 impl Anomaly {
@@ -64,6 +69,8 @@ impl Anomaly {
             Anomaly::BadAddress(h) => format!("malformed {h}"),
             Anomaly::BadRequestUri => "malformed Request-URI".into(),
             Anomaly::ForgedResponse => "forged Via of ours (branch does not verify)".into(),
+            Anomaly::WebSocket(why) => format!("websocket: {why}"),
+            Anomaly::TlsHandshake => "TLS handshake failed".into(),
         }
     }
 }

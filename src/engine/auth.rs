@@ -18,6 +18,7 @@ use super::track::{nonzero, Distinct, Window};
 use super::Detection;
 use crate::blocks::{source_net, BlockKey, BlockType};
 use crate::clock::Millis;
+use crate::cluster_count::{Detector, SharedCounts};
 use crate::config::Config;
 use crate::util::hash64;
 
@@ -134,6 +135,8 @@ pub struct AuthTracker {
     /// secret so an attacker cannot craft a new guess that collides with an old one.
     seen: LruCache<u64, Millis>,
     seen_key: RandomState,
+    /// Failures per source counted cluster-wide (a no-op on a single node).
+    shared: SharedCounts,
 }
 
 impl AuthTracker {
@@ -147,7 +150,13 @@ impl AuthTracker {
             accounts: LruCache::new(n),
             seen: LruCache::new(n),
             seen_key: RandomState::new(),
+            shared: SharedCounts::disabled(),
         }
+    }
+
+    /// Count failures per source across the cluster through `shared`.
+    pub fn set_shared(&mut self, shared: SharedCounts) {
+        self.shared = shared;
     }
 
     pub fn resize(&mut self, cap: usize) {
@@ -170,6 +179,45 @@ impl AuthTracker {
         self.sources
             .get_or_insert_mut(net, SourceAuth::default)
             .creds_at = now;
+    }
+
+    /// A request from `net` when the cluster's failures for it have reached `hit_count`
+    /// without this node seeing the last of them (they came through other nodes): the block
+    /// the next answer here would make, made before the request reaches the PBX. None on a
+    /// single node, and for sources with good history (their blocks need the port of an
+    /// answer, see [`decide`]).
+    pub fn cluster_block(&mut self, now: Millis, cfg: &Config, net: IpNet) -> Option<Detection> {
+        if !self.shared.is_enabled() {
+            return None;
+        }
+        let reg = &cfg.register;
+        let remote = self.shared.remote(now, Detector::Auth, net);
+        if remote == 0 {
+            return None;
+        }
+        let period = reg.monit_period.as_millis() as Millis;
+        let good_window = reg.good_history.as_millis() as Millis;
+        let (local, good, evidence) = self.sources.peek(&net).map_or((0, false, Vec::new()), |s| {
+            (
+                s.fails.estimate(now, period),
+                s.good_at > 0 && now.saturating_sub(s.good_at) < good_window,
+                s.evidence.clone(),
+            )
+        });
+        let n = local.saturating_add(remote);
+        if good || n < reg.hit_count {
+            return None;
+        }
+        Some(Detection {
+            key: BlockKey::whole(net),
+            kind: BlockType::Register,
+            reason: format!(
+                "{n} failed authentications within {} across the cluster ({local} here)",
+                humantime::format_duration(reg.monit_period)
+            ),
+            duration: reg.block_time,
+            evidence,
+        })
     }
 
     /// Is `user` under attack, and has this source no recent success for it?
@@ -291,7 +339,13 @@ impl AuthTracker {
             return (c, None);
         }
 
-        c.n_ip = s.fails.add(now, rperiod, 1);
+        // The whole-address count is cluster-wide: this node's failures plus what the other
+        // nodes reported for the source (0 on a single node).
+        self.shared.record(Detector::Auth, net, 1);
+        c.n_ip = s
+            .fails
+            .add(now, rperiod, 1)
+            .saturating_add(self.shared.remote(now, Detector::Auth, net));
         if creds {
             c.n_accounts = s.users_failed.add(now, pperiod, account_fp);
         }
@@ -330,6 +384,7 @@ impl AuthTracker {
             s.users_challenged = Distinct::default();
             s.evidence.clear();
         }
+        self.shared.forget(Detector::Auth, net);
     }
 
     pub fn reset_port(&mut self, net: IpNet, port: u16) {

@@ -68,6 +68,7 @@ impl Engine {
             strikes: strike.count.max(1),
             hits: 1,
             evidence: Vec::new(),
+            packets: self.take_packets(&d.key),
             enforced,
         };
         for e in d.evidence {
@@ -232,6 +233,7 @@ impl Engine {
             strikes: 1,
             hits: 0,
             evidence: vec![clip(&format!("last: {net}"))],
+            packets: Vec::new(),
             enforced: true,
         };
         // The table row is for the operator's view; the list entry enforces.
@@ -282,6 +284,7 @@ impl Engine {
             strikes: self.strikes.peek(&key.net).map_or(0, |s| s.count),
             hits: 0,
             evidence: Vec::new(),
+            packets: Vec::new(),
             enforced: true,
         };
         match self.table.insert(block.clone()) {

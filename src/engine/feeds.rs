@@ -36,6 +36,7 @@ impl Engine {
                 strikes: 0,
                 hits: 1,
                 evidence: vec![format!("feed {feed}: {net}")],
+                packets: Vec::new(),
                 enforced,
             };
             self.table.insert(b.clone());

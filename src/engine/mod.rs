@@ -11,6 +11,7 @@
 pub mod anomaly;
 pub mod auth;
 mod blocking;
+mod evidence;
 mod feeds;
 pub mod fraud;
 pub mod invite;
@@ -107,6 +108,10 @@ pub struct Engine {
     lists_dirty: bool,
     fraud: fraud::FraudGuard,
     feeds: crate::feeds::list::FeedList,
+    /// Cluster-wide counts (disabled on a single node); see [`crate::cluster_count`].
+    shared: crate::cluster_count::SharedCounts,
+    /// Recent packets per source, for the evidence ladder of a block that may follow.
+    watched: evidence::Watched,
 }
 
 fn flood_quota(cfg: &Config) -> Quota {
@@ -136,6 +141,8 @@ impl Engine {
             lists_dirty: false,
             fraud: fraud::FraudGuard::new(&cfg.fraud, rand::random()),
             feeds: crate::feeds::list::FeedList::new(cfg.feeds.max_entries),
+            shared: crate::cluster_count::SharedCounts::disabled(),
+            watched: LruCache::new(nonzero(evidence::WATCHED)),
             clock,
         };
         e.lists
@@ -144,6 +151,19 @@ impl Engine {
             .replace_config(ListKind::Blacklist, &cfg.lists.blacklist, now);
         e.publish_policy();
         e
+    }
+
+    /// Count REGISTER failures and INVITEs per source across the cluster through `shared`.
+    pub fn set_shared_counts(&mut self, shared: crate::cluster_count::SharedCounts) {
+        self.auth.set_shared(shared.clone());
+        self.invites.set_shared(shared.clone());
+        self.shared = shared;
+    }
+
+    /// The cluster-wide counts handle (disabled on a single node), for the TFTP guard and
+    /// `/metrics`.
+    pub fn shared_counts(&self) -> &crate::cluster_count::SharedCounts {
+        &self.shared
     }
 
     /// The lock-free drop gate this engine keeps in step with its block table, lists and
@@ -194,6 +214,8 @@ impl Engine {
         self.options.resize(nonzero(cap));
         self.devices.resize(nonzero(cap / 4 + 1));
         self.fraud.reconfigure(&cfg.fraud);
+        self.shared
+            .set_periods(crate::cluster_count::Periods::from_config(cfg));
         for kind in [ListKind::Whitelist, ListKind::Blacklist] {
             let nets = match kind {
                 ListKind::Whitelist => &cfg.lists.whitelist,
@@ -382,6 +404,16 @@ impl Engine {
         }
         if msg.has_credentials() && auth::counted_method(msg.method_bytes()) {
             self.auth.saw_credentials(now, net);
+        }
+        if auth::counted_method(msg.method_bytes()) {
+            if let Some(d) = self.auth.cluster_block(now, &self.cfg, net) {
+                if self.block(now, d, &printable(ua, 80)) {
+                    self.auth.reset(net);
+                }
+                if !observe {
+                    return Verdict::Drop(D::Blocked);
+                }
+            }
         }
 
         if method == Method::Register {
@@ -581,6 +613,16 @@ impl Engine {
     }
 
     /// Expire blocks whose time is up. Call about once a second.
+    /// An operational alert from outside the packet path (a certificate that does not load):
+    /// logged, counted and notified like the engine's own.
+    pub fn alert(&mut self, kind: BlockType, source: String, message: String) {
+        self.events.push(Event::Alert {
+            kind,
+            source,
+            message,
+        });
+    }
+
     pub fn tick(&mut self, now: Millis) {
         self.clock.set(now);
         self.fraud_tick(now);
@@ -685,7 +727,8 @@ impl Engine {
     /// for it again. Expired blocks are skipped; whitelisted ones too.
     pub fn restore(&mut self, now: Millis, ev: Event) {
         match ev {
-            Event::Blocked(b) => {
+            Event::Blocked(mut b) => {
+                crate::blocks::evidence::bound(&mut b);
                 if !b.is_expired(now)
                     && !self.lists.whitelist_covers(b.key.net)
                     && !self.is_upstream(b.key.net.addr())
@@ -737,6 +780,7 @@ impl Engine {
             + self.strikes.len()
             + self.devices.len()
             + self.fraud.tracked()
+            + self.watched.len()
     }
 }
 

@@ -150,7 +150,9 @@ pub fn method(msg: &[u8]) -> Option<&[u8]> {
         if line.is_empty() {
             break;
         }
-        let colon = line.iter().position(|b| *b == b':')?;
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
         let name = line.get(..colon)?.trim_ascii();
         if name.eq_ignore_ascii_case(b"cseq") {
             return line

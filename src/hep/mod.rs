@@ -1,8 +1,11 @@
 //! HEP v3 export (`[hep]`): a copy of every SIP message sipwarden receives and sends, on both
 //! legs, to sngrep, Homer or heplify-server, which see the plain SIP whatever the transport.
 //!
-//! The packet path only copies the message into a bounded queue ([`Tap::received`],
-//! [`Tap::sent`]); a background task filters, encodes ([`encode`]) and sends. Bounds: at most
+//! The packet path decides what to keep first ([`Filter`]: `only`, `sample`; a blocked
+//! source's dropped packets are kept only with `only = "blocked"`), and only then copies the
+//! message into a bounded queue ([`Tap::received`], [`Tap::sent`]); a background task encodes
+//! ([`encode`]) and sends. Skipped messages are counted
+//! (`sipwarden_hep_packets_total{outcome="filtered"}`). Bounds: at most
 //! [`QUEUE`] messages and [`QUEUE_BYTES`] bytes wait (an attack is exactly when captures pile
 //! up); beyond that captures are dropped and counted, never waited for.
 //!
@@ -14,7 +17,7 @@ pub mod encode;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::AsyncWriteExt;
@@ -80,9 +83,57 @@ struct TapInner {
     tx: mpsc::Sender<Capture>,
     queued: Arc<AtomicUsize>,
     stats: Arc<HepStats>,
-    only: HepOnly,
+    filter: Filter,
+    /// For `only = "blocked"`: asks the engine whether an address is a suspect. Weak: the
+    /// node owns the tap.
+    node: Weak<Node>,
     local_udp: SocketAddr,
     local_tcp: SocketAddr,
+}
+
+/// What `[hep] only` and `sample` keep, decided on the packet path before anything is copied.
+#[derive(Debug, Clone)]
+pub struct Filter {
+    pub only: HepOnly,
+    /// Keep a Call-ID when its keyed hash is at most this (`u64::MAX`: all, 0 with
+    /// `sample = 0`: none).
+    keep_below: Option<u64>,
+    /// A per-process key, so an attacker cannot choose Call-IDs that dodge (or flood) the
+    /// sample.
+    key: [u8; 16],
+}
+
+impl Filter {
+    pub fn new(only: HepOnly, sample: f64, key: [u8; 16]) -> Filter {
+        let keep_below = if sample >= 1.0 {
+            Some(u64::MAX)
+        } else if sample > 0.0 {
+            Some((sample * u64::MAX as f64) as u64)
+        } else {
+            None
+        };
+        Filter {
+            only,
+            keep_below,
+            key,
+        }
+    }
+
+    /// Whether `bytes` passes the cheap filters: the dialog test and the Call-ID sample (all
+    /// messages of one Call-ID are kept or left out together).
+    pub fn keeps(&self, bytes: &[u8]) -> bool {
+        if self.only == HepOnly::Dialogs && !encode::is_dialog(bytes) {
+            return false;
+        }
+        match self.keep_below {
+            Some(u64::MAX) => true,
+            None => false,
+            Some(max) => {
+                let id = encode::call_id(bytes).unwrap_or_default();
+                crate::util::keyed_hash64(&self.key, &[id]) <= max
+            }
+        }
+    }
 }
 
 /// The packet path's end of the exporter; disabled (does nothing) until [`start`] sets it.
@@ -102,28 +153,55 @@ impl std::fmt::Debug for Tap {
 }
 
 impl Tap {
-    /// A message received from `peer`.
+    /// A message received from `peer` that passed the blocked-source gate.
     pub fn received(&self, t: Transport, peer: SocketAddr, bytes: &[u8]) {
         if let Some(i) = self.inner.get() {
-            i.capture(t, peer, false, bytes);
+            i.capture(t, peer, false, bytes, Suspect::Ask(peer, None));
         }
     }
 
-    /// A message sent to `peer`.
-    pub fn sent(&self, t: Transport, peer: SocketAddr, bytes: &[u8]) {
+    /// A message from a blocked source, dropped at the gate: exported only with
+    /// `only = "blocked"` (an attack is mostly these, and HEP must keep up under one).
+    pub fn received_blocked(&self, t: Transport, peer: SocketAddr, bytes: &[u8]) {
         if let Some(i) = self.inner.get() {
-            i.capture(t, peer, true, bytes);
+            if i.filter.only == HepOnly::Blocked {
+                i.capture(t, peer, false, bytes, Suspect::Yes);
+            } else {
+                i.stats.filtered.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// A message sent to `peer`, on behalf of what was received from `origin` (the relayed
+    /// request's sender, the answered request's sender).
+    pub fn sent(&self, t: Transport, peer: SocketAddr, bytes: &[u8], origin: Option<SocketAddr>) {
+        if let Some(i) = self.inner.get() {
+            i.capture(t, peer, true, bytes, Suspect::Ask(peer, origin));
         }
     }
 }
 
+/// Whether a capture involves a suspect (for `only = "blocked"`).
+enum Suspect {
+    Yes,
+    /// Ask the engine about these addresses.
+    Ask(SocketAddr, Option<SocketAddr>),
+}
+
 impl TapInner {
-    fn capture(&self, t: Transport, peer: SocketAddr, outgoing: bool, bytes: &[u8]) {
-        if self.only == HepOnly::Dialogs && !encode::is_dialog(bytes) {
+    fn capture(
+        &self,
+        t: Transport,
+        peer: SocketAddr,
+        outgoing: bool,
+        bytes: &[u8],
+        suspect: Suspect,
+    ) {
+        if !self.filter.keeps(bytes) || !self.involves_suspect(suspect) {
             self.stats.filtered.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let tcp = t == Transport::Tcp;
+        let tcp = t.is_stream();
         let local = if tcp { self.local_tcp } else { self.local_udp };
         let local = same_family(local, peer.ip());
         let (src, dst) = if outgoing {
@@ -156,6 +234,23 @@ impl TapInner {
             self.queued.fetch_sub(n, Ordering::Relaxed);
             self.stats.dropped.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// True unless `only = "blocked"` and none of the addresses is blocked or has an open
+    /// anomaly record. That asks the engine (its lock, once per capture), only in that mode.
+    fn involves_suspect(&self, s: Suspect) -> bool {
+        if self.filter.only != HepOnly::Blocked {
+            return true;
+        }
+        let (a, b) = match s {
+            Suspect::Yes => return true,
+            Suspect::Ask(a, b) => (a, b),
+        };
+        let Some(node) = self.node.upgrade() else {
+            return false;
+        };
+        let now = node.now();
+        node.with_engine(|e| e.is_suspect(now, a) || b.is_some_and(|b| e.is_suspect(now, b)))
     }
 }
 
@@ -211,7 +306,8 @@ pub async fn start(node: &Arc<Node>) {
         tx,
         queued: queued.clone(),
         stats: stats.clone(),
-        only: cfg.hep.only,
+        filter: Filter::new(cfg.hep.only, cfg.hep.sample, rand::random()),
+        node: Arc::downgrade(node),
         local_udp: local_address(cfg.sip.listen_udp.first().copied(), &cfg).await,
         local_tcp: local_address(cfg.sip.listen_tcp.first().copied(), &cfg).await,
     };
@@ -219,11 +315,9 @@ pub async fn start(node: &Arc<Node>) {
         return;
     }
     let w = Worker {
-        node: node.clone(),
         target,
         capture_id: cfg.hep.capture_id,
         password: cfg.hep.password.clone().into_bytes(),
-        only: cfg.hep.only,
         stats,
         queued,
     };
@@ -232,11 +326,9 @@ pub async fn start(node: &Arc<Node>) {
 }
 
 struct Worker {
-    node: Arc<Node>,
     target: Target,
     capture_id: u32,
     password: Vec<u8>,
-    only: HepOnly,
     stats: Arc<HepStats>,
     queued: Arc<AtomicUsize>,
 }
@@ -282,10 +374,6 @@ impl Worker {
         let mut buf = Vec::with_capacity(encode::MAX_PACKET);
         while let Some(c) = rx.recv().await {
             self.queued.fetch_sub(c.bytes.len(), Ordering::Relaxed);
-            if self.only == HepOnly::Blocked && !self.involves_block(&c) {
-                self.stats.filtered.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
             let m = encode::Message {
                 src: c.src,
                 dst: c.dst,
@@ -341,12 +429,6 @@ impl Worker {
             c.fetch_add(1, Ordering::Relaxed);
         }
     }
-
-    fn involves_block(&self, c: &Capture) -> bool {
-        let now = self.node.now();
-        self.node
-            .with_engine(|e| e.is_blocked(now, c.src) || e.is_blocked(now, c.dst))
-    }
 }
 
 #[cfg(test)]
@@ -393,7 +475,7 @@ mod tests {
             .hep
             .received(Transport::Udp, phone, b"REGISTER sip:x SIP/2.0\r\n\r\n");
         node.stats.hep.received(Transport::Udp, phone, invite);
-        node.stats.hep.sent(Transport::Udp, phone, invite);
+        node.stats.hep.sent(Transport::Udp, phone, invite, None);
         let mut buf = [0u8; 2048];
         let mut got = vec![];
         for _ in 0..2 {
@@ -422,5 +504,107 @@ mod tests {
         let h = node.stats.health.snapshot(0);
         assert_eq!(h.hep_filtered, 1);
         assert_eq!(h.hep_dropped, 0);
+    }
+
+    const REGISTER: &[u8] = b"REGISTER sip:x SIP/2.0\r\nCall-ID: r1\r\nCSeq: 1 REGISTER\r\n\r\n";
+    const OPTIONS: &[u8] = b"OPTIONS sip:x SIP/2.0\r\nCall-ID: o1\r\nCSeq: 1 OPTIONS\r\n\r\n";
+    const BYE_OK: &[u8] = b"SIP/2.0 200 OK\r\nnot a header\r\nCall-ID: c1\r\nCSeq: 2 BYE\r\n\r\n";
+
+    #[test]
+    fn sample_key_is_checked() {
+        let c = Config::from_toml("[hep]\nsample = 0.1\nonly = \"dialogs\"").unwrap();
+        assert_eq!((c.hep.sample, c.hep.only), (0.1, HepOnly::Dialogs));
+        assert_eq!(
+            Config::from_toml("[hep]\nsample = 1").unwrap().hep.sample,
+            1.0
+        );
+        for bad in ["sample = 1.5", "sample = -0.1", "sample = nan"] {
+            let e = Config::from_toml(&format!("[hep]\n{bad}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("hep.sample"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn dialogs_leave_out_register_and_options() {
+        let f = Filter::new(HepOnly::Dialogs, 1.0, [0; 16]);
+        assert!(!f.keeps(REGISTER));
+        assert!(!f.keeps(OPTIONS));
+        assert!(f.keeps(b"INVITE sip:1@x SIP/2.0\r\nCall-ID: c1\r\n\r\n"));
+        assert!(f.keeps(BYE_OK), "a response by its CSeq method");
+        let all = Filter::new(HepOnly::All, 1.0, [0; 16]);
+        assert!(all.keeps(REGISTER) && all.keeps(OPTIONS));
+        let none = Filter::new(HepOnly::All, 0.0, [0; 16]);
+        assert!(!none.keeps(REGISTER));
+    }
+
+    /// A sample keeps about its share of Call-IDs, and every message of a kept Call-ID.
+    #[test]
+    fn sample_keeps_whole_dialogs() {
+        let f = Filter::new(HepOnly::All, 0.25, [7; 16]);
+        let mut kept = 0;
+        for i in 0..4000 {
+            let inv = format!("INVITE sip:1@x SIP/2.0\r\nCall-ID: call-{i}\r\n\r\n");
+            let ok = format!("SIP/2.0 200 OK\r\ni: call-{i}\r\nCSeq: 1 INVITE\r\n\r\n");
+            let bye = format!("BYE sip:1@x SIP/2.0\r\ncall-id:  call-{i} \r\n\r\n");
+            let k = f.keeps(inv.as_bytes());
+            assert_eq!(k, f.keeps(ok.as_bytes()), "call-{i}");
+            assert_eq!(k, f.keeps(bye.as_bytes()), "call-{i}");
+            kept += usize::from(k);
+        }
+        assert!((800..1200).contains(&kept), "kept {kept} of 4000 at 0.25");
+    }
+
+    async fn tap(only: HepOnly) -> (Arc<Node>, tokio::net::UdpSocket) {
+        let collector = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut cfg = Config::default();
+        cfg.sip.listen_udp = vec!["127.0.0.1:5461".parse().unwrap()];
+        cfg.hep.address = collector.local_addr().unwrap().to_string();
+        cfg.hep.only = only;
+        let (node, _rx) = Node::new(cfg);
+        start(&node).await;
+        (node, collector)
+    }
+
+    /// A blocked source's drops are not even queued unless `only = "blocked"` asks for them;
+    /// in that mode only suspects' messages are.
+    #[tokio::test]
+    async fn blocked_drops_only_for_only_blocked() {
+        let attacker: SocketAddr = "192.0.2.66:5070".parse().unwrap();
+        let phone: SocketAddr = "127.0.0.9:5062".parse().unwrap();
+        let (node, _c) = tap(HepOnly::All).await;
+        node.stats
+            .hep
+            .received_blocked(Transport::Udp, attacker, OPTIONS);
+        let h = node.stats.health.snapshot(0);
+        assert_eq!((h.hep_filtered, h.hep_dropped), (1, 0));
+
+        let (node, collector) = tap(HepOnly::Blocked).await;
+        let now = node.now();
+        let key = crate::blocks::BlockKey::whole(crate::blocks::source_net(attacker.ip(), 64));
+        node.with_engine(|e| e.manual_block(now, key, None, "test"))
+            .unwrap();
+        node.stats.hep.received(Transport::Udp, phone, REGISTER);
+        node.stats
+            .hep
+            .received_blocked(Transport::Udp, attacker, OPTIONS);
+        // Relayed on behalf of the attacker: kept; the phone's answer: not.
+        node.stats.hep.sent(
+            Transport::Udp,
+            "127.0.0.1:5080".parse().unwrap(),
+            OPTIONS,
+            Some(attacker),
+        );
+        node.stats
+            .hep
+            .sent(Transport::Udp, phone, BYE_OK, Some(phone));
+        let mut buf = [0u8; 2048];
+        for _ in 0..2 {
+            let n = collector.recv(&mut buf).await.unwrap();
+            assert!(buf[..n].windows(7).any(|w| w == b"OPTIONS"));
+        }
+        let h = node.stats.health.snapshot(0);
+        assert_eq!(h.hep_filtered, 2);
     }
 }

@@ -8,7 +8,7 @@ use arc_swap::ArcSwap;
 use tokio::net::UdpSocket;
 
 use super::Transports;
-use crate::blocks::GateVerdict;
+use crate::blocks::{GateVerdict, LocalHits};
 use crate::engine::{anomaly, Pre, Verdict};
 use crate::node::Node;
 use crate::proxy::{Action, Flow, Inbound, Router};
@@ -23,6 +23,8 @@ pub struct Shared {
     pub router: ArcSwap<Router>,
     pub transports: Transports,
     pub max_message_bytes: usize,
+    /// The PBX over TLS (`upstream.transport = "tls"`), else `None`.
+    pub tls_upstream: Option<super::tls::TlsUpstream>,
 }
 
 /// Per-task scratch space, reused for every packet: the clean path allocates nothing once
@@ -34,6 +36,9 @@ pub struct Scratch {
     /// The UDP socket this task receives on: UDP replies and forwards of the same address
     /// family leave from it, so they carry the address the request arrived on.
     udp: Option<Arc<UdpSocket>>,
+    /// Drops at the gate counted here, added to the gate's entries at the end of each receive
+    /// batch ([`Shared::end_batch`]): no per-packet write to a counter other cores share.
+    hits: LocalHits,
 }
 
 impl Scratch {
@@ -47,6 +52,13 @@ impl Scratch {
 }
 
 impl Shared {
+    /// After a receive batch: the gate drops counted in `scratch` reach the block rows.
+    pub fn end_batch(&self, scratch: &mut Scratch) {
+        if !scratch.hits.is_empty() {
+            scratch.hits.flush(self.node.gate());
+        }
+    }
+
     /// Handle one whole message (a datagram, or a message cut from a TCP stream).
     pub async fn handle(self: &Arc<Self>, inb: Inbound, bytes: &[u8], scratch: &mut Scratch) {
         let t0 = Instant::now();
@@ -58,8 +70,7 @@ impl Shared {
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return;
         }
-        stats.hep.received(inb.transport, inb.src, bytes); // HEP capture: received
-                                                           // One snapshot of the router for the whole packet (re-resolution swaps it).
+        // One snapshot of the router for the whole packet (re-resolution swaps it).
         let router = self.router.load();
         let (own, from_upstream) = (router.is_own_socket(&inb), router.is_upstream(&inb));
         if own {
@@ -73,12 +84,23 @@ impl Shared {
         let pre = if from_upstream {
             Pre::Trusted
         } else {
-            match self.node.gate().check(now, inb.src) {
+            let gate = self.node.gate();
+            let verdict = match inb.transport {
+                Transport::Udp => gate.check_local(now, inb.src, &mut scratch.hits),
+                _ => gate.check(now, inb.src),
+            };
+            match verdict {
                 GateVerdict::Blocked { kind, reply_403 } => Pre::Blocked { kind, reply_403 },
                 GateVerdict::Whitelisted => Pre::Whitelisted,
                 GateVerdict::Inspect => self.node.with_engine(|e| e.precheck(now, inb.src)),
             }
         };
+        // HEP capture after the gate: a blocked source's drops only for `hep.only = "blocked"`.
+        if let Pre::Blocked { .. } = pre {
+            stats.hep.received_blocked(inb.transport, inb.src, bytes);
+        } else {
+            stats.hep.received(inb.transport, inb.src, bytes);
+        }
         if let Pre::Blocked { kind, reply_403 } = pre {
             stats.drop(if kind == crate::blocks::BlockType::Blacklist {
                 DropReason::Blacklisted
@@ -101,10 +123,7 @@ impl Shared {
             stats.drop(DropReason::Malformed);
             return;
         }
-        let framing = match inb.transport {
-            Transport::Udp => Framing::Datagram,
-            Transport::Tcp => Framing::Stream,
-        };
+        let framing = framing(inb.transport);
         let msg = match parse(bytes, framing) {
             Ok(m) => m,
             Err(err) => {
@@ -118,7 +137,9 @@ impl Shared {
                 return;
             }
         };
-        let Scratch { edits, out, udp } = scratch;
+        let Scratch {
+            edits, out, udp, ..
+        } = scratch;
         let local = udp.as_deref();
         let action = if msg.is_request() {
             if from_upstream {
@@ -126,10 +147,9 @@ impl Shared {
             }
             if inspect {
                 let our_dialog = router.is_our_dialog(&msg);
-                match self
-                    .node
-                    .with_engine(|e| e.on_request(now, inb.src, &msg, our_dialog))
-                {
+                match self.node.with_engine(|e| {
+                    e.on_request_over(now, inb.transport, inb.src, &msg, our_dialog)
+                }) {
                     Verdict::Forward => {}
                     Verdict::Drop(r) => {
                         stats.drop(r);
@@ -144,7 +164,7 @@ impl Shared {
                             retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
                         let a = router.reply(&inb, &msg, code, reason, &extra, out);
                         drop(router);
-                        self.send(a, out, false, local).await;
+                        self.send(a, out, false, local, inb.src).await;
                         if code == 503 {
                             stats.drop(DropReason::InviteRate);
                         }
@@ -161,7 +181,7 @@ impl Shared {
                         tracing::debug!(src = %inb.src, target = %t.flow.addr, transport = t.flow.transport.as_str(), why = t.why, "nat detection");
                     }
                     if from_upstream
-                        && to.transport == Transport::Tcp
+                        && to.transport.is_stream()
                         && to != router.upstream()
                         && self.transports.conns.get(&to.addr).is_none()
                     {
@@ -189,7 +209,8 @@ impl Shared {
                         _ => None,
                     };
                     self.node.with_engine(|e| {
-                        e.on_answer(now, info.phone, &msg, info.attempt);
+                        let pbx = (inb.transport, inb.src);
+                        e.on_answer_from(now, pbx, info.phone, &msg, info.attempt, to);
                         if let Some(to) = to {
                             e.on_answer_forwarded(&msg, to);
                         }
@@ -207,19 +228,20 @@ impl Shared {
         }
         let request = msg.is_request();
         drop(router);
-        if self.send(action, out, request, local).await {
+        if self.send(action, out, request, local, inb.src).await {
             stats.latency(t0.elapsed().as_micros() as u64);
         }
     }
 
-    /// Send an action's output (UDP from `local` when given and of the right family). Returns
-    /// true when a forward went out.
+    /// Send an action's output (UDP from `local` when given and of the right family), on
+    /// behalf of what `origin` sent (for the HEP filter). Returns true when a forward went out.
     async fn send(
         self: &Arc<Self>,
         action: Action,
         out: &[u8],
         request: bool,
         local: Option<&UdpSocket>,
+        origin: std::net::SocketAddr,
     ) -> bool {
         let stats = &self.node.stats;
         match action {
@@ -229,7 +251,7 @@ impl Shared {
             }
             Action::Reply { to } => {
                 if self.send_on(to, out, local).await.is_ok() {
-                    stats.hep.sent(to.transport, to.addr, out); // HEP capture: sent
+                    stats.hep.sent(to.transport, to.addr, out, Some(origin)); // HEP capture: sent
                     stats
                         .replies_sent
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -239,7 +261,7 @@ impl Shared {
             Action::FlowFailed { to } => {
                 stats.drop(DropReason::FlowFailed);
                 if self.send_on(to, out, local).await.is_ok() {
-                    stats.hep.sent(to.transport, to.addr, out); // HEP capture: sent
+                    stats.hep.sent(to.transport, to.addr, out, Some(origin)); // HEP capture: sent
                     stats
                         .replies_sent
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -248,7 +270,7 @@ impl Shared {
             }
             Action::Forward { to, .. } => match self.send_to(to, out, local).await {
                 Ok(()) => {
-                    stats.hep.sent(to.transport, to.addr, out); // HEP capture: sent
+                    stats.hep.sent(to.transport, to.addr, out, Some(origin)); // HEP capture: sent
                     stats.forwarded(request);
                     true
                 }
@@ -292,8 +314,12 @@ impl Shared {
     ) -> Result<(), DropReason> {
         let upstream = self.router.load().upstream();
         match self.send_on(to, out, local).await {
-            Err(DropReason::NoRoute) if to.transport == Transport::Tcp && to == upstream => {
-                super::tcp::connect_upstream(self, to.addr).await?;
+            Err(DropReason::NoRoute) if to.transport.is_stream() && to == upstream => {
+                if to.transport == Transport::Tls {
+                    super::tls::connect_upstream(self, to.addr).await?;
+                } else {
+                    super::tcp::connect_upstream(self, to.addr).await?;
+                }
                 self.transports.send(to, out).await
             }
             r => r,
@@ -309,6 +335,9 @@ impl Shared {
             let a = match t {
                 Transport::Udp => cfg.udp.as_ref().or(cfg.tcp.as_ref()),
                 Transport::Tcp => cfg.tcp.as_ref().or(cfg.udp.as_ref()),
+                Transport::Ws => cfg.ws.as_ref().or(cfg.wss.as_ref()),
+                Transport::Wss => cfg.wss.as_ref().or(cfg.ws.as_ref()),
+                Transport::Tls => cfg.tls.as_ref().or(cfg.tcp.as_ref()),
             };
             a.map_or_else(String::new, |a| format!("{}:{}", a.host, a.port))
         };
@@ -333,19 +362,25 @@ impl Shared {
     }
 
     async fn reply_forbidden(self: &Arc<Self>, inb: Inbound, bytes: &[u8], scratch: &mut Scratch) {
-        let framing = match inb.transport {
-            Transport::Udp => Framing::Datagram,
-            Transport::Tcp => Framing::Stream,
-        };
+        let framing = framing(inb.transport);
         if let Ok(msg) = parse(bytes, framing) {
             if msg.is_request() {
                 let a =
                     self.router
                         .load()
                         .reply(&inb, &msg, 403, "Forbidden", "", &mut scratch.out);
-                self.send(a, &scratch.out, false, scratch.udp.as_deref())
+                self.send(a, &scratch.out, false, scratch.udp.as_deref(), inb.src)
                     .await;
             }
         }
+    }
+}
+
+/// How a message of this transport is delimited: a datagram or a WebSocket message is one whole
+/// message (RFC 7118 §5: no Content-Length needed); on a TCP stream Content-Length frames it.
+fn framing(t: Transport) -> Framing {
+    match t {
+        Transport::Udp | Transport::Ws | Transport::Wss => Framing::Datagram,
+        Transport::Tcp | Transport::Tls => Framing::Stream,
     }
 }

@@ -4,8 +4,10 @@
 pub mod handler;
 pub mod tcp;
 pub mod tftp;
+pub mod tls;
 pub mod udp;
 pub mod upstream;
+pub mod ws;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -37,6 +39,8 @@ pub enum WriteClose {
     Overflow = 1,
     /// One write took longer than `sip.tcp_write_timeout`.
     Timeout = 2,
+    /// The source got blocked ([`Conns::close_where`]).
+    Blocked = 3,
 }
 
 /// What the senders of one connection and its writer task share: the bytes in flight and the
@@ -60,6 +64,7 @@ impl WriteQueue {
         match self.closed.load(Relaxed) {
             1 => WriteClose::Overflow,
             2 => WriteClose::Timeout,
+            3 => WriteClose::Blocked,
             _ => WriteClose::Open,
         }
     }
@@ -205,6 +210,20 @@ impl Conns {
         self.map.lock().total
     }
 
+    /// Close every connection whose peer matches `f` (a source that just got blocked: its open
+    /// connections must not outlive the block). Their tasks wake and end; returns how many.
+    pub fn close_where(&self, f: impl Fn(SocketAddr) -> bool) -> usize {
+        let m = self.map.lock();
+        let mut n = 0;
+        for (addr, (_, tx)) in m.by_addr.iter() {
+            if tx.q.closed() == WriteClose::Open && f(*addr) {
+                tx.q.close_with(WriteClose::Blocked);
+                n += 1;
+            }
+        }
+        n
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -281,7 +300,8 @@ impl Transports {
                     .map(|_| ())
                     .map_err(|_| DropReason::SendFailed)
             }
-            Transport::Tcp => {
+            // A WebSocket connection sits in the same table; its writer frames each message.
+            Transport::Tcp | Transport::Tls | Transport::Ws | Transport::Wss => {
                 let tx = self.conns.get(&to.addr).ok_or(DropReason::NoRoute)?;
                 tx.send(Bytes::copy_from_slice(bytes))
             }

@@ -1,4 +1,5 @@
-//! TCP listener and connections: framing by Content-Length, CRLF keep-alives, caps on
+//! TCP listener and connections (TLS connections too, once their handshake is done: the code is
+//! generic over the stream): framing by Content-Length, CRLF keep-alives, caps on
 //! connections in total and per address (IPv6: per prefix), idle and slow-message timeouts, and
 //! one writer task per connection so responses and requests to a phone reuse the connection it
 //! opened. The writer is bounded in bytes (`sip.tcp_write_queue_bytes`) and in time
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -52,8 +53,23 @@ pub async fn serve(
             shared.node.stats.drop(DropReason::Blocked);
             continue;
         }
-        tokio::spawn(run_conn(stream, peer, shared.clone()));
+        let _ = stream.set_nodelay(true);
+        let (rd, wr) = stream.into_split();
+        tokio::spawn(run_conn(
+            rd,
+            wr,
+            reset_tcp,
+            peer,
+            Transport::Tcp,
+            shared.clone(),
+        ));
     }
+}
+
+/// Reset (RST, not FIN) a TCP connection whose writer gave up: nothing more for a peer that
+/// does not read, and the kernel drops what is still buffered for it.
+pub(crate) fn reset_tcp(wr: &OwnedWriteHalf) {
+    let _ = socket2::SockRef::from(wr.as_ref()).set_linger(Some(Duration::ZERO));
 }
 
 /// Open a connection to the upstream PBX (when `upstream.transport = "tcp"`).
@@ -65,6 +81,24 @@ pub async fn connect_upstream(shared: &Arc<Shared>, addr: SocketAddr) -> Result<
             tracing::warn!(%addr, error = %e, "cannot connect to the upstream");
             DropReason::NoRoute
         })?;
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    register_upstream(rd, wr, reset_tcp, addr, Transport::Tcp, shared)
+}
+
+/// Register a connection to the upstream (TCP or TLS) and start driving it.
+pub(crate) fn register_upstream<R, W>(
+    rd: R,
+    wr: W,
+    reset: fn(&W),
+    addr: SocketAddr,
+    transport: Transport,
+    shared: &Arc<Shared>,
+) -> Result<(), DropReason>
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let cfg = shared.node.config();
     let (tx, rx, q) = conn_channel(cfg.sip.tcp_write_queue_bytes);
     // The upstream is not subject to the per-source caps.
@@ -73,11 +107,39 @@ pub async fn connect_upstream(shared: &Arc<Shared>, addr: SocketAddr) -> Result<
         .conns
         .add(addr, tx, usize::MAX, usize::MAX, cfg.protection.ipv6_prefix)
         .ok_or(DropReason::NoRoute)?;
-    spawn_drive(stream, addr, Conn { rx, q, slot }, shared.clone());
+    let io = Io {
+        rd,
+        wr,
+        reset,
+        peer: addr,
+        transport,
+    };
+    spawn_drive(io, Conn { rx, q, slot }, shared.clone());
     Ok(())
 }
 
-async fn run_conn(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
+/// The two halves of a connection's stream, and who is at the other end.
+struct Io<R, W> {
+    rd: R,
+    wr: W,
+    /// How to cut the connection hard when its writer gives up (see [`reset_tcp`]).
+    reset: fn(&W),
+    peer: SocketAddr,
+    transport: Transport,
+}
+
+/// Register a phone's connection (if the caps allow it) and drive it until it closes.
+pub(crate) async fn run_conn<R, W>(
+    rd: R,
+    wr: W,
+    reset: fn(&W),
+    peer: SocketAddr,
+    transport: Transport,
+    shared: Arc<Shared>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let cfg = shared.node.config();
     let (tx, rx, q) = conn_channel(cfg.sip.tcp_write_queue_bytes);
     let Some(slot) = shared.transports.conns.add(
@@ -88,10 +150,17 @@ async fn run_conn(stream: TcpStream, peer: SocketAddr, shared: Arc<Shared>) {
         cfg.protection.ipv6_prefix,
     ) else {
         shared.node.stats.tcp_rejected.fetch_add(1, Relaxed);
-        tracing::debug!(%peer, "tcp connection refused: connection cap reached");
+        tracing::debug!(%peer, transport = transport.as_str(), "connection refused: connection cap reached");
         return;
     };
-    drive(stream, peer, Conn { rx, q, slot }, shared).await;
+    let io = Io {
+        rd,
+        wr,
+        reset,
+        peer,
+        transport,
+    };
+    drive(io, Conn { rx, q, slot }, shared).await;
 }
 
 /// A registered connection's writer side: its queue and its place in the table.
@@ -103,9 +172,13 @@ struct Conn {
 
 /// A plain function between the packet path and the connection task, so the compiler does not
 /// have to prove `Send` through the cycle handler -> connect_upstream -> drive -> handler.
-fn spawn_drive(stream: TcpStream, peer: SocketAddr, conn: Conn, shared: Arc<Shared>) {
+fn spawn_drive<R, W>(io: Io<R, W>, conn: Conn, shared: Arc<Shared>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let fut: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
-        Box::pin(drive(stream, peer, conn, shared));
+        Box::pin(drive(io, conn, shared));
     tokio::spawn(fut);
 }
 
@@ -131,17 +204,21 @@ impl Drop for Open {
             WriteClose::Timeout => {
                 s.tcp_write_timeouts.fetch_add(1, Relaxed);
             }
+            WriteClose::Blocked => {
+                s.conns_closed_blocked.fetch_add(1, Relaxed);
+            }
         }
     }
 }
 
 /// Write queued messages until the queue closes, a write fails, or one write takes longer
 /// than `timeout` (the peer stopped reading: the connection is reset, not drained).
-pub(crate) async fn write_loop(
-    mut wr: OwnedWriteHalf,
+pub(crate) async fn write_loop<W: AsyncWrite + Unpin>(
+    mut wr: W,
     mut rx: mpsc::Receiver<Bytes>,
     q: Arc<WriteQueue>,
     timeout: Duration,
+    reset: fn(&W),
 ) {
     while let Some(b) = rx.recv().await {
         let r = tokio::time::timeout(timeout, wr.write_all(&b)).await;
@@ -151,9 +228,7 @@ pub(crate) async fn write_loop(
             Ok(Err(_)) => return,
             Err(_) => {
                 q.close_with(WriteClose::Timeout);
-                // RST instead of FIN: nothing more for a peer that does not read, and the
-                // kernel drops what is still buffered for it.
-                let _ = socket2::SockRef::from(wr.as_ref()).set_linger(Some(Duration::ZERO));
+                reset(&wr);
                 return;
             }
         }
@@ -162,14 +237,29 @@ pub(crate) async fn write_loop(
 }
 
 /// Read and write one registered connection until it closes; unregister it after.
-async fn drive(stream: TcpStream, peer: SocketAddr, conn: Conn, shared: Arc<Shared>) {
+async fn drive<R, W>(io: Io<R, W>, conn: Conn, shared: Arc<Shared>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let Conn { rx, q, slot } = conn;
+    let Io {
+        mut rd,
+        wr,
+        reset,
+        peer,
+        transport,
+    } = io;
     let cfg = shared.node.config();
     shared.node.stats.tcp_connections.fetch_add(1, Relaxed);
     shared.node.stats.tcp_open.fetch_add(1, Relaxed);
-    let _ = stream.set_nodelay(true);
-    let (mut rd, wr) = stream.into_split();
-    let mut writer = tokio::spawn(write_loop(wr, rx, q.clone(), cfg.sip.tcp_write_timeout));
+    let mut writer = tokio::spawn(write_loop(
+        wr,
+        rx,
+        q.clone(),
+        cfg.sip.tcp_write_timeout,
+        reset,
+    ));
     let _open = Open {
         shared: shared.clone(),
         q: q.clone(),
@@ -182,7 +272,7 @@ async fn drive(stream: TcpStream, peer: SocketAddr, conn: Conn, shared: Arc<Shar
     let mut buf = BytesMut::with_capacity(4096);
     let mut scratch = Scratch::default();
     let inb = Inbound {
-        transport: Transport::Tcp,
+        transport,
         src: peer,
     };
     // When the partial message at the head of the buffer began arriving.
@@ -242,9 +332,9 @@ async fn drive(stream: TcpStream, peer: SocketAddr, conn: Conn, shared: Arc<Shar
                 tracing::debug!(%peer, why = ?q.closed(), "closing tcp connection: writer ended");
                 break 'conn;
             }
-            // A message did not fit in the write queue.
+            // A message did not fit in the write queue, or the source got blocked.
             _ = q.close.notified() => {
-                tracing::debug!(%peer, "closing tcp connection: write queue full");
+                tracing::debug!(%peer, why = ?q.closed(), "closing connection");
                 break 'conn;
             }
         };
@@ -296,7 +386,13 @@ mod tests {
         let (_rd, wr) = client.into_split();
         let cap = 64 * 1024;
         let (tx, rx, q) = conn_channel(cap);
-        let writer = tokio::spawn(write_loop(wr, rx, q.clone(), Duration::from_secs(3600)));
+        let writer = tokio::spawn(write_loop(
+            wr,
+            rx,
+            q.clone(),
+            Duration::from_secs(3600),
+            reset_tcp,
+        ));
         let msg = Bytes::from(vec![b'x'; 1000]);
         let mut accepted = 0usize;
         // 10 MB offered at most: far beyond what the kernel buffers of the pair can hold.
@@ -325,7 +421,7 @@ mod tests {
             tx.send(Bytes::from(vec![b'x'; 1 << 20])).unwrap();
         }
         // The clock is paused: it jumps to the write timeout once the writer is stuck.
-        write_loop(wr, rx, q.clone(), Duration::from_secs(10)).await;
+        write_loop(wr, rx, q.clone(), Duration::from_secs(10), reset_tcp).await;
         assert_eq!(q.closed(), WriteClose::Timeout);
         assert!(tx.send(Bytes::from_static(b"\r\n")).is_err());
     }

@@ -113,7 +113,11 @@ pub async fn run(
         "TFTP relay running"
     );
     let mut relay = Relay {
-        guard: Guard::new(Settings::from_config(&cfg)),
+        guard: {
+            let mut g = Guard::new(Settings::from_config(&cfg));
+            g.set_shared(node.inspect(|e| e.shared_counts().clone()));
+            g
+        },
         node,
         active: HashMap::new(),
         by_client: HashMap::new(),

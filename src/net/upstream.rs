@@ -58,8 +58,14 @@ impl Resolver {
             let proto = match t.transport {
                 TransportKind::Udp => "_udp",
                 TransportKind::Tcp => "_tcp",
+                TransportKind::Tls => "_tcp",
             };
-            let name = format!("_sip.{proto}.{}.", t.host.trim_end_matches('.'));
+            let scheme = if t.transport == TransportKind::Tls {
+                "_sips"
+            } else {
+                "_sip"
+            };
+            let name = format!("{scheme}.{proto}.{}.", t.host.trim_end_matches('.'));
             if let Ok(srv) = r.srv_lookup(name.as_str()).await {
                 valid_until = Some(srv.as_lookup().valid_until());
                 let mut records: Vec<_> = srv.iter().cloned().collect();

@@ -59,6 +59,9 @@ fn mac_parts(tx: u64, loop_hash: u32, b: &Binding<'_>) -> ([u8; 19], [u8; 16], u
     ids[16] = match b.next_hop.transport {
         Transport::Udp => b'u',
         Transport::Tcp => b't',
+        Transport::Ws => b'w',
+        Transport::Wss => b'x',
+        Transport::Tls => b's',
     };
     ids[17..].copy_from_slice(&b.next_hop.addr.port().to_be_bytes());
     let mut ip = [0u8; 16];

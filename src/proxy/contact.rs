@@ -7,7 +7,6 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 
 use super::{flow, Flow, Keys, Router};
-use crate::stats::Transport;
 use crate::wire::uri::{NameAddr, Uri};
 use crate::wire::{split_commas, Edits, HeaderName, Message};
 
@@ -51,11 +50,7 @@ pub fn rewrite(r: &Router, msg: &Message<'_>, phone: &Flow, edits: &mut Edits) {
                 if user.is_empty() { "" } else { "@" },
                 adv.host,
                 adv.port,
-                if up == Transport::Tcp {
-                    ";transport=tcp"
-                } else {
-                    ""
-                },
+                super::route::transport_param(up),
                 token,
                 URL_SAFE_NO_PAD.encode(original)
             ),

@@ -3,7 +3,7 @@
 //! Contact it registered (when it is not behind NAT). A keyed MAC makes them unforgeable: a
 //! token we did not mint routes nowhere.
 //!
-//! Layout: `sw` + `u`|`t` (transport) + 8 or 32 hex digits (IPv4/IPv6) + 4 (port) + 12 (MAC).
+//! Layout: `sw` + `u`|`t`|`w`|`x` (udp, tcp, ws, wss) + 8 or 32 hex digits (IPv4/IPv6) + 4 (port) + 12 (MAC).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
@@ -27,6 +27,9 @@ fn transport_char(t: Transport) -> u8 {
     match t {
         Transport::Udp => b'u',
         Transport::Tcp => b't',
+        Transport::Ws => b'w',
+        Transport::Wss => b'x',
+        Transport::Tls => b's',
     }
 }
 
@@ -90,7 +93,7 @@ pub fn to_string(keys: &Keys, f: &Flow) -> String {
 pub fn looks_like_token(user: &[u8]) -> bool {
     user.strip_prefix(PREFIX)
         .and_then(|r| r.first())
-        .is_some_and(|t| matches!(t, b'u' | b't'))
+        .is_some_and(|t| matches!(t, b'u' | b't' | b'w' | b'x'))
 }
 
 /// Decode and verify a token; `None` for anything we did not mint (with the current key or,
@@ -101,6 +104,9 @@ pub fn decode(keys: &Keys, tok: &[u8]) -> Option<Flow> {
     let transport = match t {
         b'u' => Transport::Udp,
         b't' => Transport::Tcp,
+        b'w' => Transport::Ws,
+        b'x' => Transport::Wss,
+        b's' => Transport::Tls,
         _ => return None,
     };
     let ip_len = match hex.len() {

@@ -59,6 +59,12 @@ impl Advertised {
 pub struct RouterConfig {
     pub udp: Option<Advertised>,
     pub tcp: Option<Advertised>,
+    /// Our WebSocket listeners (`sip.listen_ws`, `sip.listen_wss`), named in the Record-Route
+    /// entry that faces a WebSocket client. Also in `aliases`, so Route entries naming them
+    /// are recognised as ours.
+    pub ws: Option<Advertised>,
+    pub wss: Option<Advertised>,
+    pub tls: Option<Advertised>,
     /// Other names we answer to (listen IPs), for recognising our own Route entries.
     pub aliases: Vec<Advertised>,
     pub incoming: IncomingMode,
@@ -155,7 +161,9 @@ impl Router {
         let src = canonical(inb.src);
         match inb.transport {
             Transport::Udp => self.upstreams.contains(&src),
-            Transport::Tcp => self.upstreams.iter().any(|a| a.ip() == src.ip()),
+            Transport::Tcp | Transport::Tls => self.upstreams.iter().any(|a| a.ip() == src.ip()),
+            // The PBX is never reached over a WebSocket.
+            Transport::Ws | Transport::Wss => false,
         }
     }
 
@@ -197,6 +205,7 @@ impl Router {
             .udp
             .iter()
             .chain(self.cfg.tcp.iter())
+            .chain(self.cfg.tls.iter())
             .chain(self.cfg.aliases.iter())
             .any(|a| host_ip(a.host.as_bytes()).map(crate::blocks::canonical_ip) == Some(ip))
     }
@@ -210,14 +219,19 @@ impl Router {
     }
 
     fn advertised(&self, t: Transport) -> &Advertised {
-        let (first, other) = match t {
-            Transport::Udp => (&self.cfg.udp, &self.cfg.tcp),
-            Transport::Tcp => (&self.cfg.tcp, &self.cfg.udp),
+        let (first, other, third) = match t {
+            Transport::Udp => (&self.cfg.udp, &self.cfg.tcp, &self.cfg.tls),
+            Transport::Tcp => (&self.cfg.tcp, &self.cfg.udp, &self.cfg.tls),
+            Transport::Tls => (&self.cfg.tls, &self.cfg.tcp, &self.cfg.udp),
+            Transport::Ws => (&self.cfg.ws, &self.cfg.wss, &self.cfg.tcp),
+            Transport::Wss => (&self.cfg.wss, &self.cfg.ws, &self.cfg.tls),
         };
-        // At least one listener exists (config validation); fall back to the other transport.
+        // At least one listener exists (config validation); fall back to another transport.
         first
             .as_ref()
             .or(other.as_ref())
+            .or(third.as_ref())
+            .or(self.cfg.udp.as_ref())
             .or(self.cfg.aliases.first())
             .unwrap_or(&self.fallback)
     }
@@ -229,6 +243,7 @@ impl Router {
             .udp
             .iter()
             .chain(self.cfg.tcp.iter())
+            .chain(self.cfg.tls.iter())
             .chain(self.cfg.aliases.iter())
             .any(|a| a.port == port && host.eq_ignore_ascii_case(a.host.as_bytes()))
     }
@@ -636,6 +651,11 @@ fn stamped_hop(top: &Via, inb: &Inbound) -> Option<Flow> {
     let transport = match top.transport {
         ViaTransport::Tcp => Transport::Tcp,
         ViaTransport::Udp => Transport::Udp,
+        // A WebSocket client's Via names a host that does not exist (RFC 7118 §5: `*.invalid`):
+        // received/rport name its connection, which is the way back (only over a connection).
+        ViaTransport::Ws if inb.transport.is_stream() => Transport::Ws,
+        ViaTransport::Wss if inb.transport.is_stream() => Transport::Wss,
+        ViaTransport::Tls => Transport::Tls,
         _ => return None,
     };
     Some(Flow {
@@ -690,6 +710,9 @@ fn via_proto(t: Transport) -> &'static str {
     match t {
         Transport::Udp => "UDP",
         Transport::Tcp => "TCP",
+        Transport::Ws => "WS",
+        Transport::Wss => "WSS",
+        Transport::Tls => "TLS",
     }
 }
 
@@ -742,6 +765,9 @@ fn via_destination(buf: &[u8], v: &Via) -> Option<Flow> {
     let transport = match v.transport {
         ViaTransport::Tcp => Transport::Tcp,
         ViaTransport::Udp => Transport::Udp,
+        ViaTransport::Ws => Transport::Ws,
+        ViaTransport::Wss => Transport::Wss,
+        ViaTransport::Tls => Transport::Tls,
         _ => return None,
     };
     Some(Flow {
@@ -756,6 +782,9 @@ fn uri_flow(buf: &[u8], u: &Uri) -> Option<Flow> {
     let transport = match u.param(buf, b"transport").flatten().map(|s| s.of(buf)) {
         Some(t) if t.eq_ignore_ascii_case(b"tcp") => Transport::Tcp,
         Some(t) if t.eq_ignore_ascii_case(b"udp") => Transport::Udp,
+        Some(t) if t.eq_ignore_ascii_case(b"ws") => Transport::Ws,
+        Some(t) if t.eq_ignore_ascii_case(b"wss") => Transport::Wss,
+        Some(t) if t.eq_ignore_ascii_case(b"tls") => Transport::Tls,
         None => Transport::Udp,
         Some(_) => return None,
     };

@@ -51,10 +51,16 @@ pub fn pop_ours(r: &Router, msg: &Message<'_>, edits: &mut Edits) -> Popped {
     popped
 }
 
-fn transport_param(t: Transport) -> &'static str {
+/// The `transport` URI parameter for our own entries. TLS is named `transport=tls` on a `sip:`
+/// URI (what phones and PBXs that speak TLS send and accept), not as a `sips:` URI, which
+/// would promise TLS on every hop to the end (RFC 5630).
+pub(crate) fn transport_param(t: Transport) -> &'static str {
     match t {
         Transport::Udp => "",
         Transport::Tcp => ";transport=tcp",
+        Transport::Ws => ";transport=ws",
+        Transport::Wss => ";transport=wss",
+        Transport::Tls => ";transport=tls",
     }
 }
 

@@ -9,8 +9,11 @@ fn router(upstream: Transport) -> Router {
     let me = Advertised::new("192.0.2.10", 5060);
     let any: SocketAddr = "0.0.0.0:5060".parse().unwrap();
     let cfg = RouterConfig {
+        tls: None,
         udp: Some(me.clone()),
         tcp: Some(me.clone()),
+        ws: None,
+        wss: None,
         aliases: vec![me],
         incoming: IncomingMode::Path,
         nat: NatDetection::Auto,

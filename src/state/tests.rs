@@ -29,6 +29,7 @@ fn block(ip: &str, port: Option<u16>, expires_at: Option<Millis>) -> Block {
         strikes: 2,
         hits: 7,
         evidence: vec!["REGISTER sip:pbx -> 403".into()],
+        packets: Vec::new(),
         enforced: true,
     }
 }

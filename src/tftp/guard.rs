@@ -25,6 +25,7 @@ use lru::LruCache;
 use crate::blocks::table::{clip, EVIDENCE_LINES};
 use crate::blocks::{source_net, BlockKey, BlockType};
 use crate::clock::Millis;
+use crate::cluster_count::{Detector, SharedCounts};
 use crate::config::Config;
 use crate::engine::track::{nonzero, Window};
 use crate::engine::Detection;
@@ -178,6 +179,9 @@ impl Source {
 pub struct Guard {
     settings: Settings,
     sources: LruCache<IpNet, Source>,
+    /// Requests per source counted cluster-wide for the `hit_count` rule (a no-op on a single
+    /// node); the limited rate and the guessing rules stay per node.
+    shared: SharedCounts,
 }
 
 fn fingerprint(name: &[u8]) -> u32 {
@@ -189,7 +193,13 @@ impl Guard {
         Guard {
             sources: LruCache::new(nonzero(settings.capacity)),
             settings,
+            shared: SharedCounts::disabled(),
         }
+    }
+
+    /// Count requests per source across the cluster through `shared`.
+    pub fn set_shared(&mut self, shared: SharedCounts) {
+        self.shared = shared;
     }
 
     /// Apply a reloaded config; tracked state stays.
@@ -228,8 +238,10 @@ impl Guard {
         let net = self.net(ip);
         let s = &self.settings;
         let (hit_count, limited_rate, name_limit) = (s.hit_count, s.limited_rate, s.name_limit());
+        let remote = self.shared.remote(now, Detector::Tftp, net);
+        self.shared.record(Detector::Tftp, net, 1);
         let src = self.sources.get_or_insert_mut(net, Source::default);
-        let n = src.requests.add(now, WINDOW, 1);
+        let n = src.requests.add(now, WINDOW, 1).saturating_add(remote);
         if n <= hit_count {
             src.limited = false;
             return (Admit::Pass, None);
@@ -314,6 +326,7 @@ impl Guard {
     /// Forget a source (after a block, so it starts clean when unblocked).
     pub fn forget(&mut self, net: &IpNet) {
         self.sources.pop(net);
+        self.shared.forget(Detector::Tftp, *net);
     }
 
     fn detect(&mut self, net: IpNet, n: usize, not_found: bool) -> Option<Detection> {

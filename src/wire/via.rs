@@ -7,6 +7,9 @@ pub enum ViaTransport {
     Udp,
     Tcp,
     Tls,
+    /// RFC 7118 §5: `SIP/2.0/WS` and `SIP/2.0/WSS`.
+    Ws,
+    Wss,
     Other,
 }
 
@@ -63,6 +66,10 @@ impl Via {
                     ViaTransport::Tcp
                 } else if tok.eq_ignore_ascii_case(b"TLS") {
                     ViaTransport::Tls
+                } else if tok.eq_ignore_ascii_case(b"WS") {
+                    ViaTransport::Ws
+                } else if tok.eq_ignore_ascii_case(b"WSS") {
+                    ViaTransport::Wss
                 } else {
                     ViaTransport::Other
                 };

@@ -15,6 +15,9 @@ const artifacts = process.env.ARTIFACTS || "artifacts";
 const scannerIp = process.env.SCANNER_IP || "127.0.0.7";
 const xssIp = process.env.XSS_IP || "127.0.0.8";
 const manualIp = process.env.MANUAL_IP || "192.0.2.10";
+const guesserIp = process.env.GUESSER_IP || "127.0.0.9";
+const sipListen = process.env.SIP_LISTEN || "";
+const pbxAddr = process.env.PBX_ADDR || "";
 const expectCountry = process.env.EXPECT_COUNTRY || "";
 mkdirSync(artifacts, { recursive: true });
 
@@ -117,6 +120,63 @@ try {
     // Survives the next refresh.
     await page.waitForTimeout(2300);
     assert(await detail.isVisible(), "detail closed by the refresh");
+    await row(page, scannerIp).click();
+  });
+
+  await test("a REGISTER block's packets are drawn as a ladder: source, sipwarden, PBX", async () => {
+    const r = row(page, guesserIp);
+    await r.waitFor({ timeout: 5000 });
+    assert((await r.getAttribute("data-type")) === "REGISTER", "type attribute");
+    await r.click();
+    const detail = page.locator("#blocks-body tr.detail");
+    await detail.waitFor({ timeout: 3000 });
+    const svg = detail.locator("svg.ladder");
+    await svg.waitFor({ timeout: 5000 });
+    const cols = await svg.locator("g.col").evaluateAll((gs) => gs.map((g) => [g.dataset.role, g.dataset.addr, g.querySelector(".col-title").textContent]));
+    assert(cols.length === 3, `columns ${JSON.stringify(cols)}`);
+    assert(cols[0][0] === "source" && cols[0][1].startsWith(guesserIp + ":"), `first column ${cols[0]}`);
+    assert(cols[1][0] === "us" && cols[1][2] === "sipwarden" && (!sipListen || cols[1][1] === sipListen), `middle column ${cols[1]}`);
+    assert(cols[2][0] === "pbx" && cols[2][2] === "PBX" && (!pbxAddr || cols[2][1] === pbxAddr), `last column ${cols[2]}`);
+    const [src, us, pbx] = cols.map((c) => c[1]);
+    const arrows = await svg.locator("g.arrow").evaluateAll((gs) => gs.map((g) => ({ from: g.dataset.from, to: g.dataset.to, label: g.dataset.label, cls: g.getAttribute("class"), t: g.querySelector("text.t").textContent })));
+    assert(arrows.length === 8, `arrows ${arrows.length}: ${JSON.stringify(arrows)}`);
+    // Two whole transactions, in order: request in, relayed, 403 in, 403 out.
+    for (let i = 0; i < 8; i += 4) {
+      const want = [[src, us, /^REGISTER sip:/], [us, pbx, /^REGISTER sip:/], [pbx, us, /^403 Forbidden/], [us, src, /^403 Forbidden/]];
+      want.forEach(([from, to, re], j) => {
+        const a = arrows[i + j];
+        assert(a.from === from && a.to === to && re.test(a.label), `arrow ${i + j}: ${JSON.stringify(a)}, want ${from} -> ${to} ${re}`);
+      });
+    }
+    assert(arrows[2].cls.includes("rx") && arrows[0].cls.includes("req"), "arrow colours by kind");
+    assert(arrows[0].t === "+0.000s" && arrows.every((a) => /^\+\d+\.\d{3}s$/.test(a.t)), `relative times ${arrows.map((a) => a.t)}`);
+    // run.sh waits 200 ms between guesses: the second transaction starts later than the first.
+    assert(parseFloat(arrows[4].t.slice(1)) >= 0.2, `second transaction at ${arrows[4].t}`);
+    const end = await svg.locator("g.end text").textContent();
+    assert(end.includes("blocked: REGISTER"), `end marker ${end}`);
+    const box = await svg.boundingBox();
+    assert(box && box.width > 600 && box.height > 250, `ladder size ${JSON.stringify(box)}`);
+    await detail.locator("dd.packets").screenshot({ path: `${artifacts}/ladder.png` });
+    console.log(`screenshot: ${artifacts}/ladder.png`);
+    // The list view stays available.
+    await detail.locator("button.view-list").click();
+    const list = await detail.locator("table.packets").innerText();
+    assert(list.includes("403 Forbidden") && list.includes("guess-1001@127.0.0.9"), `list view ${list}`);
+    await detail.locator("button.view-ladder").click();
+    await detail.locator("svg.ladder").waitFor({ timeout: 3000 });
+    await r.click();
+  });
+
+  await test("a scanner block's ladder: one OPTIONS from the source, dropped", async () => {
+    await row(page, scannerIp).click();
+    const detail = page.locator("#blocks-body tr.detail");
+    const svg = detail.locator("svg.ladder");
+    await svg.waitFor({ timeout: 5000 });
+    const roles = await svg.locator("g.col").evaluateAll((gs) => gs.map((g) => g.dataset.role));
+    assert(JSON.stringify(roles) === '["source","us"]', `columns ${roles}`);
+    const labels = await svg.locator("g.arrow").evaluateAll((gs) => gs.map((g) => g.dataset.label));
+    assert(labels.length === 1 && labels[0].startsWith("OPTIONS sip:100@"), `arrows ${labels}`);
+    assert((await svg.locator("g.end text").textContent()).includes("blocked: SCANNER"), "end marker");
     await row(page, scannerIp).click();
   });
 

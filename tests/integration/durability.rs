@@ -683,6 +683,7 @@ async fn start_from_file(pbx: SocketAddr, dir: &Path, toml_extra: &str) -> (Prox
         udp,
         udp6: None,
         tcp,
+        ws: None,
         running: Some(running),
         _dir: tempfile::tempdir().unwrap(),
     };

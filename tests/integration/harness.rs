@@ -17,6 +17,8 @@ pub struct Proxy {
     /// The IPv6 UDP listener, when the config has one.
     pub udp6: Option<SocketAddr>,
     pub tcp: SocketAddr,
+    /// The plain WebSocket listener, when the config has one.
+    pub ws: Option<SocketAddr>,
     pub running: Option<Running>,
     pub _dir: tempfile::TempDir,
 }
@@ -55,11 +57,13 @@ pub async fn start(pbx: SocketAddr, tune: impl FnOnce(&mut Config)) -> Proxy {
         .filter_map(|s| s.local_addr().ok())
         .find(|a| a.is_ipv6());
     let tcp = bound.tcp[0].local_addr().unwrap();
+    let ws = bound.ws.first().and_then(|l| l.local_addr().ok());
     let running = server::start(cfg, None, bound).await.expect("start");
     Proxy {
         udp,
         udp6,
         tcp,
+        ws,
         running: Some(running),
         _dir: dir,
     }

@@ -7,3 +7,5 @@ mod protection;
 mod proxy_core;
 mod rfc4475;
 mod routing;
+mod tls;
+mod websocket;

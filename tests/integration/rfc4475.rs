@@ -134,8 +134,8 @@ impl Outcome {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &node.stats;
         Outcome {
-            requests: s.requests_forwarded.load(Relaxed),
-            responses: s.responses_forwarded.load(Relaxed),
+            requests: s.requests_forwarded.get(),
+            responses: s.responses_forwarded.get(),
             replies: s.replies_sent.load(Relaxed),
             drops: DropReason::ALL.iter().map(|r| s.dropped(*r)).sum(),
         }

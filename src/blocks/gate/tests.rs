@@ -364,3 +364,50 @@ fn gate_hits_are_folded_into_the_rows_the_admin_reads() {
     let removed = node.with_engine(|e| e.unblock(key.net, None));
     assert_eq!(removed.first().map(|b| b.hits), Some(7));
 }
+
+#[test]
+fn drops_counted_locally_reach_the_rows_once_flushed_and_are_bounded_before() {
+    use super::LocalHits;
+    let mut e = engine(&cfg());
+    for i in 1..=20u8 {
+        let key = whole(&format!("192.0.2.{i}"));
+        assert!(e.block(T0, detection(key, BlockType::Scanner, 600), ""));
+    }
+    let gate = e.gate().clone();
+    let mut local = LocalHits::default();
+    let one = sa("192.0.2.1:5060");
+    for _ in 0..10 {
+        assert_eq!(
+            gate.check_local(T0, one, &mut local),
+            blocked(BlockType::Scanner)
+        );
+    }
+    // Held locally: the entry has seen none of them yet.
+    assert_eq!(gate.hits(&whole("192.0.2.1")), 0);
+    // More distinct sources than it holds: the oldest are flushed, nothing lost.
+    for i in 2..=20u8 {
+        let src = sa(&format!("192.0.2.{i}:5060"));
+        assert_eq!(
+            gate.check_local(T0, src, &mut local),
+            blocked(BlockType::Scanner)
+        );
+    }
+    assert_eq!(gate.hits(&whole("192.0.2.1")), 10);
+    local.flush(&gate);
+    assert!(local.is_empty());
+    let total: u64 = (1..=20u8)
+        .map(|i| gate.hits(&whole(&format!("192.0.2.{i}"))))
+        .sum();
+    assert_eq!(total, 29);
+    // A flood from one source never holds more than FLUSH_EVERY drops back.
+    for _ in 0..LocalHits::FLUSH_EVERY {
+        gate.check_local(T0, one, &mut local);
+    }
+    assert_eq!(gate.hits(&whole("192.0.2.1")), 10 + LocalHits::FLUSH_EVERY);
+    // Not blocked: nothing counted anywhere.
+    assert_eq!(
+        gate.check_local(T0, sa("198.51.100.1:5060"), &mut local),
+        GateVerdict::Inspect
+    );
+    assert!(local.is_empty());
+}

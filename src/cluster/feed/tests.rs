@@ -16,6 +16,7 @@ fn block(ip: &str) -> Block {
         strikes: 1,
         hits: 0,
         evidence: Vec::new(),
+        packets: Vec::new(),
         enforced: true,
     }
 }

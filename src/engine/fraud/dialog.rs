@@ -153,6 +153,9 @@ impl Dialog {
             let tr = match t {
                 Transport::Udp => "UDP",
                 Transport::Tcp => "TCP",
+                Transport::Ws => "WS",
+                Transport::Wss => "WSS",
+                Transport::Tls => "TLS",
             };
             let host = via(t);
             m.extend_from_slice(

@@ -18,6 +18,7 @@ fn block(i: u32) -> Event {
         strikes: 1,
         hits: 1,
         evidence: vec![],
+        packets: Vec::new(),
         enforced: true,
     })
 }

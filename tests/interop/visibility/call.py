@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
 """A fake PBX and a phone on loopback for the HEP interop: the phone makes one call
-(INVITE, 100/180/200, ACK, BYE, 200) through sipwarden; the PBX answers. Bounded: every
-receive has a timeout, the whole call at most a few seconds.
+(INVITE, 100/180/200, ACK, BYE, 200) through sipwarden; the PBX answers. With "noise" the
+phone first sends a REGISTER and an OPTIONS (Call-IDs noise-reg-/noise-opt-CALL_ID), each
+answered 200 by the PBX. Bounded: every receive has a timeout, the whole call at most a few
+seconds.
 
-usage: call.py PROXY_HOST:PORT PBX_HOST:PORT PHONE_HOST:PORT CALL_ID
+usage: call.py PROXY_HOST:PORT PBX_HOST:PORT PHONE_HOST:PORT CALL_ID [noise]
 """
 import socket
 import sys
@@ -16,6 +18,7 @@ def addr(s):
 
 
 proxy, pbx, phone, call_id = addr(sys.argv[1]), addr(sys.argv[2]), addr(sys.argv[3]), sys.argv[4]
+noise = sys.argv[5:6] == ["noise"]
 
 
 def headers(msg):
@@ -69,6 +72,14 @@ def main():
                 f"Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:200@{ph}>\r\n"
                 f"User-Agent: visibility-test\r\nContent-Length: 0\r\n\r\n").encode()
 
+    if noise:
+        for method, cid in (("REGISTER", "noise-reg-"), ("OPTIONS", "noise-opt-")):
+            m = req(method, 1, method.lower()).replace(f"Call-ID: {call_id}".encode(), f"Call-ID: {cid}{call_id}".encode())
+            s.sendto(m, proxy)
+            while True:
+                data, _ = s.recvfrom(65535)
+                if data.startswith(b"SIP/2.0 200") and method.encode() in data:
+                    break
     s.sendto(req("INVITE", 1, "inv1"), proxy)
     rr = []
     while True:

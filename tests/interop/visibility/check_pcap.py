@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Read the pcap sngrep saved from HEP and check that both legs of the call are there.
 
-usage: check_pcap.py FILE CALL_ID PHONE PROXY PBX   (addresses as host:port)
-Prints one line per message (src -> dst first line) and exits 1 on a missing message.
+usage: check_pcap.py FILE CALL_ID PHONE PROXY PBX [noise|no-noise]   (addresses as host:port)
+Prints one line per message (src -> dst first line) and exits 1 on a missing message. With
+"noise" the REGISTER and OPTIONS call.py sent (and their 200s) must be there on both legs too;
+with "no-noise" (hep.only = "dialogs") no REGISTER or OPTIONS message may be.
 """
 import struct
 import sys
 
 path, call_id, phone, proxy, pbx = sys.argv[1:6]
+noise = sys.argv[6] if len(sys.argv) > 6 else ""
 
 
 def packets(data):
@@ -60,12 +63,23 @@ for first in ("INVITE", "SIP/2.0 100", "SIP/2.0 180", "SIP/2.0 200", "ACK", "BYE
         legs = [(phone, proxy), (proxy, pbx)]
     for s, d in legs:
         want.append((s, d, first))
+if noise == "noise":
+    for method, cid in (("REGISTER", "noise-reg-"), ("OPTIONS", "noise-opt-")):
+        for first, legs in ((method, [(phone, proxy), (proxy, pbx)]), ("SIP/2.0 200", [(pbx, proxy), (proxy, phone)])):
+            for s, d in legs:
+                want.append((s, d, first, cid + call_id))
+want = [w if len(w) == 4 else (*w, call_id) for w in want]
 missing = []
-for s, d, first in want:
-    ok = any(ms == s and md == d and pl.startswith(first.encode()) and call_id.encode() in pl
+for s, d, first, cid in want:
+    ok = any(ms == s and md == d and pl.startswith(first.encode()) and f"Call-ID: {cid}\r\n".encode() in pl
              for ms, md, pl in msgs)
     if not ok:
         missing.append(f"{first} {s} -> {d}")
+if noise == "no-noise":
+    for ms, md, pl in msgs:
+        head = pl.split(CRLF + CRLF, 1)[0]
+        if head.startswith((b"REGISTER", b"OPTIONS")) or b" REGISTER\r\n" in head or b" OPTIONS\r\n" in head:
+            missing.append(f"UNEXPECTED (hep.only = dialogs): {ms} -> {md} {pl.split(CRLF, 1)[0].decode(errors='replace')}")
 if missing:
     print("MISSING:", *missing, sep="\n  ")
     sys.exit(1)
