@@ -65,6 +65,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The cluster: this node, the nodes seen through Redis (last contact, lag), the link.
+    Cluster {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

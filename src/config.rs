@@ -584,6 +584,18 @@ pub struct Geoip {
 #[serde(deny_unknown_fields, default)]
 pub struct Cluster {
     pub redis_url: String,
+    /// PEM file of the CA that signed the Redis server's certificate, for `rediss://` with a
+    /// private CA (empty: the system's roots and Mozilla's).
+    pub redis_ca: String,
+    /// How this node appears in `/api/cluster` (empty: the host name).
+    pub node_name: String,
+    /// Entries kept in the shared log (`XADD MAXLEN ~`): bounds Redis memory (entries are at
+    /// most 32 KiB, usually well under 1 KiB). A node cut off for longer than the log covers
+    /// reloads the whole set instead of catching up.
+    pub log_max_len: usize,
+    /// Entries older than this are trimmed from the log.
+    #[serde(with = "humantime_serde")]
+    pub log_max_age: Duration,
     /// Count REGISTER/auth failures, INVITE and TFTP rates cluster-wide (see
     /// [`crate::cluster_count`]); only with `redis_url`.
     pub shared_counters: bool,
@@ -599,6 +611,10 @@ impl Default for Cluster {
     fn default() -> Self {
         Self {
             redis_url: String::new(),
+            redis_ca: String::new(),
+            node_name: String::new(),
+            log_max_len: 100_000,
+            log_max_age: Duration::from_secs(3600),
             shared_counters: true,
             count_interval: Duration::from_millis(100),
             peer_timeout: Duration::from_secs(10),
@@ -1227,11 +1243,31 @@ impl Config {
             return Err(invalid("hep.sample", "must be between 0.0 and 1.0"));
         }
         let r = &c.cluster.redis_url;
-        if !(r.is_empty() || r.starts_with("redis://")) {
+        if !(r.is_empty() || r.starts_with("redis://") || r.starts_with("rediss://")) {
             return Err(invalid(
                 "cluster.redis_url",
-                "must be a redis:// URL (TLS is not supported: use a private network or a tunnel)",
+                "must be a redis:// or rediss:// (TLS) URL",
             ));
+        }
+        if !r.is_empty() {
+            if let Err(e) = redis::Client::open(r.as_str()) {
+                return Err(invalid("cluster.redis_url", e.to_string()));
+            }
+        }
+        if !c.cluster.redis_ca.is_empty() && !r.starts_with("rediss://") {
+            return Err(invalid(
+                "cluster.redis_ca",
+                "only with a rediss:// cluster.redis_url",
+            ));
+        }
+        if c.cluster.node_name.len() > 64 {
+            return Err(invalid("cluster.node_name", "at most 64 bytes"));
+        }
+        if !(1000..=10_000_000).contains(&c.cluster.log_max_len) {
+            return Err(invalid("cluster.log_max_len", "between 1000 and 10000000"));
+        }
+        if c.cluster.log_max_age < Duration::from_secs(60) {
+            return Err(invalid("cluster.log_max_age", "at least 60s"));
         }
         let ci = c.cluster.count_interval;
         if ci < Duration::from_millis(10) || ci > Duration::from_secs(10) {

@@ -864,6 +864,15 @@ pub(crate) async fn fraud(State(st): St) -> Json<crate::engine::fraud::Report> {
     Json(st.node.inspect(|e| e.fraud().report(now)))
 }
 
+/// `GET /api/cluster`: this node, the nodes seen in the shared log (last contact, lag), the
+/// Redis link and the sharing counters.
+pub(crate) async fn cluster(State(st): St) -> Json<crate::cluster::ClusterView> {
+    Json(match st.node.stats.health.cluster() {
+        Some(c) => crate::cluster::ClusterView::from_stats(c, crate::clock::wall_ms(), true),
+        None => crate::cluster::ClusterView::single(),
+    })
+}
+
 /// `GET /api/feeds`: each feed with its URL, entry count, last update and last error.
 pub(crate) async fn feeds(State(st): St) -> Json<serde_json::Value> {
     let (total, feeds) = st.node.inspect(|e| {

@@ -110,6 +110,14 @@ pub async fn execute(cfg: &Config, cmd: &Command) -> Result<String, String> {
                 feeds_text(&parse::<serde_json::Value>(&raw)?)
             }
         }
+        Command::Cluster { json } => {
+            let raw = api.call(Method::GET, "/api/cluster", None).await?;
+            if *json {
+                pretty(&raw)
+            } else {
+                cluster_text(&parse::<serde_json::Value>(&raw)?)
+            }
+        }
     })
 }
 
@@ -163,6 +171,53 @@ fn fraud_text(v: &serde_json::Value) -> String {
         out.push('\n');
     }
     out
+}
+
+fn cluster_text(v: &serde_json::Value) -> String {
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) if s.is_empty() => "-".into(),
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        v => v.to_string(),
+    };
+    if v["configured"].as_bool() != Some(true) {
+        return "single node (cluster.redis_url is empty)\n".into();
+    }
+    let rows: Vec<Vec<String>> = v["nodes"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .map(|n| {
+                    vec![
+                        s(&n["name"]),
+                        s(&n["id"]),
+                        s(&n["addr"]),
+                        s(&n["last_contact_ms_ago"]),
+                        s(&n["lag_ms"]),
+                        s(&n["delay_ms"]),
+                    ]
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let c = &v["counters"];
+    format!(
+        "node {} ({}), Redis {} {}\npublished {} received {} reconciled {} malformed {} catch-ups stream {} full {}\n{}",
+        s(&v["name"]),
+        s(&v["id"]),
+        s(&v["redis"]),
+        if v["link_up"].as_bool() == Some(true) { "up" } else { "DOWN" },
+        s(&c["published"]),
+        s(&c["received"]),
+        s(&c["reconciled"]),
+        s(&c["malformed"]),
+        s(&c["catchup_stream"]),
+        s(&c["catchup_full"]),
+        table(
+            &["NODE", "ID", "ADDRESS", "CONTACT(ms ago)", "LAG(ms)", "DELAY(ms)"],
+            &rows
+        )
+    )
 }
 
 fn feeds_text(v: &serde_json::Value) -> String {

@@ -229,6 +229,50 @@ fn health(e: &mut Enc<'_>, node: &Node) -> R {
         "State changes not shared or not stored because a cluster queue was full.",
         h.cluster_dropped,
     )?;
+    gauge(
+        e,
+        "sipwarden_cluster_link_up",
+        "1 while this node follows the shared log in Redis.",
+        u64::from(h.cluster_connected),
+    )?;
+    counter(
+        e,
+        "sipwarden_cluster_received",
+        "State changes read from other nodes' entries in the shared log.",
+        h.cluster_received,
+    )?;
+    counter(
+        e,
+        "sipwarden_cluster_reconciled",
+        "Blocks and list entries published again because the shared set lacked them.",
+        h.cluster_reconciled,
+    )?;
+    counter(
+        e,
+        "sipwarden_cluster_malformed",
+        "Entries of the shared log or set that could not be decoded (skipped).",
+        h.cluster_malformed,
+    )?;
+    labelled(
+        e,
+        "sipwarden_cluster_catchups",
+        "Connections to Redis by how the node caught up: stream (resumed from its last log entry) or full (loaded the whole set).",
+        MetricType::Counter,
+        "path",
+        &[
+            ("stream", h.cluster_catchup_stream),
+            ("full", h.cluster_catchup_full),
+        ],
+    )?;
+    {
+        let mut m = e.encode_descriptor(
+            "sipwarden_cluster_node_lag",
+            "The largest lag over the other nodes: now minus the writing time of their last log entry seen (heartbeats every 3 s).",
+            Some(&Unit::Seconds),
+            MetricType::Gauge,
+        )?;
+        m.encode_gauge(&(h.cluster_node_lag_ms as f64 / 1000.0))?;
+    }
     {
         let mut m = e.encode_descriptor(
             "sipwarden_cluster_publish_lag",
@@ -808,6 +852,10 @@ mod tests {
         let cl = std::sync::Arc::new(crate::cluster::ClusterStats::default());
         cl.connected.store(true, Ordering::Relaxed);
         cl.publish_failures.store(3, Ordering::Relaxed);
+        cl.received.store(11, Ordering::Relaxed);
+        cl.reconciled.store(6, Ordering::Relaxed);
+        cl.catchup_stream.store(2, Ordering::Relaxed);
+        cl.catchup_full.store(1, Ordering::Relaxed);
         node.stats.health.attach_cluster(cl);
         let n = std::sync::Arc::new(crate::notify::NotifyStats::default());
         n.sent.store(4, Ordering::Relaxed);
@@ -825,6 +873,12 @@ mod tests {
             "sipwarden_cluster_configured 1",
             "sipwarden_cluster_connected 1",
             "sipwarden_cluster_publish_failures_total 3",
+            "sipwarden_cluster_link_up 1",
+            "sipwarden_cluster_received_total 11",
+            "sipwarden_cluster_reconciled_total 6",
+            "sipwarden_cluster_catchups_total{path=\"stream\"} 2",
+            "sipwarden_cluster_catchups_total{path=\"full\"} 1",
+            "sipwarden_cluster_node_lag_seconds 0.0",
             "sipwarden_notifications_total{outcome=\"sent\"} 4",
             "sipwarden_notifications_total{outcome=\"dropped\"} 1",
             "sipwarden_hep_packets_total{outcome=\"sent\"} 9",

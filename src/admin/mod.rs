@@ -91,6 +91,7 @@ pub(crate) fn router_with(
         .route("/stats", get(api::stats))
         .route("/fraud", get(api::fraud))
         .route("/feeds", get(api::feeds))
+        .route("/cluster", get(api::cluster))
         .route("/reload", post(api::reload))
         .fallback(api_not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -52,6 +52,12 @@ pub struct HealthSnapshot {
     pub cluster_applied: u64,
     pub cluster_dropped: u64,
     pub cluster_malformed: u64,
+    pub cluster_received: u64,
+    pub cluster_reconciled: u64,
+    pub cluster_catchup_stream: u64,
+    pub cluster_catchup_full: u64,
+    /// The largest lag over the other nodes (now - their last log entry seen), milliseconds.
+    pub cluster_node_lag_ms: u64,
     /// Age of the oldest event not yet published (0 when none waits), milliseconds.
     pub cluster_lag_ms: u64,
     pub notify_sent: u64,
@@ -76,6 +82,11 @@ impl Health {
 
     pub fn attach_cluster(&self, s: Arc<ClusterStats>) {
         let _ = self.cluster.set(s);
+    }
+
+    /// The cluster link's counters and nodes table, when `cluster.redis_url` is set.
+    pub fn cluster(&self) -> Option<&Arc<ClusterStats>> {
+        self.cluster.get()
     }
 
     /// Several notifiers (webhook, e-mail) share one [`NotifyStats`].
@@ -106,6 +117,11 @@ impl Health {
             h.cluster_applied = g(&c.applied);
             h.cluster_dropped = g(&c.dropped);
             h.cluster_malformed = g(&c.malformed);
+            h.cluster_received = g(&c.received);
+            h.cluster_reconciled = g(&c.reconciled);
+            h.cluster_catchup_stream = g(&c.catchup_stream);
+            h.cluster_catchup_full = g(&c.catchup_full);
+            h.cluster_node_lag_ms = c.max_lag_ms(now_ms);
             let since = g(&c.waiting_since_ms);
             h.cluster_lag_ms = if since == 0 {
                 0
