@@ -440,7 +440,9 @@ pub(crate) async fn list_blocks(
     // matching and copying rows in chunks of LIST_CHUNK keys, letting the lock go between
     // chunks. Country lookups, sorting and encoding happen outside it. A block that goes away
     // between two holds is left out.
-    let mut found: Vec<(Millis, BlockKey, bool)> = node.inspect(|e| {
+    // `peek`, not `inspect`: folding the gate's hits into every row would walk the whole gate
+    // under the lock; each copied row adds its own unfolded hits instead.
+    let mut found: Vec<(Millis, BlockKey, bool)> = node.peek(|e| {
         e.blocks()
             .filter(|b| !b.is_expired(now))
             .map(|b| (b.blocked_at, b.key, q.is_none()))
@@ -471,7 +473,11 @@ pub(crate) async fn list_blocks(
             chunk
                 .iter()
                 .filter_map(|f| e.block_table().get(&f.1))
-                .map(|b| (b.key, BlockRow::of(b, now, None)))
+                .map(|b| {
+                    let mut row = BlockRow::of(b, now, None);
+                    row.hits = e.block_table().hits(b);
+                    (b.key, row)
+                })
                 .collect()
         });
         rows.extend(copied.into_iter().map(|(key, mut row)| {
