@@ -107,9 +107,9 @@ fn sink(addr: &str) {
     println!("{n}");
 }
 
-/// The bare loop on sipwarden's socket setup: same options, tokio `recv_from` on a two-worker
-/// runtime. Counts datagrams until 1 s of silence, then prints the count.
-fn sink_async(addr: &str) {
+/// A socket set up as sipwarden sets up its own (4 MiB buffers, SO_REUSEPORT, non-blocking)
+/// and a two-worker tokio runtime, for the bare loops.
+fn sipwarden_like(addr: &str) -> (socket2::Socket, tokio::runtime::Runtime) {
     let addr: SocketAddr = addr.parse().expect("addr");
     let raw =
         socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
@@ -123,6 +123,13 @@ fn sink_async(addr: &str) {
         .enable_all()
         .build()
         .expect("runtime");
+    (raw, rt)
+}
+
+/// The bare loop on sipwarden's socket setup: same options, tokio `recv_from` on a two-worker
+/// runtime. Counts datagrams until 1 s of silence, then prints the count.
+fn sink_async(addr: &str) {
+    let (raw, rt) = sipwarden_like(addr);
     let n = rt.block_on(async move {
         let sock = tokio::net::UdpSocket::from_std(raw.into()).expect("tokio socket");
         let mut buf = vec![0u8; 65536];
@@ -140,19 +147,7 @@ fn sink_async(addr: &str) {
 /// The bare batched loop on sipwarden's socket setup: sipwarden's own `recvmmsg` receive
 /// (`net::udp::Batch`, up to 32 datagrams per call) with nothing behind it.
 fn sink_mmsg(addr: &str) {
-    let addr: SocketAddr = addr.parse().expect("addr");
-    let raw =
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("socket");
-    raw.set_recv_buffer_size(4 << 20).ok();
-    raw.set_send_buffer_size(4 << 20).ok();
-    raw.set_reuse_port(true).ok();
-    raw.set_nonblocking(true).expect("nonblocking");
-    raw.bind(&addr.into()).expect("bind sink");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let (raw, rt) = sipwarden_like(addr);
     let n = rt.block_on(async move {
         let sock = tokio::net::UdpSocket::from_std(raw.into()).expect("tokio socket");
         let mut batch = sipwarden::net::udp::Batch::new(16385);

@@ -329,7 +329,7 @@ fn router_config(
     }
 }
 
-/// Close the TCP and TLS connections of sources that are blocked now (the connection code
+/// Close the TCP, TLS and WebSocket connections of sources that are blocked now (the connection code
 /// also checks on every read; this catches a connection that stays silent, or one in a call).
 /// The PBX's connections are never closed this way.
 fn close_blocked(shared: &Shared) {

@@ -271,7 +271,7 @@ pub struct Stats {
     pub tcp_write_overflows: AtomicU64,
     /// TCP connections closed because one write took longer than `sip.tcp_write_timeout`.
     pub tcp_write_timeouts: AtomicU64,
-    /// Connections closed because their source got blocked (TCP and TLS).
+    /// Connections closed because their source got blocked (TCP, TLS and WebSocket).
     pub conns_closed_blocked: AtomicU64,
     pub tls: TlsStats,
     /// Panics caught on the packet path (a bug an attacker may be able to trigger at will).

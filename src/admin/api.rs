@@ -265,7 +265,7 @@ pub struct TlsCounts {
     pub in_handshake: u64,
     pub reloads_ok: u64,
     pub reloads_failed: u64,
-    /// TCP and TLS connections closed because their source was blocked.
+    /// TCP, TLS and WebSocket connections closed because their source was blocked.
     pub closed_blocked: u64,
 }
 

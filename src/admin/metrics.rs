@@ -388,7 +388,7 @@ impl Collector for NodeCollector {
         counter(
             &mut e,
             "sipwarden_connections_closed_blocked",
-            "TCP and TLS connections closed because their source was blocked.",
+            "TCP, TLS and WebSocket connections closed because their source was blocked.",
             g(&s.conns_closed_blocked),
         )?;
         labelled(

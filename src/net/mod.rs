@@ -308,3 +308,43 @@ impl Transports {
         }
     }
 }
+
+/// Accept connections on `listener` until `shutdown` resolves, handing each to `each` with its
+/// peer's canonical address. An accept error (out of descriptors, ...) is logged and retried
+/// after 50 ms. One loop for the TCP, TLS and WebSocket listeners.
+pub(crate) async fn accept_each(
+    listener: &tokio::net::TcpListener,
+    what: &'static str,
+    shutdown: impl std::future::Future<Output = ()>,
+    mut each: impl FnMut(tokio::net::TcpStream, SocketAddr),
+) {
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = &mut shutdown => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(listener = what, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        };
+        each(stream, udp::canonical(peer));
+    }
+}
+
+/// A connection from a source the drop gate blocks: refused before a byte is read or a
+/// handshake is made, and counted as a blocked drop. Lock-free, like the packet path.
+pub(crate) fn refuse_blocked(shared: &handler::Shared, peer: SocketAddr) -> bool {
+    let now = shared.node.now();
+    let blocked = matches!(
+        shared.node.gate().check(now, peer),
+        crate::blocks::GateVerdict::Blocked { .. }
+    );
+    if blocked {
+        shared.node.stats.drop(DropReason::Blocked);
+    }
+    blocked
+}

@@ -21,7 +21,6 @@ use tokio::task::AbortHandle;
 use tokio::time::{timeout_at, Instant};
 
 use super::handler::{Scratch, Shared};
-use super::udp::canonical;
 use super::{conn_channel, handle_caught, ConnSlot, WriteClose, WriteQueue};
 use crate::proxy::Inbound;
 use crate::stats::{DropReason, Transport};
@@ -34,24 +33,9 @@ pub async fn serve(
     shared: Arc<Shared>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "tcp accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            }
-        };
-        let peer = canonical(peer);
-        let now = shared.node.now();
-        if shared.node.with_engine(|e| e.is_blocked(now, peer)) {
-            shared.node.stats.drop(DropReason::Blocked);
-            continue;
+    super::accept_each(&listener, "tcp", shutdown, |stream, peer| {
+        if super::refuse_blocked(&shared, peer) {
+            return;
         }
         let _ = stream.set_nodelay(true);
         let (rd, wr) = stream.into_split();
@@ -63,7 +47,8 @@ pub async fn serve(
             Transport::Tcp,
             shared.clone(),
         ));
-    }
+    })
+    .await;
 }
 
 /// Reset (RST, not FIN) a TCP connection whose writer gave up: nothing more for a peer that
@@ -341,10 +326,9 @@ where
         match read {
             Ok(Ok(0)) | Ok(Err(_)) => break,
             Ok(Ok(_)) => {
-                // A blocked source's connection is cut as soon as it speaks again.
-                let now = shared.node.now();
-                if shared.node.with_engine(|e| e.is_blocked(now, peer)) {
-                    shared.node.stats.drop(DropReason::Blocked);
+                // A blocked source's connection is cut as soon as it speaks again (the gate:
+                // no engine lock per read).
+                if super::refuse_blocked(&shared, peer) {
                     break;
                 }
             }

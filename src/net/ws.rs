@@ -27,7 +27,6 @@ use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 
 use super::handler::{Scratch, Shared};
-use super::udp::canonical;
 use super::{conn_channel, handle_caught, WriteClose};
 use crate::blocks::GateVerdict;
 use crate::engine::anomaly::Anomaly;
@@ -98,26 +97,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let pending = Arc::new(Pending::default());
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "websocket accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            }
-        };
-        let peer = canonical(peer);
+    super::accept_each(&listener, "websocket", shutdown, |stream, peer| {
         let Some(admit) = admit(&shared, &pending, peer) else {
-            continue;
+            return;
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(run(stream, peer, shared.clone(), transport, admit));
-    }
+    })
+    .await;
 }
 
 /// Accept WSS connections on a listener of its own (`sip.listen_wss` not shared with
@@ -129,23 +116,10 @@ pub async fn serve_wss(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     let pending = Arc::new(Pending::default());
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "wss accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            }
-        };
-        let peer = canonical(peer);
+    super::accept_each(&listener, "wss", shutdown, |stream, peer| {
         // Blocked sources and addresses over the cap cost no TLS handshake.
         let Some(admit) = admit(&shared, &pending, peer) else {
-            continue;
+            return;
         };
         let (acceptor, shared) = (acceptor.clone(), shared.clone());
         tokio::spawn(async move {
@@ -155,7 +129,8 @@ pub async fn serve_wss(
             };
             run(tls, peer, shared, Transport::Wss, admit).await;
         });
-    }
+    })
+    .await;
 }
 
 /// The first bytes of a WebSocket upgrade request.

@@ -25,7 +25,6 @@ pub use certs::{CertError, CertStore, Reload};
 pub use client::TlsUpstream;
 
 use super::handler::Shared;
-use super::udp::canonical;
 use crate::blocks::{BlockType, GateVerdict};
 use crate::engine::anomaly::Anomaly;
 use crate::node::Node;
@@ -259,24 +258,9 @@ pub async fn serve(
     wss: Option<Arc<super::ws::Pending>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    tokio::pin!(shutdown);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = &mut shutdown => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "tls accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            }
-        };
-        let peer = canonical(peer);
-        let now = shared.node.now();
-        if shared.node.with_engine(|e| e.is_blocked(now, peer)) {
-            shared.node.stats.drop(DropReason::Blocked);
-            continue;
+    super::accept_each(&listener, "tls", shutdown, |stream, peer| {
+        if super::refuse_blocked(&shared, peer) {
+            return;
         }
         let (acceptor, shared, wss) = (acceptor.clone(), shared.clone(), wss.clone());
         tokio::spawn(async move {
@@ -284,9 +268,7 @@ pub async fn serve(
                 return;
             };
             // Blocked while in handshake (by this flood or anything else): no connection.
-            let now = shared.node.now();
-            if shared.node.with_engine(|e| e.is_blocked(now, peer)) {
-                shared.node.stats.drop(DropReason::Blocked);
+            if super::refuse_blocked(&shared, peer) {
                 return;
             }
             if let Some(pending) = wss {
@@ -299,7 +281,8 @@ pub async fn serve(
             let (rd, wr) = tokio::io::split(tls);
             super::tcp::run_conn(rd, wr, no_reset, peer, Transport::Tls, shared).await;
         });
-    }
+    })
+    .await;
 }
 
 /// A TLS stream cannot be reset from its write half; a stuck writer ends with a normal close.
