@@ -63,11 +63,20 @@ fn router(incoming: IncomingMode, nat: NatDetection, upstream: Transport) -> Rou
     let cfg = RouterConfig {
         udp: Some(me.clone()),
         tcp: Some(me.clone()),
+        tls: Some(me.clone()),
+        ws: Some(me.clone()),
+        wss: Some(me.clone()),
         aliases: vec![me],
         incoming,
         nat,
         keys: keys(),
-        sockets: vec![(Transport::Udp, OWN), (Transport::Tcp, OWN)],
+        sockets: vec![
+            (Transport::Udp, OWN),
+            (Transport::Tcp, OWN),
+            (Transport::Tls, OWN),
+            (Transport::Ws, OWN),
+            (Transport::Wss, OWN),
+        ],
     };
     Router::new(
         cfg,
@@ -300,10 +309,20 @@ fuzz_target!(|data: &[u8]| {
     let subst = substitute(raw);
     let bytes: &[u8] = &subst;
     let from_upstream = flags & 1 != 0;
-    let transport = if flags & 2 != 0 {
-        Transport::Tcp
-    } else {
-        Transport::Udp
+    // Bits 1 and 6-7 pick the transport the packet arrived on: UDP, TCP, and (bit 6) their
+    // secure and WebSocket cousins.
+    let transport = match (flags & 2 != 0, flags & 0x40 != 0, flags & 0x80 != 0) {
+        (false, false, _) => Transport::Udp,
+        (true, false, _) => Transport::Tcp,
+        (true, true, _) => Transport::Tls,
+        (false, true, false) => Transport::Ws,
+        (false, true, true) => Transport::Wss,
+    };
+    // The PBX is reached over UDP, TCP or TLS, never a WebSocket: its packets arrive over UDP
+    // when a WebSocket transport was picked.
+    let transport = match transport {
+        Transport::Ws | Transport::Wss if from_upstream => Transport::Udp,
+        t => t,
     };
     let incoming = if flags & 4 != 0 {
         IncomingMode::Contact
@@ -319,7 +338,11 @@ fuzz_target!(|data: &[u8]| {
     let src = if from_upstream { PBX } else { PHONE };
     let inb = Inbound { transport, src };
     let mut engine = engine();
-    let router = router(incoming, nat, transport);
+    let upstream = match transport {
+        Transport::Ws | Transport::Wss => Transport::Udp,
+        t => t,
+    };
+    let router = router(incoming, nat, upstream);
     assert_eq!(router.is_upstream(&inb), from_upstream);
     assert!(!router.is_own_socket(&inb));
     if !from_upstream {
@@ -332,9 +355,10 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(again.headers.len(), d.headers.len());
     }
 
+    // As the handler frames them: a WebSocket message is one frame, like a datagram.
     let framing = match transport {
-        Transport::Udp => Framing::Datagram,
-        Transport::Tcp => Framing::Stream,
+        Transport::Udp | Transport::Ws | Transport::Wss => Framing::Datagram,
+        Transport::Tcp | Transport::Tls => Framing::Stream,
     };
     let msg = match parse(bytes, framing) {
         Ok(m) => m,
@@ -442,6 +466,10 @@ fn round_trip_answer(router: &Router, req: &Message<'_>, fwd_bytes: &[u8], engin
     }
     let info = info.expect("answer info");
     assert_eq!(info.phone, PHONE);
-    assert_eq!(info.attempt, credentials_fingerprint(req), "attempt fingerprint");
+    assert_eq!(
+        info.attempt,
+        credentials_fingerprint(req),
+        "attempt fingerprint"
+    );
     engine.on_answer(NOW, info.phone, &resp, info.attempt);
 }
