@@ -116,24 +116,34 @@ fn proto(tcp: bool) -> u8 {
     }
 }
 
-/// The Call-ID of a SIP message (full or compact `i:` name, any case), trimmed; at most
-/// [`MAX_CALL_ID`] bytes. Only the header section is looked at.
-pub fn call_id(msg: &[u8]) -> Option<&[u8]> {
+/// The value of the first header named one of `names` (any case), trimmed. Only the header
+/// section is looked at, and continuation lines (starting with a space or tab) are skipped:
+/// `Subject: x\r\n i: forged` carries no Call-ID, as the SIP parser reads it too.
+fn header<'a>(msg: &'a [u8], names: &[&[u8]]) -> Option<&'a [u8]> {
     for line in msg.split(|b| *b == b'\n').skip(1) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         if line.is_empty() {
             break;
         }
+        if line.first().is_some_and(|b| matches!(b, b' ' | b'\t')) {
+            continue;
+        }
         let Some(colon) = line.iter().position(|b| *b == b':') else {
             continue;
         };
         let name = line.get(..colon)?.trim_ascii();
-        if name.eq_ignore_ascii_case(b"call-id") || name.eq_ignore_ascii_case(b"i") {
-            let v = line.get(colon + 1..)?.trim_ascii();
-            return (!v.is_empty()).then(|| v.get(..v.len().min(MAX_CALL_ID)).unwrap_or(v));
+        if names.iter().any(|n| name.eq_ignore_ascii_case(n)) {
+            return line.get(colon + 1..).map(<[u8]>::trim_ascii);
         }
     }
     None
+}
+
+/// The Call-ID of a SIP message (full or compact `i:` name, any case), trimmed; at most
+/// [`MAX_CALL_ID`] bytes.
+pub fn call_id(msg: &[u8]) -> Option<&[u8]> {
+    let v = header(msg, &[b"call-id", b"i"])?;
+    (!v.is_empty()).then(|| v.get(..v.len().min(MAX_CALL_ID)).unwrap_or(v))
 }
 
 /// Call-IDs longer than this are cut (they are attacker data, and only a correlation key).
@@ -145,24 +155,7 @@ pub fn method(msg: &[u8]) -> Option<&[u8]> {
     if !first.starts_with(b"SIP/2.0") {
         return first.split(|b| *b == b' ').next();
     }
-    for line in msg.split(|b| *b == b'\n').skip(1) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            break;
-        }
-        let Some(colon) = line.iter().position(|b| *b == b':') else {
-            continue;
-        };
-        let name = line.get(..colon)?.trim_ascii();
-        if name.eq_ignore_ascii_case(b"cseq") {
-            return line
-                .get(colon + 1..)?
-                .trim_ascii()
-                .split(|b| *b == b' ')
-                .nth(1);
-        }
-    }
-    None
+    header(msg, &[b"cseq"])?.split(|b| *b == b' ').nth(1)
 }
 
 /// Whether a message belongs to an INVITE dialog (`hep.only = "dialogs"`).
@@ -285,6 +278,11 @@ mod tests {
         assert_eq!(call_id(b"A\r\nCall-ID:   \r\n"), None);
         let long = [b"A\r\nCall-ID: ".as_slice(), &[b'y'; 1000]].concat();
         assert_eq!(call_id(&long).map(<[u8]>::len), Some(MAX_CALL_ID));
+        // A folded line is part of the header before it, never a Call-ID of its own.
+        let folded = b"OPTIONS sip:x SIP/2.0\r\nSubject: x\r\n i: victim\r\nCall-ID: own\r\n\r\n";
+        assert_eq!(call_id(folded), Some(&b"own"[..]));
+        let folded_cseq = b"SIP/2.0 200 OK\r\nTo: <sip:a>\r\n\tCSeq: 1 INVITE\r\n\r\n";
+        assert_eq!(method(folded_cseq), None);
         assert!(is_dialog(INVITE));
         assert!(is_dialog(b"SIP/2.0 180 Ringing\r\nCSeq: 1 INVITE\r\n\r\n"));
         assert!(!is_dialog(b"REGISTER sip:x SIP/2.0\r\n\r\n"));
