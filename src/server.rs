@@ -526,8 +526,9 @@ pub async fn start(
     };
     let mut tasks = Vec::new();
     if counts.is_enabled() {
-        let (url, every) = (cfg.cluster.redis_url.clone(), cfg.cluster.count_interval);
-        let link = crate::cluster_count::link::run(url, counts, node.clock, every, stopped());
+        let (url, ca) = (cfg.cluster.redis_url.clone(), cfg.cluster.redis_ca.clone());
+        let every = cfg.cluster.count_interval;
+        let link = crate::cluster_count::link::run(url, ca, counts, node.clock, every, stopped());
         tasks.push(tokio::spawn(link));
     }
     // Listener tasks run supervised: one that ends (a panic that escaped, an error) is

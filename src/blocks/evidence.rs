@@ -101,10 +101,17 @@ pub fn push(list: &mut Vec<Packet>, p: Packet) {
 }
 
 /// Hold a block read back from the state store or from another node (Redis) to the same
-/// bounds as one made here: the last [`super::table::EVIDENCE_LINES`] lines, clipped, and the
+/// bounds as one made here: device and reason clipped, the last
+/// [`super::table::EVIDENCE_LINES`] lines, clipped, and the
 /// last [`PACKETS`] packets with their text clipped.
 pub fn bound(b: &mut super::Block) {
     use super::table::{clip, EVIDENCE_LINES};
+    // Device and reason are shown in one line each; a peer may send any length.
+    for text in [&mut b.device, &mut b.reason] {
+        if text.chars().nth(super::table::EVIDENCE_CHARS).is_some() {
+            *text = clip(text);
+        }
+    }
     let skip = b.evidence.len().saturating_sub(EVIDENCE_LINES);
     b.evidence.drain(..skip);
     for l in &mut b.evidence {

@@ -567,10 +567,12 @@ pub(super) fn apply(e: &mut Engine, now: Millis, ev: Event) -> Option<Event> {
             .map(|(_, en)| en.source)
     };
     match ev {
-        Event::Blocked(b) => {
+        Event::Blocked(mut b) => {
             if b.is_expired(now) || !b.enforced {
                 return None;
             }
+            // What goes to the local store is held to the same bounds as what is enforced.
+            crate::blocks::evidence::bound(&mut b);
             let key = b.key;
             e.restore(now, Event::Blocked(b.clone()));
             e.block_table().get(&key).map(|_| Event::Blocked(b))

@@ -154,7 +154,9 @@ impl ClusterStats {
         }
         n.last_contact = now;
         n.last_sent = sent_at;
-        n.delay_ms = now as i64 - sent_at as i64;
+        // Both clocks are the writers' word: a forged one must not overflow the difference.
+        let delay = i128::from(now) - i128::from(sent_at);
+        n.delay_ms = i64::try_from(delay).unwrap_or(if delay < 0 { i64::MIN } else { i64::MAX });
         n.entries += 1;
     }
 
@@ -247,25 +249,28 @@ fn clip(s: &str) -> String {
     s.chars().take(wire::MAX_NAME).collect()
 }
 
+/// A Redis client for `url`, trusting the CA in `redis_ca` (a PEM file) for `rediss://` when
+/// set. The block sharing and the cluster-wide counting both connect with it.
+pub fn redis_client(url: &str, redis_ca: &str) -> Result<redis::Client, ClusterError> {
+    if redis_ca.is_empty() {
+        return redis::Client::open(url).map_err(|e| ClusterError::Url(e.to_string()));
+    }
+    let ca = std::fs::read(redis_ca)
+        .map_err(|e| ClusterError::Ca(format!("cannot read {redis_ca}: {e}")))?;
+    let certs = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca),
+    };
+    redis::Client::build_with_tls(url, certs).map_err(|e| ClusterError::Ca(e.to_string()))
+}
+
 impl Cluster {
     /// Connect to `url` and start sharing. Waits up to a few seconds for the cluster's current
     /// blocks (so they apply before the SIP sockets serve), then carries on in the background
     /// if Redis is not there yet.
     pub async fn start(url: &str, node: Arc<Node>) -> Result<Cluster, ClusterError> {
         let cfg = node.config();
-        let client = if cfg.cluster.redis_ca.is_empty() {
-            redis::Client::open(url).map_err(|e| ClusterError::Url(e.to_string()))?
-        } else {
-            let ca = std::fs::read(&cfg.cluster.redis_ca).map_err(|e| {
-                ClusterError::Ca(format!("cannot read {}: {e}", cfg.cluster.redis_ca))
-            })?;
-            let certs = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(ca),
-            };
-            redis::Client::build_with_tls(url, certs)
-                .map_err(|e| ClusterError::Ca(e.to_string()))?
-        };
+        let client = redis_client(url, &cfg.cluster.redis_ca)?;
         let node_id: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
         let server = client.get_connection_info().addr.to_string();
         let name = if cfg.cluster.node_name.is_empty() {

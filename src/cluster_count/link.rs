@@ -34,12 +34,13 @@ async fn timed<T>(
 /// Run the link until `shutdown` resolves: publish this node's rounds, apply the others'.
 pub async fn run(
     url: String,
+    redis_ca: String,
     counts: SharedCounts,
     clock: Clock,
     interval: Duration,
     shutdown: impl Future<Output = ()>,
 ) {
-    let client = match redis::Client::open(url.as_str()) {
+    let client = match crate::cluster::redis_client(&url, &redis_ca) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(target: "sipwarden::cluster", error = %e, "cluster counting off: bad cluster.redis_url");
