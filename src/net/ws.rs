@@ -127,6 +127,10 @@ pub async fn serve_wss(
             let Ok(tls) = acceptor.accept(stream, peer).await else {
                 return;
             };
+            // Blocked while in handshake (by this flood or anything else): no upgrade.
+            if super::refuse_blocked(&shared, peer) {
+                return;
+            }
             run(tls, peer, shared, Transport::Wss, admit).await;
         });
     })
