@@ -550,10 +550,14 @@ impl Feed {
     }
 }
 
-/// A list entry from the cluster covering everything (`/0`) is refused: no honest operator
-/// whitelists or blacklists the whole Internet through a peer.
+/// A list entry from the cluster broader than an IPv4 /8 or an IPv6 /16 is refused: no honest
+/// operator whitelists or blacklists a large part of the Internet through a peer, and two
+/// halves (`0.0.0.0/1`, `128.0.0.0/1`) would otherwise do what `/0` may not.
 fn too_broad(net: IpNet) -> bool {
-    net.prefix_len() == 0
+    match net {
+        IpNet::V4(n) => n.prefix_len() < 8,
+        IpNet::V6(n) => n.prefix_len() < 16,
+    }
 }
 
 /// Apply one event from another node; returns it (as stored) when it changed anything here.

@@ -49,6 +49,17 @@ fn peers_cannot_block_the_whitelist_or_the_pbx_or_list_everything() {
         entry: entry.clone(),
     };
     assert_eq!(apply(&mut e, T0, all), None);
+    // Nor two halves that together cover everything, in either family.
+    for half in ["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"] {
+        let ev = Event::ListAdded {
+            list: ListKind::Whitelist,
+            net: half.parse().unwrap(),
+            entry: entry.clone(),
+        };
+        assert_eq!(apply(&mut e, T0, ev), None, "{half}");
+    }
+    let wl = e.lists().entries(ListKind::Whitelist);
+    assert!(wl.iter().all(|(n, _)| n.prefix_len() >= 8), "{wl:?}");
     assert!(e.block_table().is_empty());
     assert!(e.lists().entries(ListKind::Blacklist).is_empty());
 
