@@ -1,12 +1,16 @@
-//! Contention benchmark: N threads (1, then 2) hammering the blocked-source check, once
-//! through the lock-free drop gate as a receive loop runs it (gate lookup, hit counted in the
-//! loop's own `LocalHits` and flushed every 32 packets as after a `recvmmsg` batch, packet and
-//! drop counters), once more with every thread dropping the same single source (a flood: the
-//! worst case for shared counters), and once through the engine's
-//! `Mutex` (`Node::with_engine(precheck)`, the path every packet took before the gate), plus
-//! the engine path that clean packets still take. Prints throughput per thread for each N and
-//! the ratio N=2 / N=1: a path that holds per-thread throughput scales with cores; one behind a
-//! shared lock falls.
+//! Contention benchmark: N threads (1, then 2) hammering
+//! - the drop path: the blocked-source check through the lock-free drop gate as a receive loop
+//!   runs it (gate lookup, hit counted in the loop's own `LocalHits` and flushed every 32
+//!   packets as after a `recvmmsg` batch, packet and drop counters); once more with every
+//!   thread dropping the same single source (a flood: the worst case for shared counters);
+//! - the forward path: a clean INVITE from a phone through the whole sans-I/O pipeline
+//!   (`pipeline::decide`: gate, parse, route with its edits, one engine entry on the sender's
+//!   detector shard), each thread its own phones;
+//! - for comparison, the same blocked check behind one shared `Mutex` (how every packet met the
+//!   engine before the gate and the shards).
+//!
+//! Prints throughput per thread for each N and the ratio N=2 / N=1: a path that holds
+//! per-thread throughput scales with cores; one behind a shared lock falls.
 //!
 //! Each thread checks its own 1,024 blocked sources (an attack from many addresses). Every phase
 //! is bounded in count (`OPS` per thread) and in time (`PHASE_MAX`). Figures: operations per
@@ -19,10 +23,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sipwarden::blocks::{source_net, BlockKey, GateVerdict, LocalHits};
-use sipwarden::config::Config;
+use sipwarden::config::{Config, IncomingMode, NatDetection};
 use sipwarden::engine::Pre;
 use sipwarden::node::Node;
+use sipwarden::pipeline::{decide, Work};
+use sipwarden::proxy::{Action, Advertised, Flow, Inbound, Keys, Router, RouterConfig};
 use sipwarden::stats::{DropReason, Transport};
+use sipwarden::wire::Edits;
 
 const OPS: u64 = 4_000_000;
 const PHASE_MAX: Duration = Duration::from_secs(6);
@@ -46,26 +53,75 @@ fn thread_cpu() -> f64 {
 enum Path {
     Gate,
     GateOneSource,
+    Forward,
     MutexBlocked,
-    EngineClean,
+}
+
+/// The router as the shipped layout builds it: listening on 192.0.2.10:5060, the PBX on
+/// 127.0.0.1:5080 over UDP.
+fn router() -> Router {
+    let me = Advertised::new("192.0.2.10", 5060);
+    let cfg = RouterConfig {
+        tls: None,
+        udp: Some(me.clone()),
+        tcp: None,
+        ws: None,
+        wss: None,
+        aliases: vec![me],
+        incoming: IncomingMode::Path,
+        nat: NatDetection::Auto,
+        keys: Keys::new([3; 16], None),
+        sockets: vec![(Transport::Udp, "192.0.2.10:5060".parse().expect("addr"))],
+    };
+    let pbx = Flow {
+        transport: Transport::Udp,
+        addr: "127.0.0.1:5080".parse().expect("addr"),
+    };
+    Router::new(cfg, pbx)
+}
+
+/// A phone's INVITE (a new call each time, as a call generator sends them).
+fn invite(src: SocketAddr, n: u64) -> Vec<u8> {
+    format!(
+        "INVITE sip:2000@192.0.2.10 SIP/2.0\r\nVia: SIP/2.0/UDP {src};branch=z9hG4bK-{n}\r\n\
+Max-Forwards: 70\r\nFrom: <sip:1000@192.0.2.10>;tag={n}\r\nTo: <sip:2000@192.0.2.10>\r\n\
+Call-ID: {n}@bench\r\nCSeq: 1 INVITE\r\nContact: <sip:1000@{src}>\r\n\
+User-Agent: bench-phone\r\nContent-Type: application/sdp\r\nContent-Length: 0\r\n\r\n"
+    )
+    .into_bytes()
 }
 
 /// Run `threads` threads on `path`; per-thread (ops/s wall, ops/s CPU), averaged.
 fn phase(node: &Arc<Node>, path: Path, threads: u32) -> (f64, f64) {
     let start = Arc::new(std::sync::Barrier::new(threads as usize));
+    let lock = Arc::new(parking_lot::Mutex::new(()));
     let handles: Vec<_> = (0..threads)
         .map(|t| {
-            let (node, start) = (node.clone(), start.clone());
+            let (node, start, lock) = (node.clone(), start.clone(), lock.clone());
             std::thread::spawn(move || {
                 // Clean sources live in another /16 than the blocked ones.
                 let base = match path {
-                    Path::EngineClean => t + 100,
+                    Path::Forward => t + 100,
                     _ => t,
                 };
                 let srcs: Vec<SocketAddr> = match path {
                     Path::GateOneSource => vec![source(0, 0); SOURCES as usize],
                     _ => (0..SOURCES).map(|i| source(base, i)).collect(),
                 };
+                // Each phone's INVITEs, made before the clock starts (16 calls per phone).
+                let invites: Vec<Vec<u8>> = match path {
+                    Path::Forward => (0..SOURCES as u64 * 16)
+                        .map(|n| {
+                            invite(
+                                srcs[(n % u64::from(SOURCES)) as usize],
+                                n + u64::from(t) * 1_000_000,
+                            )
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                let router = router();
+                let (mut edits, mut out) = (Edits::default(), Vec::new());
                 let mut local = LocalHits::default();
                 start.wait();
                 let now = node.now();
@@ -87,10 +143,31 @@ fn phase(node: &Arc<Node>, path: Path, threads: u32) -> (f64, f64) {
                                 }
                                 b
                             }
-                            Path::MutexBlocked | Path::EngineClean => matches!(
-                                node.with_engine(|e| e.precheck(now, *s)),
-                                Pre::Blocked { .. }
-                            ),
+                            Path::Forward => {
+                                let n = (done as usize + i) % invites.len().max(1);
+                                let inb = Inbound {
+                                    transport: Transport::Udp,
+                                    src: *s,
+                                };
+                                let work = Work {
+                                    edits: &mut edits,
+                                    out: &mut out,
+                                    hits: &mut local,
+                                };
+                                let d =
+                                    decide(&node, &router, 65_535, &inb, &invites[n], work, |_| {
+                                        false
+                                    });
+                                assert!(
+                                    matches!(d.map(|d| d.action), Some(Action::Forward { .. })),
+                                    "a clean INVITE is forwarded"
+                                );
+                                false
+                            }
+                            Path::MutexBlocked => {
+                                let _one = lock.lock();
+                                matches!(node.engine().precheck(now, *s), Pre::Blocked { .. })
+                            }
                         };
                         blocked += u64::from(b);
                     }
@@ -101,7 +178,7 @@ fn phase(node: &Arc<Node>, path: Path, threads: u32) -> (f64, f64) {
                 }
                 let wall = t0.elapsed().as_secs_f64();
                 let cpu = (thread_cpu() - c0).max(0.01);
-                let expect_blocked = !matches!(path, Path::EngineClean);
+                let expect_blocked = !matches!(path, Path::Forward);
                 assert_eq!(blocked == done, expect_blocked, "verdicts as expected");
                 (done as f64 / wall, done as f64 / cpu)
             })
@@ -119,6 +196,9 @@ fn main() {
     let mut cfg = Config::default();
     // Clean sources must not trip the flood limiter during the run.
     cfg.flood.packets_per_second = 1_000_000_000;
+    // Nor the INVITE rate limit: every phone here calls 16 times in a burst.
+    cfg.invite.rate_limit = 1_000_000_000;
+    cfg.invite.burst = 1_000_000_000;
     let cfg = cfg.validate().expect("config");
     let (node, _events) = Node::new(cfg);
     let now = node.now();
@@ -140,8 +220,8 @@ fn main() {
     for (name, path) in [
         ("gate: blocked sources (lock-free)", Path::Gate),
         ("gate: one source, every thread", Path::GateOneSource),
-        ("engine Mutex: blocked source (before)", Path::MutexBlocked),
-        ("engine Mutex: clean source precheck", Path::EngineClean),
+        ("forward: clean INVITE, whole pipeline", Path::Forward),
+        ("one shared Mutex: blocked source", Path::MutexBlocked),
     ] {
         let one = phase(&node, path, 1);
         let two = phase(&node, path, 2);

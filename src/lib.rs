@@ -34,6 +34,7 @@ pub mod hep;
 pub mod net;
 pub mod node;
 pub mod notify;
+pub mod pipeline;
 pub mod proxy;
 pub mod server;
 pub mod state;

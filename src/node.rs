@@ -1,15 +1,15 @@
-//! One running sipwarden: the engine behind a lock, the counters, the config, and the channel
+//! One running sipwarden: the engine (detector shards and the block ledger), the counters, the config, and the channel
 //! that carries state changes to the state task (persistence, cluster, notifications, logs).
 
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::blocks::{Event, Gate};
 use crate::clock::{Clock, Millis};
 use crate::config::Config;
-use crate::engine::Engine;
+use crate::engine::{Engine, Ledger};
 use crate::stats::Stats;
 
 /// Queued state changes waiting for the state task. Bounded: an attacker who makes blocks
@@ -30,8 +30,8 @@ pub struct NotDurable;
 
 pub struct Node {
     config: RwLock<Arc<Config>>,
-    engine: Mutex<Engine>,
-    /// The engine's drop gate, read by the packet path without the engine lock.
+    engine: Engine,
+    /// The engine's drop gate, read by the packet path without any lock.
     gate: Arc<Gate>,
     pub stats: Stats,
     pub clock: Clock,
@@ -48,7 +48,7 @@ impl Node {
         let node = Node {
             config: RwLock::new(Arc::new(cfg)),
             gate,
-            engine: Mutex::new(engine),
+            engine,
             stats: Stats::default(),
             clock,
             events: tx,
@@ -72,32 +72,53 @@ impl Node {
     /// Swap in a validated config; the engine keeps its state.
     pub fn reconfigure(&self, cfg: Config) {
         let now = self.now();
-        self.with_engine(|e| e.reconfigure(&cfg, now));
+        self.engine.reconfigure_shared(&cfg, now);
+        self.send_events();
         *self.config.write() = Arc::new(cfg);
     }
 
-    /// Run `f` on the engine, then hand any state changes it made to the state task without
-    /// waiting. For the packet path.
-    pub fn with_engine<R>(&self, f: impl FnOnce(&mut Engine) -> R) -> R {
-        let (r, events) = {
-            let mut e = self.engine.lock();
-            let r = f(&mut e);
-            e.sync_gate();
-            let ev = if e.has_events() {
-                e.take_events()
-            } else {
-                Vec::new()
-            };
-            (r, ev)
-        };
-        if !events.is_empty() {
-            let n = events.len() as u64;
-            if self.events.try_send(Batch { events, ack: None }).is_err() {
-                self.stats
-                    .events_dropped
-                    .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-            }
+    /// The engine, for the packet path: its entries lock one detector shard, and the ledger
+    /// only to make a block. Call [`Node::send_events`] after an entry.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Hand the state changes the engine queued to the state task without waiting. A
+    /// lock-free check when there are none.
+    pub fn send_events(&self) {
+        if !self.engine.has_events() {
+            return;
         }
+        let events = self.engine.take_events();
+        if events.is_empty() {
+            return;
+        }
+        let n = events.len() as u64;
+        if self.events.try_send(Batch { events, ack: None }).is_err() {
+            self.stats
+                .events_dropped
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Score an anomaly from `src` (outside a message: a TLS handshake, a WebSocket upgrade, an
+    /// unframeable stream), then hand any block it made to the state task.
+    pub fn on_anomaly(
+        &self,
+        now: Millis,
+        src: std::net::SocketAddr,
+        what: crate::engine::Anomaly,
+        sample: &[u8],
+    ) {
+        self.engine.on_anomaly(now, src, what, sample);
+        self.send_events();
+    }
+
+    /// Run `f` on the block ledger, then hand any state changes it made to the state task
+    /// without waiting.
+    pub fn with_engine<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> R {
+        let r = self.engine.with_ledger(f);
+        self.send_events();
         r
     }
 
@@ -106,14 +127,14 @@ impl Node {
     /// but the store could not save it (the state task logs why).
     pub async fn with_engine_durable<R>(
         &self,
-        f: impl FnOnce(&mut Engine) -> R,
+        f: impl FnOnce(&mut Ledger) -> R,
     ) -> Result<R, NotDurable> {
-        let (r, events) = {
-            let mut e = self.engine.lock();
-            let r = f(&mut e);
-            e.sync_gate();
-            (r, e.take_events())
-        };
+        // The events are taken in the same lock hold as the change: a packet's
+        // `send_events` in between cannot carry them off unacknowledged.
+        let (r, events) = self.engine.with_ledger(|l| {
+            let r = f(l);
+            (r, l.take_events())
+        });
         if events.is_empty() {
             return Ok(r);
         }
@@ -145,16 +166,16 @@ impl Node {
 
     /// Read-only access to the engine (block table, lists) for the admin surface. The hits
     /// the gate counted are folded into the block rows first, so readers see them.
-    pub fn inspect<R>(&self, f: impl FnOnce(&Engine) -> R) -> R {
-        let mut e = self.engine.lock();
-        e.fold_gate_hits();
-        f(&e)
+    pub fn inspect<R>(&self, f: impl FnOnce(&Ledger) -> R) -> R {
+        let mut l = self.engine.ledger();
+        l.fold_gate_hits();
+        f(&l)
     }
 
     /// As [`Node::inspect`] without folding the gate's hits first: for a reader that walks the
     /// table in several short lock holds and folded once at its start.
-    pub fn peek<R>(&self, f: impl FnOnce(&Engine) -> R) -> R {
-        f(&self.engine.lock())
+    pub fn peek<R>(&self, f: impl FnOnce(&Ledger) -> R) -> R {
+        f(&self.engine.ledger())
     }
 
     /// The drop gate: is a source blocked, without the engine's lock.

@@ -450,7 +450,7 @@ pub async fn start(
         Some(crate::cluster::Cluster::start(&cfg.cluster.redis_url, node.clone()).await?)
     };
     let counts = crate::cluster_count::SharedCounts::for_config(&cfg);
-    node.with_engine(|e| e.set_shared_counts(counts.clone()));
+    node.engine().set_shared_counts(counts.clone());
     let state = crate::state::Handle::spawn(events_rx, node.clone(), Some(store), cluster);
     crate::hep::start(&node).await; // HEP export task (hep.address)
 

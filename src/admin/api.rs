@@ -559,6 +559,7 @@ pub(crate) async fn remove_block(
         .node
         .with_engine_durable(|e| e.unblock(t.net, t.port))
         .await?;
+    st.node.engine().forget(&removed);
     if removed.is_empty() {
         let listed = st.node.inspect(|e| {
             e.lists()

@@ -512,7 +512,7 @@ impl Collector for NodeCollector {
             &up,
         )?;
 
-        let (active, observed, tracked, white, black, evictions) = node.inspect(|eng| {
+        let (active, observed, white, black, evictions) = node.inspect(|eng| {
             let mut active = [0u64; TYPES];
             let mut observed = 0u64;
             for b in eng.blocks() {
@@ -526,12 +526,13 @@ impl Collector for NodeCollector {
             (
                 active,
                 observed,
-                eng.tracked() as u64,
                 l.len(crate::blocks::ListKind::Whitelist) as u64,
                 l.len(crate::blocks::ListKind::Blacklist) as u64,
                 eng.block_table().evictions(),
             )
         });
+        // Outside the ledger's lock: this takes each detector shard's in turn.
+        let tracked = node.engine().tracked() as u64;
         let rows: Vec<_> = BlockType::ALL
             .iter()
             .map(|t| (t.as_str(), active[*t as usize]))

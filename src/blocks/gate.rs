@@ -162,6 +162,16 @@ impl Gate {
         })
     }
 
+    /// Is `ip` whitelisted? Lock-free, without touching the policy's reference count.
+    pub fn is_whitelisted(&self, ip: std::net::IpAddr) -> bool {
+        self.policy.load().lists.is_whitelisted(ip)
+    }
+
+    /// As [`Gate::check`] without counting a hit (for readers such as the HEP filter).
+    pub fn check_quiet(&self, now: Millis, src: SocketAddr) -> GateVerdict {
+        self.verdict(now, src, |_, _| {})
+    }
+
     /// As [`Gate::check`], the hit counted in the caller's `local` (flushed to the entry
     /// later): what a receive loop uses.
     pub fn check_local(&self, now: Millis, src: SocketAddr, local: &mut LocalHits) -> GateVerdict {

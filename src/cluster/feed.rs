@@ -15,7 +15,7 @@ use super::{timed, Backoff, ClusterStats, Lost, Outgoing};
 use super::{CONNECT_TIMEOUT, OP_TIMEOUT};
 use crate::blocks::{Block, Event, ListKind, UnblockReason};
 use crate::clock::{wall_ms, Millis};
-use crate::engine::Engine;
+use crate::engine::Ledger;
 use crate::node::Node;
 
 /// How long one XREAD waits for new entries before asking again (also how soon a dead link
@@ -562,8 +562,8 @@ fn too_broad(net: IpNet) -> bool {
 
 /// Apply one event from another node; returns it (as stored) when it changed anything here.
 /// The engine itself refuses blocks covering the whitelist or the PBX.
-pub(super) fn apply(e: &mut Engine, now: Millis, ev: Event) -> Option<Event> {
-    let local_source = |e: &Engine, list: ListKind, net: IpNet| {
+pub(super) fn apply(e: &mut Ledger, now: Millis, ev: Event) -> Option<Event> {
+    let local_source = |e: &Ledger, list: ListKind, net: IpNet| {
         e.lists()
             .entries(list)
             .into_iter()

@@ -157,7 +157,7 @@ fn config() -> Config {
 }
 
 fn node(c: &Config, id: &str) -> (Engine, SharedCounts) {
-    let mut e = Engine::new(c, T0);
+    let e = Engine::new(c, T0);
     e.set_upstream(vec!["10.0.0.1".parse().unwrap()]);
     let s = SharedCounts::new(id, Periods::from_config(c));
     e.set_shared_counts(s.clone());
@@ -200,7 +200,7 @@ fn a_brute_forcer_alternating_between_two_nodes_is_blocked_after_hit_count_in_to
             &parse(&m, Framing::Datagram).unwrap(),
             Some(u64::from(i)),
         );
-        if !e.block_table().is_empty() {
+        if !e.ledger_mut().block_table().is_empty() {
             blocked_at = Some(i + 1);
             break;
         }
@@ -381,7 +381,7 @@ fn cluster_count_keys_are_optional_and_checked_by_name() {
 fn a_node_that_heard_of_hit_count_failures_blocks_on_the_next_request() {
     let c = config();
     let (mut a, sa) = node(&c, "a");
-    let (mut b, sb) = node(&c, "b");
+    let (b, sb) = node(&c, "b");
     let phone: SocketAddr = "192.0.2.9:5060".parse().unwrap();
     // Failures 1..=4 at b, then b's round reaches a.
     for i in 0..c.register.hit_count - 1 {
@@ -411,7 +411,12 @@ fn a_node_that_heard_of_hit_count_failures_blocks_on_the_next_request() {
         a.on_request(T0 + 500, phone, &r, false),
         Verdict::Drop(_)
     ));
-    let blk = a.blocks().next().expect("blocked on a");
+    let blk = a
+        .ledger_mut()
+        .blocks()
+        .next()
+        .expect("blocked on a")
+        .clone();
     assert_eq!(blk.kind, crate::blocks::BlockType::Register);
     assert!(blk.reason.contains("across the cluster"), "{}", blk.reason);
 }

@@ -40,6 +40,14 @@ pub enum Anomaly {
 }
 
 impl Anomaly {
+    /// What a parse error says about its sender.
+    pub fn from_parse(err: crate::wire::ParseError) -> Anomaly {
+        match err {
+            crate::wire::ParseError::NotSip => Anomaly::NotSip,
+            e => Anomaly::Malformed(e),
+        }
+    }
+
     /// Weight towards `anomaly.threshold`. Things a buggy phone may do count 1; things only an
     /// attack tool does count more.
     pub fn weight(self) -> u32 {

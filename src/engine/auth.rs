@@ -106,6 +106,74 @@ struct Account {
     protected_until: Millis,
 }
 
+/// Accounts under attack from many sources: the one detector state that is not per source,
+/// so it is not in a source's shard but shared, behind its own lock. That lock is taken for a
+/// password failure (an attack, not a call) and, while some account is protected, for a
+/// REGISTER; the packets of a normal call never touch it.
+pub struct AccountWatch {
+    accounts: parking_lot::Mutex<LruCache<u64, Account>>,
+    /// The latest `protected_until` of any account: while `now` is past it no account is
+    /// protected and [`AccountWatch::is_protected`] answers without the lock.
+    protected_until: std::sync::atomic::AtomicU64,
+}
+
+impl AccountWatch {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            accounts: parking_lot::Mutex::new(LruCache::new(nonzero(cap))),
+            protected_until: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    pub fn resize(&self, cap: usize) {
+        self.accounts.lock().resize(nonzero(cap));
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.accounts.lock().len()
+    }
+
+    /// Is `user` an account under attack right now?
+    pub fn is_protected(&self, now: Millis, user: &[u8]) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.protected_until.load(Ordering::Relaxed) <= now {
+            return false;
+        }
+        self.accounts
+            .lock()
+            .peek(&hash64(&[user]))
+            .is_some_and(|a| a.protected_until > now)
+    }
+
+    /// A password failure for `account` from `net`. Returns an alert when the account has
+    /// just come under attack from many sources (and is now protected).
+    pub fn failed(
+        &self,
+        now: Millis,
+        patterns: &crate::config::Patterns,
+        account: &[u8],
+        net: IpNet,
+    ) -> Option<String> {
+        let pperiod = patterns.monit_period.as_millis() as Millis;
+        let mut map = self.accounts.lock();
+        let acct = map.get_or_insert_mut(hash64(&[account]), Account::default);
+        let n_src = acct
+            .sources
+            .add(now, pperiod, hash64(&[net.to_string().as_bytes()]) as u32);
+        if n_src < patterns.sources_per_account as usize || acct.protected_until > now {
+            return None;
+        }
+        acct.protected_until = now.saturating_add(patterns.block_time.as_millis() as Millis);
+        self.protected_until
+            .fetch_max(acct.protected_until, std::sync::atomic::Ordering::Relaxed);
+        Some(format!(
+            "account {} attacked from {n_src} sources: only sources that registered it recently may try it for {}",
+            crate::util::printable(account, 64),
+            humantime::format_duration(patterns.block_time)
+        ))
+    }
+}
+
 /// Step 3's result: the counters one answer moved, for [`decide`].
 #[derive(Debug, Clone, Default)]
 pub struct Counts {
@@ -129,7 +197,6 @@ pub struct AuthTracker {
     ports: LruCache<(IpNet, u16), Window>,
     users: LruCache<u64, Window>,
     good_users: LruCache<u64, Millis>,
-    accounts: LruCache<u64, Account>,
     /// Answers seen within [`RETRANSMIT_WINDOW`], by a keyed hash of what makes an attempt
     /// (see [`AuthTracker::first_sight`]). Bounded like every other map here; the key is
     /// secret so an attacker cannot craft a new guess that collides with an old one.
@@ -147,7 +214,6 @@ impl AuthTracker {
             ports: LruCache::new(n),
             users: LruCache::new(n),
             good_users: LruCache::new(n),
-            accounts: LruCache::new(n),
             seen: LruCache::new(n),
             seen_key: RandomState::new(),
             shared: SharedCounts::disabled(),
@@ -165,12 +231,11 @@ impl AuthTracker {
         self.ports.resize(n);
         self.users.resize(n);
         self.good_users.resize(n);
-        self.accounts.resize(n);
         self.seen.resize(n);
     }
 
     pub fn tracked(&self) -> usize {
-        self.sources.len() + self.ports.len() + self.users.len() + self.accounts.len()
+        self.sources.len() + self.ports.len() + self.users.len()
     }
 
     /// A request carrying credentials: this source answers challenges, as phones do and
@@ -220,14 +285,15 @@ impl AuthTracker {
         })
     }
 
-    /// Is `user` under attack, and has this source no recent success for it?
-    pub fn refuse(&mut self, now: Millis, net: IpNet, user: &[u8]) -> bool {
-        let fp = hash64(&[user]);
-        let protected = self
-            .accounts
-            .peek(&fp)
-            .is_some_and(|a| a.protected_until > now);
-        protected && self.good_users.peek(&pair(net, user)).is_none()
+    /// Is `user` under attack (per `accounts`), and has this source no recent success for it?
+    pub fn refuse(
+        &mut self,
+        now: Millis,
+        net: IpNet,
+        user: &[u8],
+        accounts: &AccountWatch,
+    ) -> bool {
+        accounts.is_protected(now, user) && self.good_users.peek(&pair(net, user)).is_none()
     }
 
     /// Learn from a final response of the PBX. Returns a block to make, and an alert.
@@ -236,6 +302,7 @@ impl AuthTracker {
         now: Millis,
         cfg: &Config,
         a: &Answer<'_>,
+        accounts: &AccountWatch,
     ) -> (Option<Detection>, Option<String>) {
         let Some(outcome) = classify(a.method, a.code, a.had_credentials()) else {
             return (None, None);
@@ -251,7 +318,7 @@ impl AuthTracker {
         if !self.first_sight(now, a) {
             return (None, None);
         }
-        let (counts, alert) = self.count(now, cfg, net, a, outcome);
+        let (counts, alert) = self.count(now, cfg, net, a, outcome, accounts);
         (decide(cfg, net, a, &counts), alert)
     }
 
@@ -298,6 +365,7 @@ impl AuthTracker {
         net: IpNet,
         a: &Answer<'_>,
         outcome: Outcome,
+        accounts: &AccountWatch,
     ) -> (Counts, Option<String>) {
         let patterns = &cfg.patterns;
         let reg = &cfg.register;
@@ -358,21 +426,7 @@ impl AuthTracker {
             .get_or_insert_mut(pair(net, a.account), Window::default)
             .add(now, rperiod, 1);
 
-        let acct = self
-            .accounts
-            .get_or_insert_mut(hash64(&[a.account]), Account::default);
-        let n_src = acct
-            .sources
-            .add(now, pperiod, hash64(&[net.to_string().as_bytes()]) as u32);
-        let mut alert = None;
-        if n_src >= patterns.sources_per_account as usize && acct.protected_until <= now {
-            acct.protected_until = now.saturating_add(patterns.block_time.as_millis() as Millis);
-            alert = Some(format!(
-                "account {} attacked from {n_src} sources: only sources that registered it recently may try it for {}",
-                crate::util::printable(a.account, 64),
-                humantime::format_duration(patterns.block_time)
-            ));
-        }
+        let alert = accounts.failed(now, patterns, a.account, net);
         (c, alert)
     }
 

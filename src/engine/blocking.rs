@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::{push_evidence, Detection, Engine, Strike};
+use super::{push_evidence, Detection, Ledger, Strike};
+use crate::blocks::evidence::Packet;
 use crate::blocks::table::{clip, Admit};
 use crate::blocks::{Block, BlockKey, BlockType, Event, ListEntry, ListKind, UnblockReason};
 use crate::clock::Millis;
@@ -14,12 +15,23 @@ use crate::clock::Millis;
 /// The `source` of automatic blacklist entries.
 const AUTO: &str = "auto";
 
-impl Engine {
+impl Ledger {
     /// Make (or refresh) a block. Returns true when a new block was made. Never blocks the
     /// upstream or a whitelisted source. Repeat blocks of the same source last longer; after
     /// `register.block_threshold` dynamic blocks the source joins the static blacklist (up to
     /// `protection.max_auto_blacklist` entries, aggregated per `protection.aggregate_*`).
     pub fn block(&mut self, now: Millis, d: Detection, device: &str) -> bool {
+        self.block_with(now, d, device, Vec::new())
+    }
+
+    /// [`Ledger::block`] with the packets captured from the source, for the block's ladder.
+    pub fn block_with(
+        &mut self,
+        now: Millis,
+        d: Detection,
+        device: &str,
+        packets: Vec<Packet>,
+    ) -> bool {
         if self.is_upstream(d.key.net.addr()) || self.lists.whitelist_covers(d.key.net) {
             return false;
         }
@@ -54,10 +66,7 @@ impl Engine {
         let threshold = self.cfg.register.block_threshold;
         let to_blacklist =
             enforced && threshold > 0 && strike.count >= threshold && d.key.port.is_none();
-        let device = match (device, self.devices.peek(&d.key.net)) {
-            ("", Some(seen)) => seen.to_string(),
-            (given, _) => given.to_string(),
-        };
+        let device = device.to_string();
         let mut block = Block {
             key: d.key,
             kind: d.kind,
@@ -68,7 +77,7 @@ impl Engine {
             strikes: strike.count.max(1),
             hits: 1,
             evidence: Vec::new(),
-            packets: self.take_packets(&d.key),
+            packets,
             enforced,
         };
         for e in d.evidence {

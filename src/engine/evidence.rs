@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use ipnet::IpNet;
 
-use super::{Engine, Verdict};
+use super::{Ctx, Detectors, Verdict};
 use crate::blocks::evidence::{Dir, Packet, Ring, PACKETS};
 use crate::blocks::{source_net, BlockKey};
 use crate::clock::Millis;
@@ -21,17 +21,20 @@ use crate::wire::Message;
 /// Sources whose recent packets are kept for a block that may follow.
 pub const WATCHED: usize = 2048;
 
-impl Engine {
-    /// [`Engine::on_request`] for a request received over `t`: the packet is captured first.
-    pub fn on_request_over(
+impl Detectors {
+    /// [`Detectors::on_request`] for a request received over `t`: the packet is captured
+    /// first.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_request_over(
         &mut self,
+        ctx: &Ctx,
         now: Millis,
         t: Transport,
         src: SocketAddr,
+        net: IpNet,
         msg: &Message<'_>,
         our_dialog: bool,
     ) -> Verdict {
-        let net = source_net(src.ip(), self.cfg.protection.ipv6_prefix);
         let p = Packet::new(
             now,
             Dir::In,
@@ -43,7 +46,7 @@ impl Engine {
             msg.call_id(),
         );
         self.watched.get_or_insert_mut(net, Ring::default).push(p);
-        let v = self.on_request(now, src, msg, our_dialog);
+        let v = self.on_request(ctx, now, src, net, msg, our_dialog);
         // Our own answer (a 503 to an INVITE flood, a 403 to an account under attack), sent
         // right after; not when the request made a block (its ring has been handed over).
         if let Verdict::Reply { code, reason, .. } = v {
@@ -66,11 +69,14 @@ impl Engine {
         v
     }
 
-    /// [`Engine::on_answer`] for a final answer received from the PBX at `pbx` and routed back
-    /// to the phone over `to` (when it is): captured, with the relayed copy of the request it
-    /// answers, into the phone's ring before the answer is counted (it may make the block).
-    pub fn on_answer_from(
+    /// [`Detectors::on_answer`] for a final answer received from the PBX at `pbx` and routed
+    /// back to the phone over `to` (when it is): captured, with the relayed copy of the
+    /// request it answers, into the phone's ring before the answer is counted (it may make the
+    /// block). The caller has checked that the phone is neither the upstream nor whitelisted.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_answer_from(
         &mut self,
+        ctx: &Ctx,
         now: Millis,
         pbx: (Transport, SocketAddr),
         phone: SocketAddr,
@@ -78,10 +84,8 @@ impl Engine {
         attempt: Option<u64>,
         to: Option<(Transport, SocketAddr)>,
     ) {
-        if !self.is_upstream(phone.ip()) && !self.lists.is_whitelisted(phone.ip()) {
-            self.capture_answer(now, pbx, phone, msg, to);
-        }
-        self.on_answer(now, phone, msg, attempt);
+        self.capture_answer(now, pbx, phone, msg, to);
+        self.on_answer(ctx, now, phone, msg, attempt);
     }
 
     fn capture_answer(
@@ -145,22 +149,6 @@ impl Engine {
         let skip = v.len().saturating_sub(PACKETS);
         v.drain(..skip);
         v
-    }
-
-    /// A source that is blocked (or blacklisted) or has an open anomaly record: what
-    /// `hep.only = "blocked"` exports. No side effects (no hit counted, no LRU touched).
-    pub fn is_suspect(&self, now: Millis, a: SocketAddr) -> bool {
-        let net = source_net(a.ip(), self.cfg.protection.ipv6_prefix);
-        let period = self.cfg.anomaly.monit_period.as_millis() as Millis;
-        self.block_table()
-            .get(&BlockKey::whole(net))
-            .or_else(|| self.block_table().get(&BlockKey::with_port(net, a.port())))
-            .is_some_and(|b| !b.is_expired(now))
-            || self.lists.blacklisted(a.ip()).is_some()
-            || self
-                .anomalies
-                .peek(&net)
-                .is_some_and(|(w, _)| w.estimate(now, period) > 0)
     }
 
     /// Sources with captured packets held.
@@ -240,7 +228,7 @@ CSeq: {n} REGISTER\r\nContent-Length: 0\r\n\r\n"
             let back = Some((Transport::Udp, phone));
             e.on_answer_from(t + 20, (Transport::Udp, pbx), phone, &m, fp, back);
         }
-        let b = e.blocks().next().expect("blocked").clone();
+        let b = e.ledger_mut().blocks().next().expect("blocked").clone();
         assert_eq!(b.kind, BlockType::Register);
         assert_eq!(b.packets.len(), PACKETS);
         let us = sa("198.51.100.1:5060");
@@ -278,7 +266,7 @@ CSeq: {n} REGISTER\r\nContent-Length: 0\r\n\r\n"
         let mut c = cfg();
         c.invite.rate_limit = 1;
         c.invite.burst = 1;
-        let mut e = engine(&c);
+        let e = engine(&c);
         let src = sa("203.0.113.7:5070");
         let r = crate::engine::tests::req("INVITE", "100", "phone", "");
         let m = parse(&r, Framing::Datagram).unwrap();
@@ -292,8 +280,10 @@ CSeq: {n} REGISTER\r\nContent-Length: 0\r\n\r\n"
         }
         assert!(replied >= 1);
         let net = source_net(src.ip(), 64);
-        let ring = e.watched.peek(&net).unwrap();
-        let out: Vec<_> = ring.iter().filter(|p| p.dir == Dir::Out).collect();
+        let out: Vec<_> = e.with_shard(net, |d| {
+            let ring = d.watched.peek(&net).unwrap();
+            ring.iter().filter(|p| p.dir == Dir::Out).cloned().collect()
+        });
         assert_eq!(out.len(), replied);
         assert!(out
             .iter()
@@ -307,7 +297,7 @@ CSeq: {n} REGISTER\r\nContent-Length: 0\r\n\r\n"
         let r = crate::engine::tests::req("OPTIONS", "100", "friendly-scanner", "");
         let m = parse(&r, Framing::Datagram).unwrap();
         e.on_request_over(T0, Transport::Tcp, src, &m, false);
-        let b = e.blocks().next().expect("blocked");
+        let b = e.ledger_mut().blocks().next().expect("blocked");
         assert_eq!(b.packets.len(), 1);
         let p = &b.packets[0];
         assert_eq!((p.dir, p.from, p.transport.as_str()), (Dir::In, src, "tcp"));
@@ -330,7 +320,7 @@ CSeq: {n} REGISTER\r\nContent-Length: 0\r\n\r\n"
 
     #[test]
     fn watched_sources_are_bounded() {
-        let mut e = engine(&cfg());
+        let e = engine(&cfg());
         let r = crate::engine::tests::req("OPTIONS", "100", "phone", "");
         let m = parse(&r, Framing::Datagram).unwrap();
         for i in 0..(WATCHED as u32 + 500) {

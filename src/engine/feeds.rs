@@ -12,9 +12,9 @@ use crate::blocks::{Block, BlockKey, BlockType, Event};
 use crate::clock::Millis;
 use crate::feeds::list::{FeedList, Snapshot};
 
-use super::{Engine, Pre};
+use super::{Ledger, Pre};
 
-impl Engine {
+impl Ledger {
     /// From `precheck`, after the whitelist: `Some` drops the packet.
     pub(super) fn feed_check(&mut self, now: Millis, src: SocketAddr) -> Option<Pre> {
         let (net, entry) = self.feeds.lookup(now, src.ip())?;
@@ -94,6 +94,8 @@ impl Engine {
             }
         }
         self.feeds.expire(now);
+        self.feed_copy
+            .store(std::sync::Arc::new(self.feeds.clone()));
         added
     }
 
@@ -104,5 +106,7 @@ impl Engine {
     pub(super) fn feeds_restore(&mut self, now: Millis, s: Snapshot) {
         self.feeds.set_max(self.cfg.feeds.max_entries);
         self.feeds.restore(now, s);
+        self.feed_copy
+            .store(std::sync::Arc::new(self.feeds.clone()));
     }
 }

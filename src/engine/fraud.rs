@@ -1118,7 +1118,7 @@ fn auth_param<'a>(value: &'a [u8], name: &[u8]) -> &'a [u8] {
     b""
 }
 
-impl super::Engine {
+impl super::Ledger {
     /// From `on_request`, after every other check passed: the toll-fraud rules for an initial
     /// INVITE, call-state tracking for ACK and BYE. `Some` rejects the request.
     pub(super) fn fraud_on_request(
@@ -1268,7 +1268,7 @@ impl super::Engine {
 /// The detector snapshots the state store keeps (see [`super::Engine::durable_snapshots`]).
 pub const SNAPSHOT_NAMES: [&str; 2] = ["fraud", "feeds"];
 
-impl super::Engine {
+impl super::Ledger {
     /// Whole-state snapshots to persist, by name (JSON). Empty when there is nothing to keep.
     pub fn durable_snapshots(&self) -> Vec<(&'static str, Vec<u8>)> {
         let mut out = Vec::new();

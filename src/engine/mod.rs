@@ -1,20 +1,30 @@
 //! The protection engine, sans-I/O: every decision is a function of (time, source, message,
-//! state). The socket layer asks [`Engine::precheck`] before parsing, [`Engine::on_request`]
-//! after, and reports the PBX's answers through [`Engine::on_answer`]. Changes to durable state
-//! queue [`Event`]s that the caller drains.
+//! state). It is two parts:
+//! - the detectors ([`detectors`]), sharded by source: a source's counters live in one of
+//!   [`SHARDS`] shards, each behind its own lock, so cores handling different sources never
+//!   wait for each other;
+//! - the block ledger ([`ledger`]): blocks, lists, strikes, feeds and the fraud guard, behind
+//!   one lock taken to make a block, by the operator, and never for a clean packet.
 //!
-//! Verdict order, cheapest first: trusted upstream, block table (O(1), before any parse),
-//! whitelist, static blacklist, packet flood; after parse: anomalies, scanner User-Agent,
-//! account protection, OPTIONS sweep, INVITE rate.
+//! The packet path asks the lock-free drop gate first ([`crate::blocks::Gate`]), then makes
+//! one entry per packet, [`Engine::inspect`], with what it parsed and routed; the verdict
+//! says forward, answer or drop. Changes to durable state queue [`Event`]s that the caller
+//! drains ([`Engine::take_events`]).
+//!
+//! Verdict order, cheapest first: trusted upstream, block table and lists (the gate, before any
+//! parse); then threat feeds, packet flood, anomalies, scanner User-Agent, account
+//! protection, OPTIONS sweep, INVITE rate, toll fraud.
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
 
 pub mod anomaly;
 pub mod auth;
 mod blocking;
+pub mod detectors;
 mod evidence;
 mod feeds;
 pub mod fraud;
 pub mod invite;
+pub mod ledger;
 pub mod scanner;
 pub mod track;
 
@@ -22,28 +32,36 @@ pub mod track;
 mod tests;
 
 use std::net::{IpAddr, SocketAddr};
-use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use governor::Quota;
+use arc_swap::ArcSwap;
+use crossbeam_utils::CachePadded;
 use ipnet::IpNet;
-use lru::LruCache;
+use parking_lot::{Mutex, MutexGuard};
 
 use crate::blocks::{
-    canonical_ip, source_net, table::clip, Block, BlockKey, BlockTable, BlockType, Event, Gate,
-    ListEntry, ListKind, Lists, Policy, UnblockReason,
+    canonical_ip, source_net, table::clip, BlockKey, BlockType, Event, Gate, GateVerdict,
 };
 use crate::clock::Millis;
-use crate::config::{Config, InviteAction, Mode};
+use crate::config::Config;
+use crate::feeds::list::FeedList;
+use crate::stats::{DropReason, Transport};
 use crate::util::printable;
-use crate::wire::{HeaderName, Message, Method, ParseError};
+use crate::wire::{HeaderName, Message, ParseError};
 
 pub use anomaly::Anomaly;
-use auth::{Answer, AuthTracker};
+use auth::AccountWatch;
+pub use detectors::Detectors;
 pub use fraud::SNAPSHOT_NAMES;
-use invite::{InviteCheck, InviteGuard};
+pub use ledger::Ledger;
 use scanner::ScannerMatcher;
-use track::{nonzero, EngineClock, Limiters, Window};
+
+/// Detector shards. A power of two; enough that two or four cores rarely meet on one, few
+/// enough that per-shard bounds stay useful (each holds 1/SHARDS of
+/// `protection.tracked_sources`).
+pub const SHARDS: usize = 16;
 
 /// Before parsing: what to do with a packet from this source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,7 +76,7 @@ pub enum Pre {
     Inspect,
 }
 
-/// After parsing a request from a phone.
+/// The engine's answer for one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
     Forward,
@@ -86,701 +104,527 @@ struct Strike {
     last: Millis,
 }
 
-pub struct Engine {
-    cfg: Config,
-    clock: EngineClock,
-    table: BlockTable,
-    lists: Lists,
-    upstream: Vec<IpAddr>,
-    strikes: LruCache<IpNet, Strike>,
-    scanners: ScannerMatcher,
-    flood: Limiters<IpNet>,
-    invites: InviteGuard,
-    auth: AuthTracker,
-    anomalies: LruCache<IpNet, (Window, Vec<String>)>,
-    options: LruCache<IpNet, Window>,
-    /// The last User-Agent seen from each source, for the block table's Device column when a
-    /// block comes from the PBX's answers (which carry the PBX's Server header, not the UA).
-    devices: LruCache<IpNet, Box<str>>,
-    events: Vec<Event>,
-    /// The lists changed since the gate's policy was last published (restore batches many
-    /// changes; see [`Engine::sync_gate`]).
-    lists_dirty: bool,
-    fraud: fraud::FraudGuard,
-    feeds: crate::feeds::list::FeedList,
-    /// Cluster-wide counts (disabled on a single node); see [`crate::cluster_count`].
-    shared: crate::cluster_count::SharedCounts,
-    /// Recent packets per source, for the evidence ladder of a block that may follow.
-    watched: evidence::Watched,
+/// How far a packet's sender is trusted, as the gate (or the upstream binding) said.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trust {
+    /// The upstream PBX on its own flow.
+    Upstream,
+    /// A whitelisted source: forwarded without protection checks.
+    Whitelisted,
+    /// Everyone else.
+    Inspect,
 }
 
-fn flood_quota(cfg: &Config) -> Quota {
-    let pps = NonZeroU32::new(cfg.flood.packets_per_second).unwrap_or(NonZeroU32::MIN);
-    Quota::per_second(pps).allow_burst(pps)
+/// One message as the packet path received, parsed and routed it: the input of the engine's
+/// single entry per packet ([`Engine::inspect`]).
+pub struct Seen<'a, 'm> {
+    pub transport: Transport,
+    pub src: SocketAddr,
+    pub trust: Trust,
+    pub what: What<'a, 'm>,
 }
 
-impl Engine {
-    pub fn new(cfg: &Config, now: Millis) -> Engine {
-        let clock = EngineClock::default();
-        clock.set(now);
-        let cap = cfg.protection.tracked_sources;
-        let mut e = Engine {
-            cfg: cfg.clone(),
-            table: BlockTable::new(cfg.protection.max_blocks),
-            lists: Lists::default(),
-            upstream: Vec::new(),
-            strikes: LruCache::new(nonzero(cap)),
-            scanners: ScannerMatcher::new(&cfg.scanners.user_agents),
-            flood: Limiters::new(cap, flood_quota(cfg), clock.clone()),
-            invites: InviteGuard::new(cap, &cfg.invite, clock.clone()),
-            auth: AuthTracker::new(cap),
-            anomalies: LruCache::new(nonzero(cap)),
-            options: LruCache::new(nonzero(cap)),
-            devices: LruCache::new(nonzero(cap / 4 + 1)),
-            events: Vec::new(),
-            lists_dirty: false,
-            fraud: fraud::FraudGuard::new(&cfg.fraud, rand::random()),
-            feeds: crate::feeds::list::FeedList::new(cfg.feeds.max_entries),
-            shared: crate::cluster_count::SharedCounts::disabled(),
-            watched: LruCache::new(nonzero(evidence::WATCHED)),
-            clock,
-        };
-        e.lists
-            .replace_config(ListKind::Whitelist, &cfg.lists.whitelist, now);
-        e.lists
-            .replace_config(ListKind::Blacklist, &cfg.lists.blacklist, now);
-        e.publish_policy();
-        e
+pub enum What<'a, 'm> {
+    /// Could not be parsed, or is over `sip.max_message_bytes` (`err` says which).
+    Unparsed { err: ParseError, bytes: &'a [u8] },
+    /// A request. `our_dialog`: in one of the dialogs we record-routed (the router's word);
+    /// `forged`: the router refused it because its Via claims to be ours.
+    Request {
+        msg: &'a Message<'m>,
+        our_dialog: bool,
+        forged: bool,
+    },
+    /// A response. `answer`: for a final answer from the PBX, the phone it goes back to and
+    /// the fingerprint of the credentials the request carried (the router remembered both);
+    /// `to`: where it was forwarded; `forged`: a response we did not cause, through a Via
+    /// that looks like ours.
+    Response {
+        msg: &'a Message<'m>,
+        answer: Option<(SocketAddr, Option<u64>)>,
+        to: Option<(Transport, SocketAddr)>,
+        forged: bool,
+    },
+}
+
+/// What a detector shard reaches outside itself: the ledger, the account watch, the
+/// lock-free copies of the feed list and upstream addresses, and the gate.
+pub struct Ctx {
+    ledger: Mutex<Ledger>,
+    accounts: AccountWatch,
+    feeds: Arc<ArcSwap<FeedList>>,
+    upstream: ArcSwap<Vec<IpAddr>>,
+    gate: Arc<Gate>,
+    /// The ledger queued events the caller has not taken yet: read on every entry, written
+    /// only when a block, alert or list change is made.
+    pending: AtomicBool,
+}
+
+impl Ctx {
+    /// Run `f` on the ledger (its lock held), keeping the engine's lock-free copies and the
+    /// pending flag in step with what `f` changed.
+    pub fn ledger<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> R {
+        let mut l = self.ledger.lock();
+        let r = f(&mut l);
+        self.settle(&mut l);
+        r
     }
 
-    /// Count REGISTER failures and INVITEs per source across the cluster through `shared`.
-    pub fn set_shared_counts(&mut self, shared: crate::cluster_count::SharedCounts) {
-        self.auth.set_shared(shared.clone());
-        self.invites.set_shared(shared.clone());
-        self.shared = shared;
-    }
-
-    /// The cluster-wide counts handle (disabled on a single node), for the TFTP guard and
-    /// `/metrics`.
-    pub fn shared_counts(&self) -> &crate::cluster_count::SharedCounts {
-        &self.shared
-    }
-
-    /// The lock-free drop gate this engine keeps in step with its block table, lists and
-    /// policy: the packet path asks it before taking the engine's lock.
-    pub fn gate(&self) -> &std::sync::Arc<Gate> {
-        self.table.gate()
-    }
-
-    /// Publish the lists and policy to the gate if a batch of changes ([`Engine::restore`])
-    /// left them unpublished. Cheap when nothing changed; the node calls it after every engine
-    /// entry.
-    pub fn sync_gate(&mut self) {
-        if self.lists_dirty {
-            self.publish_policy();
+    fn settle(&self, l: &mut Ledger) {
+        l.sync_gate();
+        if l.has_events() {
+            self.pending.store(true, Ordering::Release);
         }
     }
 
-    /// Copy the lists and the policy that reads them into the gate. O(list entries): lists
-    /// change at operator pace (and the automatic blacklist is bounded).
-    pub(crate) fn publish_policy(&mut self) {
-        self.lists_dirty = false;
-        let p = &self.cfg.protection;
-        self.table.gate().set_policy(Policy {
-            lists: self.lists.clone(),
-            observe: p.mode == Mode::Observe,
-            reply_403: p.blocked_reply == crate::config::BlockedReply::Forbidden,
-            ipv6_prefix: p.ipv6_prefix,
-        });
-    }
-
-    /// Fold the packets the gate dropped into the block rows' hits (for readers of the table).
-    pub fn fold_gate_hits(&mut self) {
-        self.table.fold_gate_hits();
-    }
-
-    /// Apply a reloaded config: thresholds, lists from the file and scanner patterns change;
-    /// blocks, strikes and run-time list entries stay.
-    pub fn reconfigure(&mut self, cfg: &Config, now: Millis) {
-        self.clock.set(now);
-        let cap = cfg.protection.tracked_sources;
-        self.table.set_max(cfg.protection.max_blocks);
-        self.strikes.resize(nonzero(cap));
-        self.scanners = ScannerMatcher::new(&cfg.scanners.user_agents);
-        self.flood.reconfigure(cap, flood_quota(cfg));
-        self.invites.reconfigure(cap, &cfg.invite);
-        self.auth.resize(cap);
-        self.anomalies.resize(nonzero(cap));
-        self.options.resize(nonzero(cap));
-        self.devices.resize(nonzero(cap / 4 + 1));
-        self.fraud.reconfigure(&cfg.fraud);
-        self.shared
-            .set_periods(crate::cluster_count::Periods::from_config(cfg));
-        for kind in [ListKind::Whitelist, ListKind::Blacklist] {
-            let nets = match kind {
-                ListKind::Whitelist => &cfg.lists.whitelist,
-                ListKind::Blacklist => &cfg.lists.blacklist,
-            };
-            let (added, removed) = self.lists.replace_config(kind, nets, now);
-            for net in removed {
-                self.events.push(Event::ListRemoved { list: kind, net });
-            }
-            for net in added {
-                let entry = ListEntry {
-                    comment: String::new(),
-                    added_at: now,
-                    source: "config".into(),
-                };
-                if kind == ListKind::Whitelist {
-                    self.unblock_covered(net, UnblockReason::Whitelisted);
-                }
-                self.events.push(Event::ListAdded {
-                    list: kind,
-                    net,
-                    entry,
-                });
-            }
-        }
-        self.cfg = cfg.clone();
-        self.publish_policy();
-    }
-
-    pub fn config(&self) -> &Config {
-        &self.cfg
-    }
-
-    /// The PBX's addresses (after name resolution): requests from them are trusted.
-    pub fn set_upstream(&mut self, ips: Vec<IpAddr>) {
-        self.upstream = ips.into_iter().map(canonical_ip).collect();
+    pub fn accounts(&self) -> &AccountWatch {
+        &self.accounts
     }
 
     pub fn is_upstream(&self, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
-        self.upstream.contains(&ip)
+        self.upstream.load().contains(&ip)
+    }
+}
+
+/// The ledger, locked; on drop the engine's copies and pending flag are brought in step.
+pub struct LedgerGuard<'e> {
+    guard: MutexGuard<'e, Ledger>,
+    ctx: &'e Ctx,
+}
+
+impl std::ops::Deref for LedgerGuard<'_> {
+    type Target = Ledger;
+    fn deref(&self) -> &Ledger {
+        &self.guard
+    }
+}
+
+impl std::ops::DerefMut for LedgerGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Ledger {
+        &mut self.guard
+    }
+}
+
+impl Drop for LedgerGuard<'_> {
+    fn drop(&mut self) {
+        self.ctx.settle(&mut self.guard);
+    }
+}
+
+pub struct Engine {
+    ctx: Ctx,
+    shards: Box<[CachePadded<Mutex<Detectors>>; SHARDS]>,
+    /// Picks a source's shard; keyed per run so the spread cannot be aimed at.
+    spread: std::collections::hash_map::RandomState,
+    /// The config the shards were built from (replaced on reload; read without a lock).
+    cfg: ArcSwap<Config>,
+}
+
+impl Engine {
+    pub fn new(cfg: &Config, now: Millis) -> Engine {
+        let ledger = Ledger::new(cfg, now);
+        let gate = ledger.gate().clone();
+        let feeds = ledger.feed_copy();
+        let shared = Arc::new(cfg.clone());
+        let scanners = Arc::new(ScannerMatcher::new(&cfg.scanners.user_agents));
+        let shards = Box::new(std::array::from_fn(|_| {
+            CachePadded::new(Mutex::new(Detectors::new(
+                shared.clone(),
+                SHARDS,
+                scanners.clone(),
+                now,
+            )))
+        }));
+        Engine {
+            ctx: Ctx {
+                accounts: AccountWatch::new(cfg.protection.tracked_sources),
+                feeds,
+                upstream: ArcSwap::from_pointee(Vec::new()),
+                gate,
+                pending: AtomicBool::new(false),
+                ledger: Mutex::new(ledger),
+            },
+            shards,
+            spread: std::collections::hash_map::RandomState::new(),
+            cfg: ArcSwap::new(shared),
+        }
     }
 
-    fn observe(&self) -> bool {
-        self.cfg.protection.mode == Mode::Observe
+    /// The source network `src` counts under (`protection.ipv6_prefix`).
+    fn net(&self, src: SocketAddr) -> IpNet {
+        source_net(src.ip(), self.cfg.load().protection.ipv6_prefix)
+    }
+
+    /// The shard holding `net`'s detector state.
+    fn shard(&self, net: IpNet) -> MutexGuard<'_, Detectors> {
+        use std::hash::BuildHasher;
+        let i = (self.spread.hash_one(net) as usize) % SHARDS;
+        let [first, ..] = &*self.shards;
+        self.shards.get(i).unwrap_or(first).lock()
+    }
+
+    /// Is `ip` one of the PBX's addresses? Lock-free.
+    pub fn is_upstream(&self, ip: IpAddr) -> bool {
+        self.ctx.is_upstream(ip)
+    }
+
+    /// Run `f` on the detector shard holding `net` (tests).
+    #[cfg(test)]
+    pub(crate) fn with_shard<R>(&self, net: IpNet, f: impl FnOnce(&mut Detectors) -> R) -> R {
+        f(&mut self.shard(net))
+    }
+
+    /// The ledger, locked (for the admin surface, the state task, the cluster and tests).
+    pub fn ledger(&self) -> LedgerGuard<'_> {
+        LedgerGuard {
+            guard: self.ctx.ledger.lock(),
+            ctx: &self.ctx,
+        }
+    }
+
+    /// The ledger, without locking, for an engine owned outright (tests, fuzzing).
+    pub fn ledger_mut(&mut self) -> &mut Ledger {
+        self.ctx.ledger.get_mut()
+    }
+
+    /// Run `f` on the ledger (the lock held for `f` only).
+    pub fn with_ledger<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> R {
+        self.ctx.ledger(f)
+    }
+
+    /// The lock-free drop gate the ledger keeps in step with its table, lists and policy.
+    pub fn gate(&self) -> &Arc<Gate> {
+        &self.ctx.gate
+    }
+
+    /// Did the ledger queue events since the last [`Engine::take_events`]? Lock-free.
+    pub fn has_events(&self) -> bool {
+        self.ctx.pending.load(Ordering::Acquire)
+    }
+
+    /// Take the queued state changes, oldest first.
+    pub fn take_events(&self) -> Vec<Event> {
+        self.ctx.pending.store(false, Ordering::Release);
+        self.ctx.ledger.lock().take_events()
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.cfg.load_full()
     }
 
     // ---- the packet path --------------------------------------------------------------
 
-    /// Before parsing. O(1) for a blocked source: one hash lookup, no parse, no allocation.
-    /// The caller decides whether the packet is the upstream's (bound to its flow, not its IP:
-    /// `proxy::Router::is_upstream`) and does not call this for it.
-    pub fn precheck(&mut self, now: Millis, src: SocketAddr) -> Pre {
-        let reply_403 = self.cfg.protection.blocked_reply == crate::config::BlockedReply::Forbidden;
-        if let Some(hit) = self.table.check(now, src, self.cfg.protection.ipv6_prefix) {
-            return Pre::Blocked {
-                kind: hit.kind,
-                reply_403,
-            };
-        }
-        if self.lists.is_whitelisted(src.ip()) {
-            return Pre::Whitelisted;
-        }
-        if let Some(p) = self.feed_check(now, src) {
-            return p;
-        }
-        if self.lists.blacklisted(src.ip()).is_some() && !self.observe() {
-            return Pre::Blocked {
-                kind: BlockType::Blacklist,
-                reply_403,
-            };
-        }
-        self.clock.set(now);
-        let net = source_net(src.ip(), self.cfg.protection.ipv6_prefix);
-        if !self.flood.check(net) {
-            let pps = self.cfg.flood.packets_per_second;
-            let d = Detection {
-                key: BlockKey::whole(net),
-                kind: BlockType::Flood,
-                reason: format!("more than {pps} packets per second"),
-                duration: self.cfg.flood.block_time,
-                evidence: vec![format!("packet rate over {pps}/s")],
-            };
-            // Dropped even when the table had no room for the block: the limiter alone
-            // says this source is over the rate.
-            self.block(now, d, "");
-            if !self.observe() {
-                return Pre::Blocked {
-                    kind: BlockType::Flood,
-                    reply_403: false,
-                };
+    /// The one engine entry per packet, after the gate let it through: the message as parsed
+    /// and routed, and the verdict for it. Takes the lock of one detector shard (the
+    /// sender's, or for the PBX's answer the phone's); the ledger's only to make a block,
+    /// and for the fraud guard's methods when it is on.
+    pub fn inspect(&self, now: Millis, s: Seen<'_, '_>) -> Verdict {
+        let fraud = self.cfg.load().fraud.enabled;
+        match (s.trust, s.what) {
+            (Trust::Upstream, What::Request { msg, .. }) => {
+                if fraud {
+                    self.ctx.ledger(|l| l.on_upstream_request(msg));
+                }
+                Verdict::Forward
             }
+            (Trust::Whitelisted, What::Request { .. }) | (_, What::Unparsed { .. })
+                if s.trust != Trust::Inspect =>
+            {
+                Verdict::Forward
+            }
+            (_, What::Unparsed { err, bytes }) => {
+                let net = self.net(s.src);
+                let what = Anomaly::from_parse(err);
+                let mut d = self.shard(net);
+                if d.within_rate(&self.ctx, now, net) {
+                    d.on_anomaly(&self.ctx, now, net, what, bytes);
+                }
+                Verdict::Drop(DropReason::Malformed)
+            }
+            (
+                _,
+                What::Request {
+                    msg,
+                    our_dialog,
+                    forged,
+                },
+            ) => {
+                let net = self.net(s.src);
+                if let Some(v) = self.feed_check(now, s.src) {
+                    return v;
+                }
+                let mut d = self.shard(net);
+                if !d.within_rate(&self.ctx, now, net) {
+                    return Verdict::Drop(DropReason::Blocked);
+                }
+                if forged {
+                    d.on_anomaly(&self.ctx, now, net, Anomaly::ForgedResponse, msg.buf);
+                    return Verdict::Drop(DropReason::Forged);
+                }
+                d.on_request_over(&self.ctx, now, s.transport, s.src, net, msg, our_dialog)
+            }
+            (
+                trust,
+                What::Response {
+                    msg,
+                    answer,
+                    to,
+                    forged,
+                },
+            ) => {
+                if trust == Trust::Inspect {
+                    let net = self.net(s.src);
+                    if let Some(v) = self.feed_check(now, s.src) {
+                        return v;
+                    }
+                    let mut d = self.shard(net);
+                    if !d.within_rate(&self.ctx, now, net) {
+                        return Verdict::Drop(DropReason::Blocked);
+                    }
+                    if let Some(a) = anomaly::check_response(msg) {
+                        d.on_anomaly(&self.ctx, now, net, a, msg.buf);
+                        return Verdict::Drop(DropReason::Anomaly);
+                    }
+                    if forged {
+                        d.on_anomaly(&self.ctx, now, net, Anomaly::ForgedResponse, msg.buf);
+                        return Verdict::Drop(DropReason::Forged);
+                    }
+                }
+                if forged {
+                    return Verdict::Drop(DropReason::Forged);
+                }
+                if let Some((phone, attempt)) = answer {
+                    if msg.status().is_some_and(|c| c >= 200) {
+                        self.on_answer_from(now, (s.transport, s.src), phone, msg, attempt, to);
+                    }
+                }
+                Verdict::Forward
+            }
+        }
+    }
+
+    /// A threat feed lists `src`: its first packet makes a FEED block (the ledger's lock),
+    /// later ones stop at the gate. The lookup is on a lock-free copy of the feed list.
+    fn feed_check(&self, now: Millis, src: SocketAddr) -> Option<Verdict> {
+        self.ctx.feeds.load().lookup(now, src.ip())?;
+        self.ctx
+            .ledger(|l| l.feed_check(now, src))
+            .map(|_| Verdict::Drop(DropReason::Blocked))
+    }
+
+    /// Before parsing, as the packet path did before the gate: the gate's answer, then the
+    /// threat feeds and the packet-rate limit. For callers without a parsed message (tests,
+    /// the fuzzer) and for the TFTP relay.
+    pub fn precheck(&self, now: Millis, src: SocketAddr) -> Pre {
+        match self.ctx.gate.check(now, src) {
+            GateVerdict::Blocked { kind, reply_403 } => return Pre::Blocked { kind, reply_403 },
+            GateVerdict::Whitelisted => return Pre::Whitelisted,
+            GateVerdict::Inspect => {}
+        }
+        if let Some(Verdict::Drop(_)) = self.feed_check(now, src) {
+            return Pre::Blocked {
+                kind: BlockType::Feed,
+                reply_403: false,
+            };
+        }
+        let net = self.net(src);
+        if !self.shard(net).within_rate(&self.ctx, now, net) {
+            return Pre::Blocked {
+                kind: BlockType::Flood,
+                reply_403: false,
+            };
         }
         Pre::Inspect
     }
 
     /// A packet that could not be parsed, or a parsed one with an anomaly: score the source.
-    pub fn on_anomaly(&mut self, now: Millis, src: SocketAddr, what: Anomaly, sample: &[u8]) {
-        self.clock.set(now);
-        let net = source_net(src.ip(), self.cfg.protection.ipv6_prefix);
-        let period = self.cfg.anomaly.monit_period.as_millis() as Millis;
-        let (w, ev) = self
-            .anomalies
-            .get_or_insert_mut(net, || (Window::default(), Vec::new()));
-        let score = w.add(now, period, what.weight());
-        if ev.len() >= 3 {
-            ev.remove(0);
-        }
-        let first_line = sample.split(|b| *b == b'\n').next().unwrap_or(b"");
-        ev.push(clip(&format!(
-            "{}: {}",
-            what.describe(),
-            printable(first_line, 80)
-        )));
-        if score >= self.cfg.anomaly.threshold {
-            let evidence = ev.clone();
-            let d = Detection {
-                key: BlockKey::whole(net),
-                kind: BlockType::Anomaly,
-                reason: format!(
-                    "protocol anomalies scored {score} within {} (last: {})",
-                    humantime::format_duration(self.cfg.anomaly.monit_period),
-                    what.describe()
-                ),
-                duration: self.cfg.anomaly.block_time,
-                evidence,
-            };
-            self.block(now, d, "");
-        }
+    pub fn on_anomaly(&self, now: Millis, src: SocketAddr, what: Anomaly, sample: &[u8]) {
+        let net = self.net(src);
+        self.shard(net)
+            .on_anomaly(&self.ctx, now, net, what, sample);
     }
 
-    /// Convenience for the socket layer: a parse error is an anomaly.
-    pub fn on_malformed(&mut self, now: Millis, src: SocketAddr, err: ParseError, sample: &[u8]) {
-        let what = match err {
-            ParseError::NotSip => Anomaly::NotSip,
-            e => Anomaly::Malformed(e),
-        };
-        self.on_anomaly(now, src, what, sample);
+    /// A parse error is an anomaly.
+    pub fn on_malformed(&self, now: Millis, src: SocketAddr, err: ParseError, sample: &[u8]) {
+        self.on_anomaly(now, src, Anomaly::from_parse(err), sample);
     }
 
-    /// A parsed request from a phone (not trusted, not whitelisted). `our_dialog`: the request
-    /// is in-dialog (To tag) and its Route names a dialog we record-routed, as the router
-    /// decided; then values another party chose and this sender only echoes are not held
-    /// against it (see [`anomaly::check_request`]).
+    /// A parsed request from a phone (not trusted, not whitelisted), without capture.
     pub fn on_request(
-        &mut self,
+        &self,
         now: Millis,
         src: SocketAddr,
         msg: &Message<'_>,
         our_dialog: bool,
     ) -> Verdict {
-        use crate::stats::DropReason as D;
-        let _ = our_dialog;
-        self.clock.set(now);
-        let net = source_net(src.ip(), self.cfg.protection.ipv6_prefix);
-        let ua = msg.user_agent();
-        let observe = self.observe();
-
-        if let Some(a) = anomaly::check_request(msg, our_dialog) {
-            self.on_anomaly(now, src, a, msg.buf);
-            if a.is_fatal() && a != Anomaly::MaxForwardsExhausted && !observe {
-                return Verdict::Drop(D::Anomaly);
-            }
-        }
-
-        if let Some(pattern) = self.scanners.find(ua) {
-            let d = Detection {
-                key: BlockKey::whole(net),
-                kind: BlockType::Scanner,
-                reason: format!("User-Agent matches scanner pattern {pattern:?}"),
-                duration: self.cfg.scanners.block_time,
-                evidence: vec![request_evidence(msg)],
-            };
-            self.block(now, d, &printable(ua, 80));
-            if !observe {
-                return Verdict::Drop(D::Scanner);
-            }
-        }
-
-        let method = msg.method().unwrap_or(Method::Other);
-        if !ua.is_empty()
-            && matches!(method, Method::Register | Method::Invite | Method::Options)
-            && self.devices.get(&net).is_none_or(|d| d.as_bytes() != ua)
-        {
-            self.devices.put(net, printable(ua, 80).into());
-        }
-        if msg.has_credentials() && auth::counted_method(msg.method_bytes()) {
-            self.auth.saw_credentials(now, net);
-        }
-        if auth::counted_method(msg.method_bytes()) {
-            if let Some(d) = self.auth.cluster_block(now, &self.cfg, net) {
-                if self.block(now, d, &printable(ua, 80)) {
-                    self.auth.reset(net);
-                }
-                if !observe {
-                    return Verdict::Drop(D::Blocked);
-                }
-            }
-        }
-
-        if method == Method::Register {
-            let user = to_user(msg);
-            if self.auth.refuse(now, net, user) && !observe {
-                return Verdict::Reply {
-                    code: 403,
-                    reason: "Forbidden",
-                    retry_after: None,
-                };
-            }
-        }
-
-        if method == Method::Options {
-            let period = self.cfg.patterns.monit_period.as_millis() as Millis;
-            let n = self
-                .options
-                .get_or_insert_mut(net, Window::default)
-                .add(now, period, 1);
-            if n >= self.cfg.patterns.options_sweep {
-                let d = Detection {
-                    key: BlockKey::whole(net),
-                    kind: BlockType::Scan,
-                    reason: format!(
-                        "OPTIONS sweep: {n} OPTIONS within {}",
-                        humantime::format_duration(self.cfg.patterns.monit_period)
-                    ),
-                    duration: self.cfg.patterns.block_time,
-                    evidence: vec![request_evidence(msg)],
-                };
-                self.block(now, d, &printable(ua, 80));
-                if !observe {
-                    return Verdict::Drop(D::Pattern);
-                }
-            }
-        }
-
-        if method == Method::Invite {
-            if let InviteCheck::Excess { new_episode } = self.invites.check(now, net) {
-                let rate = self.cfg.invite.rate_limit;
-                if new_episode && self.cfg.invite.notify {
-                    self.events.push(Event::Alert {
-                        kind: BlockType::Invite,
-                        source: net.to_string(),
-                        message: format!(
-                            "INVITE flood from {net}: over {rate}/s (burst {}), action {:?}",
-                            self.cfg.invite.burst, self.cfg.invite.action
-                        ),
-                    });
-                }
-                if observe {
-                    return Verdict::Forward;
-                }
-                return match self.cfg.invite.action {
-                    InviteAction::Reject => Verdict::Reply {
-                        code: 503,
-                        reason: "Service Unavailable",
-                        retry_after: Some(5),
-                    },
-                    InviteAction::Drop => Verdict::Drop(D::InviteRate),
-                    InviteAction::Block => {
-                        let d = Detection {
-                            key: BlockKey::whole(net),
-                            kind: BlockType::Invite,
-                            reason: format!("INVITE flood: over {rate}/s"),
-                            duration: self.cfg.invite.block_time,
-                            evidence: vec![request_evidence(msg)],
-                        };
-                        self.block(now, d, &printable(ua, 80));
-                        Verdict::Drop(D::InviteRate)
-                    }
-                };
-            }
-        }
-        if let Some(v) = self.fraud_on_request(now, src, net, msg) {
-            return v;
-        }
-        Verdict::Forward
+        let net = self.net(src);
+        self.shard(net)
+            .on_request(&self.ctx, now, src, net, msg, our_dialog)
     }
 
-    /// A final response from the PBX to a phone's request, with what the proxy remembered of
-    /// the request: `attempt` is a fingerprint of its Authorization / Proxy-Authorization
-    /// value when it carried credentials, `None` otherwise. Failures are counted per attempt
-    /// (see [`auth`]), for every method the PBX challenges or rejects.
+    /// [`Engine::on_request`] for a request received over `t`: the packet is captured first.
+    pub fn on_request_over(
+        &self,
+        now: Millis,
+        t: Transport,
+        src: SocketAddr,
+        msg: &Message<'_>,
+        our_dialog: bool,
+    ) -> Verdict {
+        let net = self.net(src);
+        self.shard(net)
+            .on_request_over(&self.ctx, now, t, src, net, msg, our_dialog)
+    }
+
+    /// A final response from the PBX to `phone`'s request (see [`Detectors::on_answer`]).
     pub fn on_answer(
-        &mut self,
+        &self,
         now: Millis,
         phone: SocketAddr,
         msg: &Message<'_>,
         attempt: Option<u64>,
     ) {
-        let Some(code) = msg.status() else { return };
-        if code >= 200 {
-            self.fraud_on_answer(now, msg, code);
-        }
-        if code < 200 || self.is_upstream(phone.ip()) || self.lists.is_whitelisted(phone.ip()) {
+        if !self.answer_counts(now, msg, phone, None) {
             return;
         }
-        let Some((cseq, method)) = msg.cseq() else {
-            return;
-        };
-        self.clock.set(now);
-        let user = to_user(msg);
-        let account = if method == b"REGISTER" {
-            user
-        } else {
-            uri_user(msg, HeaderName::From)
-        };
-        let answer = Answer {
-            phone,
-            method,
-            code,
-            user,
-            account,
-            attempt,
-            call_id: msg.call_id(),
-            cseq,
-            evidence: clip(&format!(
-                "{} {}{}for {} -> {} {}",
-                printable(method, 12),
-                if attempt.is_some() {
-                    "with credentials "
-                } else {
-                    ""
-                },
-                if account == user {
-                    String::new()
-                } else {
-                    format!("from {} ", printable(account, 40))
-                },
-                printable(user, 40),
-                code,
-                printable(reason_of(msg), 40),
-            )),
-        };
-        let (detection, alert) = self.auth.on_answer(now, &self.cfg, &answer);
-        if let Some(message) = alert {
-            self.events.push(Event::Alert {
-                kind: BlockType::Register,
-                source: phone.ip().to_string(),
-                message,
-            });
-        }
-        if let Some(d) = detection {
-            let net = d.key.net;
-            let port = d.key.port;
-            if self.block(now, d, "") {
-                match port {
-                    Some(p) => self.auth.reset_port(net, p),
-                    None => self.auth.reset(net),
-                }
-            }
-        }
+        let net = self.net(phone);
+        self.shard(net)
+            .on_answer(&self.ctx, now, phone, msg, attempt);
     }
 
-    /// Let the caller record the device (User-Agent) seen from a source for a block made from
-    /// a response (responses carry the PBX's Server header, not the phone's UA).
-    pub fn note_device(&mut self, key: &BlockKey, device: &str) {
-        if let Some(b) = self.table.get_mut(key) {
-            if b.device.is_empty() {
-                b.device = device.to_string();
-            }
-        }
-    }
-
-    // ---- blocks ---------------------------------------------------------------------------
-
-    /// Remove blocks on `net` (all its port blocks too when `port` is None). Returns them.
-    pub fn unblock(&mut self, net: IpNet, port: Option<u16>) -> Vec<Block> {
-        let removed = match port {
-            Some(p) => self
-                .table
-                .remove(&BlockKey::with_port(net, p))
-                .into_iter()
-                .collect(),
-            None => self.table.remove_net(net),
-        };
-        for b in &removed {
-            self.auth.reset(b.key.net);
-            self.events.push(Event::Unblocked {
-                key: b.key,
-                kind: b.kind,
-                why: UnblockReason::Manual,
-            });
-        }
-        removed
-    }
-
-    fn unblock_covered(&mut self, net: IpNet, why: UnblockReason) {
-        for b in self.table.remove_net(net) {
-            self.events.push(Event::Unblocked {
-                key: b.key,
-                kind: b.kind,
-                why,
-            });
-        }
-    }
-
-    /// Expire blocks whose time is up. Call about once a second.
-    /// An operational alert from outside the packet path (a certificate that does not load):
-    /// logged, counted and notified like the engine's own.
-    pub fn alert(&mut self, kind: BlockType, source: String, message: String) {
-        self.events.push(Event::Alert {
-            kind,
-            source,
-            message,
-        });
-    }
-
-    pub fn tick(&mut self, now: Millis) {
-        self.clock.set(now);
-        self.fraud_tick(now);
-        for b in self.table.expire(now) {
-            self.events.push(Event::Unblocked {
-                key: b.key,
-                kind: b.kind,
-                why: UnblockReason::Expired,
-            });
-        }
-    }
-
-    pub fn blocks(&self) -> impl Iterator<Item = &Block> {
-        self.table.iter()
-    }
-
-    pub fn block_table(&self) -> &BlockTable {
-        &self.table
-    }
-
-    /// Is this source blocked (for the TFTP relay and other guards sharing the table)?
-    pub fn is_blocked(&mut self, now: Millis, src: SocketAddr) -> bool {
-        self.table
-            .check(now, src, self.cfg.protection.ipv6_prefix)
-            .is_some()
-            || (self.lists.blacklisted(src.ip()).is_some() && !self.observe())
-    }
-
-    pub fn is_whitelisted(&self, ip: IpAddr) -> bool {
-        self.lists.is_whitelisted(ip) || self.is_upstream(ip)
-    }
-
-    // ---- lists ---------------------------------------------------------------------------
-
-    pub fn lists(&self) -> &Lists {
-        &self.lists
-    }
-
-    pub fn list_add(
-        &mut self,
+    /// [`Engine::on_answer`] with the answer captured for the evidence ladder, and the fraud
+    /// guard told where a 2xx to an INVITE went.
+    pub fn on_answer_from(
+        &self,
         now: Millis,
-        list: ListKind,
-        net: IpNet,
-        comment: &str,
-        source: &str,
-    ) -> ListEntry {
-        let net = net.trunc();
-        let entry = ListEntry {
-            comment: clip(comment),
-            added_at: now,
-            source: source.to_string(),
-        };
-        self.lists.add(list, net, entry.clone());
-        if list == ListKind::Whitelist {
-            self.unblock_covered(net, UnblockReason::Whitelisted);
+        pbx: (Transport, SocketAddr),
+        phone: SocketAddr,
+        msg: &Message<'_>,
+        attempt: Option<u64>,
+        to: Option<(Transport, SocketAddr)>,
+    ) {
+        if !self.answer_counts(now, msg, phone, to) {
+            return;
         }
-        self.publish_policy();
-        self.events.push(Event::ListAdded {
-            list,
-            net,
-            entry: entry.clone(),
-        });
-        entry
+        let net = self.net(phone);
+        self.shard(net)
+            .on_answer_from(&self.ctx, now, pbx, phone, msg, attempt, to);
     }
 
-    pub fn list_remove(&mut self, list: ListKind, net: IpNet) -> bool {
-        let net = net.trunc();
-        let removed = self.lists.remove(list, net).is_some();
-        if removed {
-            self.publish_policy();
-            self.events.push(Event::ListRemoved { list, net });
-            if list == ListKind::Blacklist {
-                // A source that was auto-blacklisted keeps a permanent table entry: drop it too.
-                for b in self.table.remove_net(net) {
-                    if b.expires_at.is_some() {
-                        self.table.insert(b);
-                    } else {
-                        self.events.push(Event::Unblocked {
-                            key: b.key,
-                            kind: b.kind,
-                            why: UnblockReason::Manual,
-                        });
-                    }
-                }
-            }
+    /// The fraud guard's share of a final answer (forwarded to `to`), and whether the
+    /// detectors count it (not for the upstream or a whitelisted phone).
+    fn answer_counts(
+        &self,
+        now: Millis,
+        msg: &Message<'_>,
+        phone: SocketAddr,
+        to: Option<(Transport, SocketAddr)>,
+    ) -> bool {
+        let Some(code) = msg.status() else {
+            return false;
+        };
+        if code < 200 {
+            return false;
         }
+        if self.cfg.load().fraud.enabled {
+            self.ctx.ledger(|l| {
+                l.fraud_on_answer(now, msg, code);
+                if let Some(to) = to {
+                    l.on_answer_forwarded(msg, to);
+                }
+            });
+        }
+        !self.ctx.is_upstream(phone.ip()) && !self.ctx.gate.is_whitelisted(phone.ip())
+    }
+
+    /// A request from the PBX (its BYE ends a call the fraud guard tracks).
+    pub fn on_upstream_request(&self, msg: &Message<'_>) {
+        if self.cfg.load().fraud.enabled {
+            self.ctx.ledger(|l| l.on_upstream_request(msg));
+        }
+    }
+
+    /// A source that is blocked (or blacklisted) or has an open anomaly record: what
+    /// `hep.only = "blocked"` exports. No side effects (no hit counted, no LRU touched).
+    pub fn is_suspect(&self, now: Millis, a: SocketAddr) -> bool {
+        match self.ctx.gate.check_quiet(now, a) {
+            GateVerdict::Blocked { .. } => return true,
+            GateVerdict::Whitelisted => return false,
+            GateVerdict::Inspect => {}
+        }
+        let net = self.net(a);
+        // Observe mode keeps its blocks out of the gate: the ledger has them.
+        (self.cfg.load().protection.mode == crate::config::Mode::Observe
+            && self.ctx.ledger(|l| l.is_listed(now, a)))
+            || self.shard(net).has_anomalies(now, net)
+    }
+
+    // ---- what spans the shards ------------------------------------------------------------
+
+    /// Apply a reloaded config: thresholds, lists from the file and scanner patterns change;
+    /// blocks, strikes, counters and run-time list entries stay.
+    pub fn reconfigure(&mut self, cfg: &Config, now: Millis) {
+        self.reconfigure_shared(cfg, now);
+    }
+
+    /// [`Engine::reconfigure`] through a shared reference (the running node's engine).
+    pub fn reconfigure_shared(&self, cfg: &Config, now: Millis) {
+        self.ctx.ledger(|l| l.reconfigure(cfg, now));
+        self.ctx.accounts.resize(cfg.protection.tracked_sources);
+        let shared = Arc::new(cfg.clone());
+        let scanners = Arc::new(ScannerMatcher::new(&cfg.scanners.user_agents));
+        for s in self.shards.iter() {
+            s.lock()
+                .reconfigure(shared.clone(), SHARDS, scanners.clone());
+        }
+        self.cfg.store(shared);
+    }
+
+    /// The PBX's addresses (after name resolution): requests from them are trusted.
+    pub fn set_upstream(&self, ips: Vec<IpAddr>) {
+        let ips: Vec<IpAddr> = ips.into_iter().map(canonical_ip).collect();
+        self.ctx.upstream.store(Arc::new(ips.clone()));
+        self.ctx.ledger(|l| l.set_upstream(ips));
+    }
+
+    /// Count REGISTER failures and INVITEs per source across the cluster through `shared`.
+    pub fn set_shared_counts(&self, shared: crate::cluster_count::SharedCounts) {
+        for s in self.shards.iter() {
+            s.lock().set_shared(&shared);
+        }
+        self.ctx.ledger(|l| l.set_shared_counts(shared));
+    }
+
+    /// Remove blocks on `net` (all its port blocks too when `port` is None), and forget the
+    /// detectors' counts for it. Returns the blocks removed.
+    pub fn unblock(&self, net: IpNet, port: Option<u16>) -> Vec<crate::blocks::Block> {
+        let removed = self.ctx.ledger(|l| l.unblock(net, port));
+        self.forget(&removed);
         removed
     }
 
-    // ---- state exchange ---------------------------------------------------------------------
-
-    /// Take the queued state changes, oldest first.
-    pub fn take_events(&mut self) -> Vec<Event> {
-        std::mem::take(&mut self.events)
-    }
-
-    pub fn has_events(&self) -> bool {
-        !self.events.is_empty()
-    }
-
-    /// Load state saved earlier (at start) or learnt from another node, without queuing events
-    /// for it again. Expired blocks are skipped; whitelisted ones too.
-    pub fn restore(&mut self, now: Millis, ev: Event) {
-        match ev {
-            Event::Blocked(mut b) => {
-                crate::blocks::evidence::bound(&mut b);
-                if !b.is_expired(now)
-                    && !self.lists.whitelist_covers(b.key.net)
-                    && !self.is_upstream(b.key.net.addr())
-                {
-                    self.table.insert(b);
-                }
-            }
-            Event::Unblocked { key, .. } => {
-                self.table.remove(&key);
-            }
-            Event::ListAdded { list, net, entry } => {
-                self.lists.add(list, net, entry);
-                self.lists_dirty = true;
-                if list == ListKind::Whitelist {
-                    for b in self.table.remove_net(net) {
-                        drop(b);
-                    }
-                }
-            }
-            Event::ListRemoved { list, net } => {
-                self.lists.remove(list, net);
-                self.lists_dirty = true;
-            }
-            Event::Strikes { net, strikes, last } => {
-                let s = self.strikes.get_or_insert_mut(net, Strike::default);
-                if last >= s.last {
-                    *s = Strike {
-                        count: strikes,
-                        last,
-                    };
-                }
-            }
-            Event::Alert { .. } => {}
+    /// Forget the detectors' failure counts for the sources of `blocks` (after an operator
+    /// removed them), so an unblocked phone starts afresh.
+    pub fn forget(&self, blocks: &[crate::blocks::Block]) {
+        for b in blocks {
+            self.shard(b.key.net).auth.reset(b.key.net);
         }
     }
 
-    /// The strike memory, for persistence snapshots.
-    pub fn strikes(&self) -> impl Iterator<Item = (IpNet, u32, Millis)> + '_ {
-        self.strikes.iter().map(|(n, s)| (*n, s.count, s.last))
+    /// Entries held by the detectors and the ledger (for the memory-bound soak and metrics).
+    pub fn tracked(&self) -> usize {
+        let shards: usize = self.shards.iter().map(|s| s.lock().tracked()).sum();
+        shards + self.ctx.accounts.tracked() + self.ctx.ledger.lock().tracked()
     }
 
-    /// Entries held by the detectors (for the memory-bound soak and metrics).
-    pub fn tracked(&self) -> usize {
-        self.flood.len()
-            + self.invites.tracked()
-            + self.auth.tracked()
-            + self.anomalies.len()
-            + self.options.len()
-            + self.strikes.len()
-            + self.devices.len()
-            + self.fraud.tracked()
-            + self.watched.len()
+    /// Sources with captured packets held.
+    pub fn watched(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().watched()).sum()
+    }
+
+    /// Calls the fraud guard ended at their max duration: the node sends each one's two BYEs.
+    pub fn take_fraud_byes(&self) -> Vec<fraud::dialog::Dialog> {
+        self.ctx.ledger(|l| l.take_fraud_byes())
     }
 }
 

@@ -5,7 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
 use super::*;
-use crate::blocks::parse_net;
+use crate::blocks::{parse_net, ListKind, UnblockReason};
+use crate::config::Mode;
 use crate::stats::DropReason;
 use crate::wire::{parse, Framing};
 
@@ -18,7 +19,7 @@ pub(super) fn cfg() -> Config {
 }
 
 pub(super) fn engine(c: &Config) -> Engine {
-    let mut e = Engine::new(c, T0);
+    let e = Engine::new(c, T0);
     e.set_upstream(vec!["10.0.0.1".parse().unwrap()]);
     e
 }
@@ -76,7 +77,7 @@ fn scanner_user_agent_blocks_at_once() {
             ..
         }
     ));
-    let b = e.blocks().next().unwrap();
+    let b = e.ledger_mut().blocks().next().unwrap();
     assert_eq!(b.device, "friendly-scanner");
     assert_eq!(b.evidence.len(), 1);
     assert!(e
@@ -99,8 +100,9 @@ fn whitelisted_scanner_is_never_blocked_and_upstream_is_trusted() {
         duration: Duration::from_secs(60),
         evidence: vec![],
     };
-    assert!(!e.block(T0, d, ""));
+    assert!(!e.ledger_mut().block(T0, d, ""));
     assert!(e
+        .ledger_mut()
         .manual_block(
             T0,
             BlockKey::whole(source_net("10.0.0.1".parse().unwrap(), 64)),
@@ -114,7 +116,7 @@ fn whitelisted_scanner_is_never_blocked_and_upstream_is_trusted() {
 fn blacklisted_cidr_is_dropped_before_parsing() {
     let mut c = cfg();
     c.lists.blacklist = vec![parse_net("198.51.100.0/24").unwrap()];
-    let mut e = engine(&c);
+    let e = engine(&c);
     assert!(matches!(
         e.precheck(T0, sa("198.51.100.77:5060")),
         Pre::Blocked {
@@ -140,7 +142,7 @@ fn register_brute_force_blocks_after_hit_count_and_expires() {
             false,
         );
     }
-    assert_eq!(e.block_table().len(), 0);
+    assert_eq!(e.ledger_mut().block_table().len(), 0);
     for i in 0..4u32 {
         answer(
             &mut e,
@@ -159,7 +161,7 @@ fn register_brute_force_blocks_after_hit_count_and_expires() {
         );
     }
     assert_eq!(
-        e.block_table().len(),
+        e.ledger_mut().block_table().len(),
         0,
         "4 distinct failures < hit_count 5"
     );
@@ -170,13 +172,13 @@ fn register_brute_force_blocks_after_hit_count_and_expires() {
         &resp(401, "REGISTER", "1001", 9),
         true,
     );
-    let b = e.blocks().next().expect("blocked").clone();
+    let b = e.ledger_mut().blocks().next().expect("blocked").clone();
     assert_eq!(b.kind, BlockType::Register);
     assert_eq!(b.key.port, None);
     assert_eq!(b.expires_at, Some(T0 + 200 + 3_600_000));
     assert!(!b.evidence.is_empty());
     assert!(matches!(e.precheck(T0 + 300, phone), Pre::Blocked { .. }));
-    e.tick(T0 + 200 + 3_600_000);
+    e.ledger_mut().tick(T0 + 200 + 3_600_000);
     assert_eq!(
         e.precheck(T0 + 200 + 3_600_001, phone),
         Pre::Inspect,
@@ -200,10 +202,10 @@ fn repeat_blocks_escalate_and_reach_the_blacklist() {
     let mut durations = vec![];
     for _ in 0..3 {
         on_req(&mut e, now, src, &req("OPTIONS", "1", "sipcli/v1", ""));
-        let b = e.blocks().next().unwrap().clone();
+        let b = e.ledger_mut().blocks().next().unwrap().clone();
         durations.push(b.expires_at.map(|x| x - now));
         now = b.expires_at.unwrap_or(now) + 1;
-        e.tick(now);
+        e.ledger_mut().tick(now);
     }
     assert_eq!(durations[0], Some(86_400_000));
     assert_eq!(durations[1], Some(2 * 86_400_000));
@@ -211,7 +213,7 @@ fn repeat_blocks_escalate_and_reach_the_blacklist() {
         durations[2], None,
         "third block: permanent, on the blacklist"
     );
-    assert!(e.lists().blacklisted(src.ip()).is_some());
+    assert!(e.ledger_mut().lists().blacklisted(src.ip()).is_some());
 }
 
 #[test]
@@ -230,7 +232,7 @@ fn nat_aware_blocks_only_the_failing_port() {
             true,
         );
     }
-    let b = e.blocks().next().expect("blocked").clone();
+    let b = e.ledger_mut().blocks().next().expect("blocked").clone();
     assert_eq!(b.key.port, Some(5062));
     assert!(b.reason.contains("only this port"), "{}", b.reason);
     assert!(matches!(e.precheck(T0 + 100, bad), Pre::Blocked { .. }));
@@ -255,7 +257,7 @@ fn enumeration_is_caught_without_a_scanner_user_agent() {
             false,
         );
     }
-    let b = e.blocks().next().expect("blocked");
+    let b = e.ledger_mut().blocks().next().expect("blocked");
     assert_eq!(b.kind, BlockType::Scan);
 }
 
@@ -275,7 +277,7 @@ fn phones_answering_challenges_are_not_enumerators() {
         );
         answer(&mut e, T0 + 1, nat, &resp(401, "REGISTER", &user, u), false);
     }
-    assert_eq!(e.block_table().len(), 0);
+    assert_eq!(e.ledger_mut().block_table().len(), 0);
 }
 
 #[test]
@@ -306,7 +308,7 @@ fn invite_flood_rejected_with_one_alert_per_episode() {
 #[test]
 fn packet_flood_blocks() {
     let c = cfg();
-    let mut e = engine(&c);
+    let e = engine(&c);
     let src = sa("192.0.2.90:5060");
     let mut blocked = false;
     for _ in 0..250 {
@@ -332,13 +334,17 @@ fn anomalies_score_to_a_block() {
     for _ in 0..2 {
         e.on_malformed(T0, src, ParseError::NotSip, b"\x16\x03\x01 TLS hello");
     }
-    assert_eq!(e.block_table().len(), 0);
+    assert_eq!(e.ledger_mut().block_table().len(), 0);
     let no_cseq = b"OPTIONS sip:a@b SIP/2.0\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nFrom: <sip:a@b>;tag=1\r\nTo: <sip:a@b>\r\nCall-ID: x\r\nContent-Length: 0\r\n\r\n";
     assert_eq!(
         on_req(&mut e, T0, src, no_cseq),
         Verdict::Drop(DropReason::Anomaly)
     );
-    let b = e.blocks().next().expect("score 2+2+1 reaches 5");
+    let b = e
+        .ledger_mut()
+        .blocks()
+        .next()
+        .expect("score 2+2+1 reaches 5");
     assert_eq!(b.kind, BlockType::Anomaly);
 }
 
@@ -355,7 +361,11 @@ fn observe_mode_reports_but_drops_nothing() {
         &req("OPTIONS", "1", "friendly-scanner", ""),
     );
     assert_eq!(v, Verdict::Forward);
-    let b = e.blocks().next().expect("would-be block recorded");
+    let b = e
+        .ledger_mut()
+        .blocks()
+        .next()
+        .expect("would-be block recorded");
     assert!(!b.enforced);
     assert_eq!(e.precheck(T0 + 1, src), Pre::Inspect);
 }
@@ -402,7 +412,7 @@ fn memory_stays_bounded_under_a_million_sources() {
         e.take_events();
     }
     assert!(e.tracked() <= 1000 * 12, "tracked {}", e.tracked());
-    assert!(e.block_table().len() <= 500);
+    assert!(e.ledger_mut().block_table().len() <= 500);
 }
 
 #[test]
@@ -411,6 +421,7 @@ fn manual_block_and_unblock() {
     let mut e = engine(&c);
     let net = parse_net("192.0.2.200").unwrap();
     let b = e
+        .ledger_mut()
         .manual_block(
             T0,
             BlockKey::whole(net),
@@ -426,9 +437,12 @@ fn manual_block_and_unblock() {
     assert_eq!(e.unblock(net, None).len(), 1);
     assert_eq!(e.precheck(T0, sa("192.0.2.200:1")), Pre::Inspect);
     // Whitelisting removes a block.
-    e.manual_block(T0, BlockKey::whole(net), None, "").unwrap();
-    e.list_add(T0, ListKind::Whitelist, net, "office", "api");
-    assert_eq!(e.block_table().len(), 0);
+    e.ledger_mut()
+        .manual_block(T0, BlockKey::whole(net), None, "")
+        .unwrap();
+    e.ledger_mut()
+        .list_add(T0, ListKind::Whitelist, net, "office", "api");
+    assert_eq!(e.ledger_mut().block_table().len(), 0);
 }
 
 #[test]
@@ -477,7 +491,11 @@ Call-ID: d1\r\nCSeq: 2 BYE\r\nContent-Length: 0\r\n\r\n";
     for i in 0..20 {
         assert_eq!(e.on_request(T0 + i, caller, &m, true), Verdict::Forward);
     }
-    assert_eq!(e.block_table().len(), 0, "the caller is not blamed");
+    assert_eq!(
+        e.ledger_mut().block_table().len(),
+        0,
+        "the caller is not blamed"
+    );
     // The same bytes outside a dialog of ours keep today's strictness.
     assert_eq!(
         e.on_request(T0 + 100, caller, &m, false),

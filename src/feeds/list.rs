@@ -39,7 +39,7 @@ pub struct FeedStatus {
     pub pulls_failed: u64,
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct FeedList {
     v4: PrefixMap<Ipv4Net, FeedEntry>,
     v6: PrefixMap<Ipv6Net, FeedEntry>,

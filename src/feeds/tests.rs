@@ -121,8 +121,10 @@ async fn incremental_pulls_expiry_whitelist_and_restart() {
         Some("1800")
     );
     let now = node.now();
-    let pre =
-        |ip: &str| node.with_engine(|e| e.precheck(now, format!("{ip}:5060").parse().unwrap()));
+    let pre = |ip: &str| {
+        node.engine()
+            .precheck(now, format!("{ip}:5060").parse().unwrap())
+    };
     assert_eq!(
         pre("203.0.113.5"),
         Pre::Blocked {
@@ -161,16 +163,17 @@ async fn incremental_pulls_expiry_whitelist_and_restart() {
     let snaps = node.inspect(|e| e.durable_snapshots());
     let feeds = snaps.iter().find(|(n, _)| *n == "feeds").unwrap().1.clone();
     let mut e2 = Engine::new(&c, now);
-    assert!(e2.restore_snapshot(now, "feeds", &feeds));
-    assert_eq!(e2.feeds().len(), 4);
+    assert!(e2.ledger_mut().restore_snapshot(now, "feeds", &feeds));
+    assert_eq!(e2.ledger_mut().feeds().len(), 4);
     assert!(matches!(
         e2.precheck(now, "203.0.113.6:5060".parse().unwrap()),
         Pre::Blocked { .. }
     ));
     // Expiry: not listed again within entry_lifetime, gone.
     let later = now + c.feeds.entry_lifetime.as_millis() as u64 + 1;
-    e2.feed_update(later, "apiban", "", &[], None, None);
-    assert_eq!(e2.feeds().len(), 0);
+    e2.ledger_mut()
+        .feed_update(later, "apiban", "", &[], None, None);
+    assert_eq!(e2.ledger_mut().feeds().len(), 0);
     assert_eq!(
         e2.precheck(later, "45.0.0.7:5060".parse().unwrap()),
         Pre::Inspect

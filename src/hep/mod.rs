@@ -250,7 +250,8 @@ impl TapInner {
             return false;
         };
         let now = node.now();
-        node.with_engine(|e| e.is_suspect(now, a) || b.is_some_and(|b| e.is_suspect(now, b)))
+        let e = node.engine();
+        e.is_suspect(now, a) || b.is_some_and(|b| e.is_suspect(now, b))
     }
 }
 

@@ -1,5 +1,5 @@
-//! The packet path, for UDP datagrams and TCP-framed messages alike: the drop gate (no lock,
-//! no parse), pre-check, parse, verdict, route, send.
+//! The packet path's I/O, for UDP datagrams and stream-framed messages alike: hand each
+//! message to the pipeline ([`crate::pipeline`]), send what it decides.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,12 +8,11 @@ use arc_swap::ArcSwap;
 use tokio::net::UdpSocket;
 
 use super::Transports;
-use crate::blocks::{GateVerdict, LocalHits};
-use crate::engine::{anomaly, Pre, Verdict};
+use crate::blocks::LocalHits;
 use crate::node::Node;
 use crate::proxy::{Action, Flow, Inbound, Router};
 use crate::stats::{DropReason, Transport};
-use crate::wire::{parse, Edits, Framing};
+use crate::wire::Edits;
 
 /// Everything the packet path shares between sockets.
 pub struct Shared {
@@ -59,177 +58,36 @@ impl Shared {
         }
     }
 
-    /// Handle one whole message (a datagram, or a message cut from a TCP stream).
+    /// Handle one whole message (a datagram, or a message cut from a TCP stream): the
+    /// pipeline decides ([`crate::pipeline::decide`]), this sends.
     pub async fn handle(self: &Arc<Self>, inb: Inbound, bytes: &[u8], scratch: &mut Scratch) {
         let t0 = Instant::now();
-        let stats = &self.node.stats;
-        stats.packet_in(inb.transport);
-        if inb.transport == Transport::Udp && anomaly::is_keepalive(bytes) {
-            stats
-                .keepalives
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return;
-        }
-        // One snapshot of the router for the whole packet (re-resolution swaps it).
-        let router = self.router.load();
-        let (own, from_upstream) = (router.is_own_socket(&inb), router.is_upstream(&inb));
-        if own {
-            // Our own packet coming back (a forged Via or Contact made us send to ourselves).
-            stats.drop(DropReason::Loop);
-            return;
-        }
-        let now = self.node.now();
-        // The gate first: a blocked or blacklisted source is dropped here, without the engine
-        // lock and without parsing; only what passes goes on to the engine.
-        let pre = if from_upstream {
-            Pre::Trusted
-        } else {
-            let gate = self.node.gate();
-            let verdict = match inb.transport {
-                Transport::Udp => gate.check_local(now, inb.src, &mut scratch.hits),
-                _ => gate.check(now, inb.src),
-            };
-            match verdict {
-                GateVerdict::Blocked { kind, reply_403 } => Pre::Blocked { kind, reply_403 },
-                GateVerdict::Whitelisted => Pre::Whitelisted,
-                GateVerdict::Inspect => self.node.with_engine(|e| e.precheck(now, inb.src)),
-            }
-        };
-        // HEP capture after the gate: a blocked source's drops only for `hep.only = "blocked"`.
-        if let Pre::Blocked { .. } = pre {
-            stats.hep.received_blocked(inb.transport, inb.src, bytes);
-        } else {
-            stats.hep.received(inb.transport, inb.src, bytes);
-        }
-        if let Pre::Blocked { kind, reply_403 } = pre {
-            stats.drop(if kind == crate::blocks::BlockType::Blacklist {
-                DropReason::Blacklisted
-            } else {
-                DropReason::Blocked
-            });
-            if reply_403 {
-                drop(router);
-                self.reply_forbidden(inb, bytes, scratch).await;
-            }
-            return;
-        }
-        let inspect = pre == Pre::Inspect;
-        if bytes.len() > self.max_message_bytes {
-            if inspect {
-                self.node.with_engine(|e| {
-                    e.on_malformed(now, inb.src, crate::wire::ParseError::Oversized, bytes)
-                });
-            }
-            stats.drop(DropReason::Malformed);
-            return;
-        }
-        let framing = framing(inb.transport);
-        let msg = match parse(bytes, framing) {
-            Ok(m) => m,
-            Err(err) => {
-                if inspect {
-                    self.node
-                        .with_engine(|e| e.on_malformed(now, inb.src, err, bytes));
-                } else {
-                    tracing::debug!(src = %inb.src, %err, "unparseable message from a trusted source");
-                }
-                stats.drop(DropReason::Malformed);
-                return;
-            }
-        };
         let Scratch {
-            edits, out, udp, ..
+            edits,
+            out,
+            udp,
+            hits,
         } = scratch;
-        let local = udp.as_deref();
-        let action = if msg.is_request() {
-            if from_upstream {
-                self.node.with_engine(|e| e.on_upstream_request(&msg));
-            }
-            if inspect {
-                let our_dialog = router.is_our_dialog(&msg);
-                match self.node.with_engine(|e| {
-                    e.on_request_over(now, inb.transport, inb.src, &msg, our_dialog)
-                }) {
-                    Verdict::Forward => {}
-                    Verdict::Drop(r) => {
-                        stats.drop(r);
-                        return;
-                    }
-                    Verdict::Reply {
-                        code,
-                        reason,
-                        retry_after,
-                    } => {
-                        let extra =
-                            retry_after.map_or(String::new(), |s| format!("Retry-After: {s}\r\n"));
-                        let a = router.reply(&inb, &msg, code, reason, &extra, out);
-                        drop(router);
-                        self.send(a, out, false, local, inb.src).await;
-                        if code == 503 {
-                            stats.drop(DropReason::InviteRate);
-                        }
-                        return;
-                    }
-                }
-            }
-            let action = router.route_request(&inb, &msg, from_upstream, edits, out);
-            match action {
-                // The PBX's request for a phone whose TCP connection is gone: 430 Flow Failed
-                // (RFC 5626 §5.3) at once rather than a timeout.
-                Action::Forward { to, target } => {
-                    if let Some(t) = target {
-                        tracing::debug!(src = %inb.src, target = %t.flow.addr, transport = t.flow.transport.as_str(), why = t.why, "nat detection");
-                    }
-                    if from_upstream
-                        && to.transport.is_stream()
-                        && to != router.upstream()
-                        && self.transports.conns.get(&to.addr).is_none()
-                    {
-                        router.flow_failed(&inb, &msg, out)
-                    } else {
-                        action
-                    }
-                }
-                a => a,
-            }
-        } else {
-            if inspect {
-                if let Some(a) = anomaly::check_response(&msg) {
-                    self.node
-                        .with_engine(|e| e.on_anomaly(now, inb.src, a, bytes));
-                    stats.drop(DropReason::Anomaly);
-                    return;
-                }
-            }
-            let (action, info) = router.route_response(&inb, &msg, from_upstream, edits, out);
-            if let Some(info) = info {
-                if msg.status().is_some_and(|c| c >= 200) {
-                    let to = match action {
-                        Action::Forward { to, .. } => Some((to.transport, to.addr)),
-                        _ => None,
-                    };
-                    self.node.with_engine(|e| {
-                        let pbx = (inb.transport, inb.src);
-                        e.on_answer_from(now, pbx, info.phone, &msg, info.attempt, to);
-                        if let Some(to) = to {
-                            e.on_answer_forwarded(&msg, to);
-                        }
-                    });
-                }
-            }
-            action
+        let decision = {
+            // One snapshot of the router for the whole packet (re-resolution swaps it).
+            let router = self.router.load();
+            let work = crate::pipeline::Work { edits, out, hits };
+            crate::pipeline::decide(
+                &self.node,
+                &router,
+                self.max_message_bytes,
+                &inb,
+                bytes,
+                work,
+                |a| self.transports.conns.get(&a).is_some(),
+            )
         };
-        if action == Action::Drop(DropReason::Forged) && inspect {
-            // A response we did not cause through a Via that looks like ours, or a request
-            // whose own Via claims to be ours: an attempt to steer us. Score the sender.
-            self.node.with_engine(|e| {
-                e.on_anomaly(now, inb.src, anomaly::Anomaly::ForgedResponse, bytes)
-            });
-        }
-        let request = msg.is_request();
-        drop(router);
-        if self.send(action, out, request, local, inb.src).await {
-            stats.latency(t0.elapsed().as_micros() as u64);
+        let Some(d) = decision else { return };
+        if self
+            .send(d.action, out, d.request, udp.as_deref(), inb.src)
+            .await
+        {
+            self.node.stats.latency(t0.elapsed().as_micros() as u64);
         }
     }
 
@@ -359,28 +217,5 @@ impl Shared {
                 }
             }
         }
-    }
-
-    async fn reply_forbidden(self: &Arc<Self>, inb: Inbound, bytes: &[u8], scratch: &mut Scratch) {
-        let framing = framing(inb.transport);
-        if let Ok(msg) = parse(bytes, framing) {
-            if msg.is_request() {
-                let a =
-                    self.router
-                        .load()
-                        .reply(&inb, &msg, 403, "Forbidden", "", &mut scratch.out);
-                self.send(a, &scratch.out, false, scratch.udp.as_deref(), inb.src)
-                    .await;
-            }
-        }
-    }
-}
-
-/// How a message of this transport is delimited: a datagram or a WebSocket message is one whole
-/// message (RFC 7118 §5: no Content-Length needed); on a TCP stream Content-Length frames it.
-fn framing(t: Transport) -> Framing {
-    match t {
-        Transport::Udp | Transport::Ws | Transport::Wss => Framing::Datagram,
-        Transport::Tcp | Transport::Tls => Framing::Stream,
     }
 }

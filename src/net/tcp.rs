@@ -290,9 +290,12 @@ where
                     let trusted = shared.node.with_engine(|e| e.is_upstream(peer.ip()));
                     if !trusted {
                         let head = buf.get(..buf.len().min(200)).unwrap_or_default();
-                        shared
-                            .node
-                            .with_engine(|e| e.on_malformed(now, peer, err, head));
+                        shared.node.on_anomaly(
+                            now,
+                            peer,
+                            crate::engine::Anomaly::from_parse(err),
+                            head,
+                        );
                     }
                     shared.node.stats.drop(DropReason::Malformed);
                     tracing::debug!(%peer, %err, "closing tcp connection: unframeable input");

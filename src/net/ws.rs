@@ -288,7 +288,7 @@ fn score(shared: &Shared, peer: SocketAddr, why: &'static str, sample: &str) {
     let now = shared.node.now();
     shared
         .node
-        .with_engine(|e| e.on_anomaly(now, peer, Anomaly::WebSocket(why), sample.as_bytes()));
+        .on_anomaly(now, peer, Anomaly::WebSocket(why), sample.as_bytes());
 }
 
 /// Upgrade one connection and carry SIP on it until it closes. `stream` is a TCP stream or a

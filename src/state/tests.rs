@@ -392,22 +392,22 @@ Max-Forwards: 70\r\nFrom: <sip:1001@pbx>;tag=1\r\nTo: <sip:0044123@pbx>\r\nCall-
 CSeq: 1 INVITE\r\nContent-Length: 0\r\n\r\n";
     let m = parse(inv, Framing::Datagram).unwrap();
     e.on_request(now, "192.0.2.1:5060".parse().unwrap(), &m, false);
-    assert_eq!(e.fraud().concurrent_total(), 1);
+    assert_eq!(e.ledger_mut().fraud().concurrent_total(), 1);
     {
         let store = Store::open(&path).unwrap();
-        let snaps = e.durable_snapshots();
+        let snaps = e.ledger_mut().durable_snapshots();
         store.set_snapshots(&snaps).unwrap();
     }
     let store = Store::open(&path).unwrap();
     let mut e2 = Engine::new(&cfg, now);
     let bytes = store.snapshot("fraud").unwrap().unwrap();
-    assert!(e2.restore_snapshot(now, "fraud", &bytes));
-    assert_eq!(e2.fraud().concurrent_total(), 1);
+    assert!(e2.ledger_mut().restore_snapshot(now, "fraud", &bytes));
+    assert_eq!(e2.ledger_mut().fraud().concurrent_total(), 1);
     // The call still ends after the restart: its final answer uncounts it.
     let ans = b"SIP/2.0 487 Terminated\r\nVia: SIP/2.0/UDP 192.0.2.1;branch=z9hG4bKa\r\n\
 From: <sip:1001@pbx>;tag=1\r\nTo: <sip:0044123@pbx>;tag=2\r\nCall-ID: k1\r\nCSeq: 1 INVITE\r\n\
 Content-Length: 0\r\n\r\n";
     let m = parse(ans, Framing::Datagram).unwrap();
     e2.on_answer(now, "192.0.2.1:5060".parse().unwrap(), &m, None);
-    assert_eq!(e2.fraud().concurrent_total(), 0);
+    assert_eq!(e2.ledger_mut().fraud().concurrent_total(), 0);
 }

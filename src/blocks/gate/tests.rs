@@ -20,7 +20,7 @@ fn cfg() -> Config {
 }
 
 fn engine(c: &Config) -> Engine {
-    let mut e = Engine::new(c, T0);
+    let e = Engine::new(c, T0);
     e.set_upstream(vec!["10.0.0.1".parse().unwrap()]);
     e
 }
@@ -55,7 +55,7 @@ fn block_expire_and_sweep() {
     let mut e = engine(&cfg());
     let src = sa("192.0.2.7:5060");
     assert_eq!(e.gate().check(T0, src), GateVerdict::Inspect);
-    assert!(e.block(
+    assert!(e.ledger_mut().block(
         T0,
         detection(whole("192.0.2.7"), BlockType::Scanner, 60),
         "ua"
@@ -68,7 +68,7 @@ fn block_expire_and_sweep() {
     // Expired: no longer matched, even before the sweep takes it out.
     assert_eq!(e.gate().check(T0 + 60_000, src), GateVerdict::Inspect);
     assert_eq!(e.gate().len(), 1);
-    e.tick(T0 + 60_000);
+    e.ledger_mut().tick(T0 + 60_000);
     assert_eq!(e.gate().len(), 0);
 }
 
@@ -77,13 +77,22 @@ fn refresh_after_expiry_blocks_again_with_the_new_expiry() {
     let mut e = engine(&cfg());
     let src = sa("192.0.2.8:1");
     let key = whole("192.0.2.8");
-    e.block(T0, detection(key, BlockType::Flood, 10), "");
+    e.ledger_mut()
+        .block(T0, detection(key, BlockType::Flood, 10), "");
     let later = T0 + 20_000;
     assert_eq!(e.gate().check(later, src), GateVerdict::Inspect);
     // The same source offends again before the sweep: a new block replaces the stale one.
-    assert!(e.block(later, detection(key, BlockType::Flood, 10), ""));
+    assert!(e
+        .ledger_mut()
+        .block(later, detection(key, BlockType::Flood, 10), ""));
     assert_eq!(e.gate().check(later, src), blocked(BlockType::Flood));
-    let expires = e.block_table().get(&key).unwrap().expires_at.unwrap();
+    let expires = e
+        .ledger_mut()
+        .block_table()
+        .get(&key)
+        .unwrap()
+        .expires_at
+        .unwrap();
     assert!(expires > later);
     assert_eq!(e.gate().check(expires, src), GateVerdict::Inspect);
 }
@@ -93,7 +102,7 @@ fn unblock_and_manual_block() {
     let mut e = engine(&cfg());
     let src = sa("198.51.100.1:5060");
     let key = whole("198.51.100.1");
-    e.manual_block(T0, key, None, "op").unwrap();
+    e.ledger_mut().manual_block(T0, key, None, "op").unwrap();
     assert_eq!(
         e.gate().check(T0 + 1_000_000_000, src),
         blocked(BlockType::Manual)
@@ -108,7 +117,8 @@ fn port_blocks_cover_only_their_port() {
     let mut e = engine(&cfg());
     let net = source_net("203.0.113.5".parse().unwrap(), 64);
     let key = BlockKey::with_port(net, 5062);
-    e.block(T0, detection(key, BlockType::Register, 60), "");
+    e.ledger_mut()
+        .block(T0, detection(key, BlockType::Register, 60), "");
     assert_eq!(
         e.gate().check(T0, sa("203.0.113.5:5062")),
         blocked(BlockType::Register)
@@ -129,7 +139,8 @@ fn ipv6_blocks_cover_the_prefix_and_follow_its_length() {
     let mut c = cfg();
     let mut e = engine(&c);
     let key = BlockKey::whole(source_net("2001:db8:1:2::5".parse().unwrap(), 64));
-    e.block(T0, detection(key, BlockType::Anomaly, 60), "");
+    e.ledger_mut()
+        .block(T0, detection(key, BlockType::Anomaly, 60), "");
     assert_eq!(
         e.gate().check(T0, sa("[2001:db8:1:2:ffff::1]:5060")),
         blocked(BlockType::Anomaly)
@@ -146,7 +157,8 @@ fn ipv6_blocks_cover_the_prefix_and_follow_its_length() {
         GateVerdict::Inspect
     );
     let key48 = BlockKey::whole(source_net("2001:db8:1::".parse().unwrap(), 48));
-    e.block(T0, detection(key48, BlockType::Anomaly, 60), "");
+    e.ledger_mut()
+        .block(T0, detection(key48, BlockType::Anomaly, 60), "");
     assert_eq!(
         e.gate().check(T0, sa("[2001:db8:1:ffff::1]:1")),
         blocked(BlockType::Anomaly)
@@ -158,13 +170,13 @@ fn eviction_leaves_the_gate() {
     let mut c = cfg();
     c.protection.max_blocks = 1;
     let mut e = engine(&c);
-    e.block(
+    e.ledger_mut().block(
         T0,
         detection(whole("192.0.2.1"), BlockType::Scanner, 60),
         "",
     );
     // A costlier block takes the only slot.
-    e.block(
+    e.ledger_mut().block(
         T0,
         detection(whole("192.0.2.2"), BlockType::Register, 60),
         "",
@@ -182,30 +194,32 @@ fn lists_add_remove_and_whitelist_precedence() {
     let mut e = engine(&cfg());
     let src = sa("10.9.0.1:5060");
     let net = parse_net("10.9.0.0/16").unwrap();
-    e.list_add(T0, ListKind::Blacklist, net, "", "api");
+    e.ledger_mut()
+        .list_add(T0, ListKind::Blacklist, net, "", "api");
     assert_eq!(e.gate().check(T0, src), blocked(BlockType::Blacklist));
     let one = parse_net("10.9.0.1").unwrap();
-    e.list_add(T0, ListKind::Whitelist, one, "", "api");
+    e.ledger_mut()
+        .list_add(T0, ListKind::Whitelist, one, "", "api");
     assert_eq!(e.gate().check(T0, src), GateVerdict::Whitelisted);
     assert_eq!(
         e.gate().check(T0, sa("10.9.0.2:1")),
         blocked(BlockType::Blacklist)
     );
-    e.list_remove(ListKind::Blacklist, net);
+    e.ledger_mut().list_remove(ListKind::Blacklist, net);
     assert_eq!(e.gate().check(T0, sa("10.9.0.2:1")), GateVerdict::Inspect);
-    e.list_remove(ListKind::Whitelist, one);
+    e.ledger_mut().list_remove(ListKind::Whitelist, one);
     assert_eq!(e.gate().check(T0, src), GateVerdict::Inspect);
 }
 
 #[test]
 fn whitelisting_lifts_blocks_from_the_gate() {
     let mut e = engine(&cfg());
-    e.block(
+    e.ledger_mut().block(
         T0,
         detection(whole("192.0.2.9"), BlockType::Scanner, 60),
         "",
     );
-    e.list_add(
+    e.ledger_mut().list_add(
         T0,
         ListKind::Whitelist,
         parse_net("192.0.2.0/24").unwrap(),
@@ -227,11 +241,13 @@ fn automatic_blacklist_reaches_the_gate() {
     let key = whole("192.0.2.50");
     let mut t = T0;
     for _ in 0..2 {
-        e.block(t, detection(key, BlockType::Scanner, 1), "");
+        e.ledger_mut()
+            .block(t, detection(key, BlockType::Scanner, 1), "");
         t += 2_000;
-        e.tick(t);
+        e.ledger_mut().tick(t);
     }
     assert!(e
+        .ledger_mut()
         .lists()
         .blacklisted("192.0.2.50".parse().unwrap())
         .is_some());
@@ -247,12 +263,16 @@ fn observe_mode_enforces_nothing() {
     c.protection.mode = Mode::Observe;
     c.lists.blacklist = vec![parse_net("192.0.2.0/24").unwrap()];
     let mut e = engine(&c);
-    e.block(
+    e.ledger_mut().block(
         T0,
         detection(whole("198.51.100.9"), BlockType::Scanner, 60),
         "",
     );
-    assert_eq!(e.block_table().len(), 1, "shown as a would-be block");
+    assert_eq!(
+        e.ledger_mut().block_table().len(),
+        1,
+        "shown as a would-be block"
+    );
     assert_eq!(
         e.gate().check(T0, sa("198.51.100.9:1")),
         GateVerdict::Inspect
@@ -284,7 +304,9 @@ fn reconfigure_replaces_config_lists_and_the_403_reply() {
     c.protection.blocked_reply = crate::config::BlockedReply::Forbidden;
     e.reconfigure(&c, T0);
     assert_eq!(e.gate().check(T0, sa("192.0.2.1:1")), GateVerdict::Inspect);
-    e.manual_block(T0, whole("192.0.2.1"), None, "").unwrap();
+    e.ledger_mut()
+        .manual_block(T0, whole("192.0.2.1"), None, "")
+        .unwrap();
     assert_eq!(
         e.gate().check(T0, sa("192.0.2.1:1")),
         GateVerdict::Blocked {
@@ -298,7 +320,7 @@ fn reconfigure_replaces_config_lists_and_the_403_reply() {
 fn restore_at_start_fills_the_gate() {
     let mut e = engine(&cfg());
     let net = parse_net("203.0.113.0/24").unwrap();
-    e.restore(
+    e.ledger_mut().restore(
         T0,
         Event::ListAdded {
             list: ListKind::Blacklist,
@@ -310,7 +332,7 @@ fn restore_at_start_fills_the_gate() {
             },
         },
     );
-    e.sync_gate();
+    e.ledger_mut().sync_gate();
     assert_eq!(
         e.gate().check(T0, sa("203.0.113.4:1")),
         blocked(BlockType::Blacklist)
@@ -318,15 +340,16 @@ fn restore_at_start_fills_the_gate() {
     let key = whole("198.51.100.77");
     let mut other = engine(&cfg());
     other
+        .ledger_mut()
         .manual_block(T0, key, Some(Duration::from_secs(60)), "")
         .unwrap();
-    let b = other.block_table().get(&key).unwrap().clone();
-    e.restore(T0, Event::Blocked(b));
+    let b = other.ledger_mut().block_table().get(&key).unwrap().clone();
+    e.ledger_mut().restore(T0, Event::Blocked(b));
     assert_eq!(
         e.gate().check(T0, sa("198.51.100.77:1")),
         blocked(BlockType::Manual)
     );
-    e.restore(
+    e.ledger_mut().restore(
         T0,
         Event::Unblocked {
             key,
@@ -371,7 +394,9 @@ fn drops_counted_locally_reach_the_rows_once_flushed_and_are_bounded_before() {
     let mut e = engine(&cfg());
     for i in 1..=20u8 {
         let key = whole(&format!("192.0.2.{i}"));
-        assert!(e.block(T0, detection(key, BlockType::Scanner, 600), ""));
+        assert!(e
+            .ledger_mut()
+            .block(T0, detection(key, BlockType::Scanner, 600), ""));
     }
     let gate = e.gate().clone();
     let mut local = LocalHits::default();

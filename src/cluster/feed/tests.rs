@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::blocks::{BlockKey, BlockType, ListEntry};
+use crate::engine::Engine;
 
 const T0: Millis = 1_700_000_000_000;
 
@@ -24,7 +25,7 @@ fn block(ip: &str) -> Block {
 fn engine() -> Engine {
     let mut c = crate::config::Config::default();
     c.lists.whitelist = vec!["192.0.2.0/24".parse().unwrap()];
-    let mut e = Engine::new(&c, T0);
+    let e = Engine::new(&c, T0);
     e.set_upstream(vec!["127.0.0.70".parse().unwrap()]);
     e
 }
@@ -33,11 +34,15 @@ fn engine() -> Engine {
 fn peers_cannot_block_the_whitelist_or_the_pbx_or_list_everything() {
     let mut e = engine();
     for ip in ["192.0.2.5", "127.0.0.70"] {
-        assert_eq!(apply(&mut e, T0, Event::Blocked(block(ip))), None, "{ip}");
+        assert_eq!(
+            apply(e.ledger_mut(), T0, Event::Blocked(block(ip))),
+            None,
+            "{ip}"
+        );
     }
     let mut expired = block("203.0.113.9");
     expired.expires_at = Some(T0 - 1);
-    assert_eq!(apply(&mut e, T0, Event::Blocked(expired)), None);
+    assert_eq!(apply(e.ledger_mut(), T0, Event::Blocked(expired)), None);
     let entry = ListEntry {
         comment: String::new(),
         added_at: T0,
@@ -48,7 +53,7 @@ fn peers_cannot_block_the_whitelist_or_the_pbx_or_list_everything() {
         net: "0.0.0.0/0".parse().unwrap(),
         entry: entry.clone(),
     };
-    assert_eq!(apply(&mut e, T0, all), None);
+    assert_eq!(apply(e.ledger_mut(), T0, all), None);
     // Nor two halves that together cover everything, in either family.
     for half in ["0.0.0.0/1", "128.0.0.0/1", "::/1", "8000::/1"] {
         let ev = Event::ListAdded {
@@ -56,17 +61,21 @@ fn peers_cannot_block_the_whitelist_or_the_pbx_or_list_everything() {
             net: half.parse().unwrap(),
             entry: entry.clone(),
         };
-        assert_eq!(apply(&mut e, T0, ev), None, "{half}");
+        assert_eq!(apply(e.ledger_mut(), T0, ev), None, "{half}");
     }
-    let wl = e.lists().entries(ListKind::Whitelist);
+    let wl = e.ledger_mut().lists().entries(ListKind::Whitelist);
     assert!(wl.iter().all(|(n, _)| n.prefix_len() >= 8), "{wl:?}");
-    assert!(e.block_table().is_empty());
-    assert!(e.lists().entries(ListKind::Blacklist).is_empty());
+    assert!(e.ledger_mut().block_table().is_empty());
+    assert!(e
+        .ledger_mut()
+        .lists()
+        .entries(ListKind::Blacklist)
+        .is_empty());
 
-    let ok = apply(&mut e, T0, Event::Blocked(block("203.0.113.9")));
+    let ok = apply(e.ledger_mut(), T0, Event::Blocked(block("203.0.113.9")));
     assert!(matches!(ok, Some(Event::Blocked(_))));
     let added = apply(
-        &mut e,
+        e.ledger_mut(),
         T0,
         Event::ListAdded {
             list: ListKind::Blacklist,
@@ -84,8 +93,12 @@ fn peers_cannot_block_the_whitelist_or_the_pbx_or_list_everything() {
         kind: BlockType::Manual,
         why: UnblockReason::Manual,
     };
-    assert!(apply(&mut e, T0, un.clone()).is_some());
-    assert_eq!(apply(&mut e, T0, un), None, "nothing left to unblock");
+    assert!(apply(e.ledger_mut(), T0, un.clone()).is_some());
+    assert_eq!(
+        apply(e.ledger_mut(), T0, un),
+        None,
+        "nothing left to unblock"
+    );
 }
 
 #[test]

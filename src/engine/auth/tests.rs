@@ -49,10 +49,14 @@ fn new_guesses_with_constant_call_id_and_cseq_are_each_counted() {
     let r = resp(401, "REGISTER", "1001", 7);
     for i in 0..c.register.hit_count as u64 - 1 {
         attempt(&mut e, T0 + i, phone, &r, Some(1000 + i));
-        assert_eq!(e.block_table().len(), 0, "guess {i}");
+        assert_eq!(e.ledger_mut().block_table().len(), 0, "guess {i}");
     }
     attempt(&mut e, T0 + 10, phone, &r, Some(2000));
-    let b = e.blocks().next().expect("blocked after hit_count guesses");
+    let b = e
+        .ledger_mut()
+        .blocks()
+        .next()
+        .expect("blocked after hit_count guesses");
     assert_eq!(b.kind, BlockType::Register);
     assert_eq!(b.key.port, None);
 }
@@ -67,13 +71,13 @@ fn identical_credentials_count_once() {
         let r = resp(403, "REGISTER", "1001", 7 + (i % 2) as u32);
         attempt(&mut e, T0 + i * 100, phone, &r, Some(42));
     }
-    assert_eq!(e.block_table().len(), 0);
+    assert_eq!(e.ledger_mut().block_table().len(), 0);
     // Four more distinct guesses make five attempts.
     for i in 0..4u64 {
         let r = resp(403, "REGISTER", "1001", 7);
         attempt(&mut e, T0 + 5000 + i, phone, &r, Some(43 + i));
     }
-    assert_eq!(e.block_table().len(), 1);
+    assert_eq!(e.ledger_mut().block_table().len(), 1);
 }
 
 #[test]
@@ -84,7 +88,11 @@ fn retransmissions_without_credentials_still_deduplicated_by_transaction() {
     for i in 0..20u64 {
         attempt(&mut e, T0 + i, phone, &resp(403, "INVITE", "1001", 3), None);
     }
-    assert_eq!(e.block_table().len(), 0, "one transaction, one failure");
+    assert_eq!(
+        e.ledger_mut().block_table().len(),
+        0,
+        "one transaction, one failure"
+    );
     // An enumerator keeping Call-ID and CSeq but changing the user is not one transaction.
     for u in 0..10u32 {
         let user = format!("{}", 2000 + u);
@@ -94,7 +102,10 @@ fn retransmissions_without_credentials_still_deduplicated_by_transaction() {
             .replace(&format!("c3{user}"), "c3");
         attempt(&mut e, T0 + 100 + u as u64, phone, r.as_bytes(), None);
     }
-    assert_eq!(e.blocks().next().map(|b| b.kind), Some(BlockType::Scan));
+    assert_eq!(
+        e.ledger_mut().blocks().next().map(|b| b.kind),
+        Some(BlockType::Scan)
+    );
 }
 
 #[test]
@@ -122,6 +133,7 @@ fn failures_on_every_method_count() {
             );
         }
         let b = e
+            .ledger_mut()
             .blocks()
             .next()
             .unwrap_or_else(|| panic!("{method} not counted"));
@@ -152,7 +164,7 @@ fn ack_and_cancel_answers_and_non_register_404_do_not_count_as_guesses() {
             Some(i as u64),
         );
     }
-    assert_eq!(e.block_table().len(), 0);
+    assert_eq!(e.ledger_mut().block_table().len(), 0);
 }
 
 #[test]
@@ -178,7 +190,7 @@ fn credentials_on_any_method_mark_a_phone_that_answers_challenges() {
         assert_eq!(v, Verdict::Forward);
         attempt(&mut e, T0 + 1, nat, &resp(407, "MESSAGE", &user, u), None);
     }
-    assert_eq!(e.block_table().len(), 0);
+    assert_eq!(e.ledger_mut().block_table().len(), 0);
 }
 
 #[test]
@@ -195,7 +207,7 @@ CSeq: 1 MESSAGE\r\nContent-Length: 0\r\n\r\n"
         );
         attempt(&mut e, T0 + i as u64, src, r.as_bytes(), Some(i as u64));
     }
-    let b = e.blocks().next().expect("blocked");
+    let b = e.ledger_mut().blocks().next().expect("blocked");
     assert!(b.reason.contains("across 5 accounts"), "{}", b.reason);
     assert!(b.reason.contains("MESSAGE"), "{}", b.reason);
 }

@@ -38,12 +38,12 @@ fn spoofed_scanner_burst_does_not_evict_a_brute_forcer() {
     for i in 0..5000u32 {
         scanner_packet(&mut e, T0 + 20, v4(0x0b00_0000 + i));
     }
-    assert_eq!(e.block_table().len(), 50);
+    assert_eq!(e.ledger_mut().block_table().len(), 50);
     assert!(
         matches!(e.precheck(T0 + 30, brute), Pre::Blocked { .. }),
         "the brute forcer is still blocked"
     );
-    let (evicted, refused) = e.block_table().evictions();
+    let (evicted, refused) = e.ledger_mut().block_table().evictions();
     assert_eq!((evicted, refused), (0, 5000 - 49));
     assert!(!e.take_events().iter().any(|ev| matches!(
         ev,
@@ -78,7 +78,7 @@ fn costlier_block_takes_the_place_of_the_cheapest() {
         e.on_answer(T0 + i as u64, brute, &m, Some(i as u64));
     }
     assert!(matches!(e.precheck(T0 + 10, brute), Pre::Blocked { .. }));
-    assert_eq!(e.block_table().evictions(), (1, 0));
+    assert_eq!(e.ledger_mut().block_table().evictions(), (1, 0));
     assert!(e.take_events().iter().any(|ev| matches!(
         ev,
         Event::Unblocked {
@@ -90,7 +90,8 @@ fn costlier_block_takes_the_place_of_the_cheapest() {
 }
 
 fn blacklisted(e: &Engine) -> Vec<String> {
-    e.lists()
+    e.ledger()
+        .lists()
         .entries(ListKind::Blacklist)
         .into_iter()
         .map(|(n, _)| n.to_string())
@@ -107,15 +108,20 @@ fn automatic_blacklist_is_bounded() {
     for i in 0..10u32 {
         scanner_packet(&mut e, T0, v4(0x0b00_0000 + (i << 8)));
     }
-    assert_eq!(e.lists().len(ListKind::Blacklist), 3);
+    assert_eq!(e.ledger_mut().lists().len(ListKind::Blacklist), 3);
     assert_eq!(
-        e.block_table().len(),
+        e.ledger_mut().block_table().len(),
         10,
         "the others still get dynamic blocks"
     );
-    let dynamic = e.blocks().filter(|b| b.expires_at.is_some()).count();
+    let dynamic = e
+        .ledger_mut()
+        .blocks()
+        .filter(|b| b.expires_at.is_some())
+        .count();
     assert_eq!(dynamic, 7);
     assert!(e
+        .ledger_mut()
         .blocks()
         .any(|b| b.reason.contains("automatic blacklist is full")));
     // The bound also holds against max_blocks: never more than half of the table.
@@ -126,7 +132,7 @@ fn automatic_blacklist_is_bounded() {
     for i in 0..10u32 {
         scanner_packet(&mut e, T0, v4(0x0b00_0000 + (i << 8)));
     }
-    assert_eq!(e.lists().len(ListKind::Blacklist), 4);
+    assert_eq!(e.ledger_mut().lists().len(ListKind::Blacklist), 4);
 }
 
 #[test]
@@ -136,7 +142,8 @@ fn blacklisted_neighbours_aggregate_into_their_prefix() {
     let mut e = engine(&c);
     // An operator entry inside the prefix is never touched.
     let op: ipnet::IpNet = "203.0.113.77/32".parse().unwrap();
-    e.list_add(T0, ListKind::Blacklist, op, "mine", "api");
+    e.ledger_mut()
+        .list_add(T0, ListKind::Blacklist, op, "mine", "api");
     for i in 1..=3u8 {
         scanner_packet(&mut e, T0, sa(&format!("203.0.113.{i}:5060")));
     }
@@ -153,7 +160,11 @@ fn blacklisted_neighbours_aggregate_into_their_prefix() {
         }
     ));
     // One table row for the prefix instead of four permanent ones.
-    let permanent: Vec<_> = e.blocks().filter(|b| b.expires_at.is_none()).collect();
+    let permanent: Vec<_> = e
+        .ledger_mut()
+        .blocks()
+        .filter(|b| b.expires_at.is_none())
+        .collect();
     let rows: Vec<String> = permanent.iter().map(|b| b.key.ip_text()).collect();
     assert_eq!(rows, vec!["203.0.113.0/24"]);
     let ev = e.take_events();
@@ -187,7 +198,7 @@ fn no_aggregation_over_the_whitelist_or_the_upstream() {
     assert!(list.iter().all(|n| n.ends_with("/32")));
     assert_eq!(e.precheck(T0, sa("198.51.100.250:5060")), Pre::Whitelisted);
     assert!(
-        !e.is_blocked(T0, sa("10.0.0.1:5060")),
+        !e.ledger_mut().is_blocked(T0, sa("10.0.0.1:5060")),
         "the upstream stays reachable"
     );
 }

@@ -442,7 +442,7 @@ To: <sip:b@pbx>;tag=2\r\nCall-ID: {call}\r\nCSeq: 2 {method}\r\nContent-Length: 
             .replace("2 INVITE", "2 ACK")
             .into_bytes();
         on(&mut e, ack);
-        assert_eq!(e.fraud().concurrent_total(), 1);
+        assert_eq!(e.ledger_mut().fraud().concurrent_total(), 1);
         let bye = answer(200, "BYE", "d0");
         let upstream_bye = String::from_utf8(invite("0044123", "1002", None, "d0"))
             .unwrap()
@@ -450,8 +450,8 @@ To: <sip:b@pbx>;tag=2\r\nCall-ID: {call}\r\nCSeq: 2 {method}\r\nContent-Length: 
         let m = parse(upstream_bye.as_bytes(), Framing::Datagram).unwrap();
         e.on_upstream_request(&m);
         on(&mut e, bye);
-        assert_eq!(e.fraud().concurrent_total(), 0);
-        assert_eq!(e.fraud().active_calls(), 0);
+        assert_eq!(e.ledger_mut().fraud().concurrent_total(), 0);
+        assert_eq!(e.ledger_mut().fraud().active_calls(), 0);
         assert!(e.take_events().iter().any(|ev| matches!(
             ev,
             crate::blocks::Event::Alert {

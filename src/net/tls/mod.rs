@@ -195,11 +195,10 @@ impl TlsAcceptor {
         let now = self.node.now();
         if self.node.gate().check(now, peer) == GateVerdict::Inspect {
             let sample = format!("TLS handshake: {}", reason.as_str());
-            self.node.with_engine(|en| {
-                if !en.is_upstream(peer.ip()) {
-                    en.on_anomaly(now, peer, Anomaly::TlsHandshake, sample.as_bytes());
-                }
-            });
+            if !self.node.engine().is_upstream(peer.ip()) {
+                self.node
+                    .on_anomaly(now, peer, Anomaly::TlsHandshake, sample.as_bytes());
+            }
         }
     }
 
