@@ -14,7 +14,7 @@
 //! - [`cluster`]: block sharing between nodes through Redis.
 //! - [`cluster_count`]: cluster-wide counting (REGISTER failures, INVITE and TFTP rates).
 //! - [`hep`]: HEP v3 export of every SIP message to sngrep or Homer (pure encoder, bounded queue).
-//! - [`net`]: sockets: UDP, TCP, TFTP relay, upstream resolution.
+//! - [`net`]: sockets: binding policy, UDP, TCP, TFTP relay, upstream resolution.
 //! - [`tftp`]: the TFTP codec and the provisioning guard's decisions (sans-I/O).
 //! - [`admin`]: HTTP API, dashboard, metrics, CLI client.
 #![forbid(unsafe_code)]
