@@ -3,6 +3,7 @@
 
 pub mod bind;
 pub mod handler;
+pub mod routing;
 pub mod tcp;
 pub mod tftp;
 pub mod tls;
