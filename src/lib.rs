@@ -17,6 +17,7 @@
 //! - [`net`]: sockets: binding policy, UDP, TCP, TFTP relay, upstream resolution.
 //! - [`tftp`]: the TFTP codec and the provisioning guard's decisions (sans-I/O).
 //! - [`admin`]: HTTP API, dashboard, metrics, CLI client.
+//! - [`supervise`]: restarts a listener task that ended, counted, with `/healthz` failing meanwhile.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -38,6 +39,7 @@ pub mod proxy;
 pub mod server;
 pub mod state;
 pub mod stats;
+pub mod supervise;
 pub mod tftp;
 pub mod util;
 pub mod wire;
