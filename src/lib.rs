@@ -17,6 +17,7 @@
 //! - [`net`]: sockets: binding policy, UDP, TCP, TFTP relay, upstream resolution.
 //! - [`tftp`]: the TFTP codec and the provisioning guard's decisions (sans-I/O).
 //! - [`admin`]: HTTP API, dashboard, metrics, CLI client.
+//! - [`reload`]: config reload on SIGHUP or from the API, checked against what is running.
 //! - [`supervise`]: restarts a listener task that ended, counted, with `/healthz` failing meanwhile.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
@@ -36,6 +37,7 @@ pub mod net;
 pub mod node;
 pub mod notify;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod state;
 pub mod stats;
