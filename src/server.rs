@@ -34,23 +34,6 @@ pub enum ServerError {
     Other(String),
 }
 
-/// Close the TCP, TLS and WebSocket connections of sources that are blocked now (the connection code
-/// also checks on every read; this catches a connection that stays silent, or one in a call).
-/// The PBX's connections are never closed this way.
-fn close_blocked(shared: &Shared) {
-    let node = &shared.node;
-    let now = node.now();
-    let n = shared.transports.conns.close_where(|a| {
-        matches!(
-            node.gate().check(now, a),
-            crate::blocks::GateVerdict::Blocked { .. }
-        ) && !node.with_engine(|e| e.is_upstream(a.ip()))
-    });
-    if n > 0 {
-        tracing::info!(connections = n, "closed the connections of blocked sources");
-    }
-}
-
 /// A started node: its tasks run until [`Running::shutdown`].
 pub struct Running {
     pub node: Arc<Node>,
@@ -266,32 +249,11 @@ pub async fn start(
         tasks.push(tokio::spawn(acceptor.clone().watch(stopped())));
     }
 
-    // Expire blocks once a second; send the BYEs of calls the toll-fraud guard ended.
-    {
-        let node = node.clone();
-        let shared = shared.clone();
-        let stop = stopped();
-        tasks.push(tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(1));
-            tokio::pin!(stop);
-            loop {
-                tokio::select! {
-                    _ = &mut stop => return,
-                    _ = every.tick() => {
-                        let now = node.now();
-                        let byes = node.with_engine(|e| {
-                            e.tick(now);
-                            e.take_fraud_byes()
-                        });
-                        close_blocked(&shared);
-                        for d in &byes {
-                            shared.send_fraud_byes(d).await;
-                        }
-                    }
-                }
-            }
-        }));
-    }
+    // Expire blocks once a second; close blocked connections; send fraud BYEs.
+    tasks.push(tokio::spawn(crate::net::sweep::run(
+        shared.clone(),
+        stopped(),
+    )));
 
     // Re-resolve a host-name upstream when its TTL runs out.
     if let Some(ttl) = first.ttl {

@@ -4,6 +4,7 @@
 pub mod bind;
 pub mod handler;
 pub mod routing;
+pub mod sweep;
 pub mod tcp;
 pub mod tftp;
 pub mod tls;
