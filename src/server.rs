@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::Config;
 pub use crate::net::bind::{bind, BindError, Bound};
 use crate::net::handler::Shared;
-use crate::net::routing::{router_config, routing_keys, upstream_flow};
+use crate::net::routing::{follow_upstream, router_config, routing_keys, upstream_flow};
 use crate::net::tls::{self, TlsAcceptor, TlsUpstream};
 use crate::net::upstream::Resolver;
 use crate::net::{tcp, udp, Conns, Transports};
@@ -257,34 +257,8 @@ pub async fn start(
 
     // Re-resolve a host-name upstream when its TTL runs out.
     if let Some(ttl) = first.ttl {
-        let (shared, resolver, target) = (shared.clone(), resolver.clone(), target.clone());
-        let stop = stopped();
-        tasks.push(tokio::spawn(async move {
-            let mut wait = ttl;
-            tokio::pin!(stop);
-            loop {
-                tokio::select! {
-                    _ = &mut stop => return,
-                    _ = tokio::time::sleep(wait) => {}
-                }
-                match resolver.resolve(&target).await {
-                    Ok(r) => {
-                        wait = r.ttl.unwrap_or(crate::net::upstream::MAX_TTL);
-                        let cfg = shared.node.config();
-                        if let Some(&a) = r.addrs.first() {
-                            let mut next = Router::clone(&shared.router.load());
-                            next.set_upstreams(upstream_flow(&cfg, a), &r.addrs);
-                            shared.router.store(Arc::new(next));
-                        }
-                        shared.node.with_engine(|e| e.set_upstream(r.addrs.iter().map(|a| a.ip()).collect()));
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "upstream re-resolution failed; keeping the previous address");
-                        wait = crate::net::upstream::MIN_TTL * 6;
-                    }
-                }
-            }
-        }));
+        let follow = follow_upstream(shared.clone(), resolver, target, ttl, stopped());
+        tasks.push(tokio::spawn(follow));
     }
 
     // Threat feeds (src/feeds): pulled until stop.

@@ -1,11 +1,17 @@
 //! What the router is told at start: the addresses our bound sockets advertise (Via,
-//! Record-Route, Path), the upstream flow, and the durable routing keys.
+//! Record-Route, Path), the upstream flow, and the durable routing keys; then, while running,
+//! the upstream's addresses as DNS changes them.
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
 
-use crate::config::{Config, TransportKind};
+use crate::config::{Config, TransportKind, UpstreamTarget};
 use crate::net::bind::Bound;
-use crate::proxy::{Advertised, Flow, RouterConfig};
+use crate::net::handler::Shared;
+use crate::net::upstream::Resolver;
+use crate::proxy::{Advertised, Flow, Router, RouterConfig};
 use crate::state::StateError;
 use crate::stats::Transport;
 
@@ -158,4 +164,42 @@ pub fn routing_keys(
         );
     }
     Ok(k)
+}
+
+/// Re-resolve a host-name upstream when its TTL runs out (first after `ttl`), and hand the new
+/// addresses to the router and the engine; on failure the previous address is kept and the
+/// next try comes sooner. Runs until `stop` resolves.
+pub async fn follow_upstream(
+    shared: Arc<Shared>,
+    resolver: Arc<Resolver>,
+    target: UpstreamTarget,
+    ttl: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let mut wait = ttl;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match resolver.resolve(&target).await {
+            Ok(r) => {
+                wait = r.ttl.unwrap_or(crate::net::upstream::MAX_TTL);
+                let cfg = shared.node.config();
+                if let Some(&a) = r.addrs.first() {
+                    let mut next = Router::clone(&shared.router.load());
+                    next.set_upstreams(upstream_flow(&cfg, a), &r.addrs);
+                    shared.router.store(Arc::new(next));
+                }
+                shared
+                    .node
+                    .with_engine(|e| e.set_upstream(r.addrs.iter().map(|a| a.ip()).collect()));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "upstream re-resolution failed; keeping the previous address");
+                wait = crate::net::upstream::MIN_TTL * 6;
+            }
+        }
+    }
 }
