@@ -2,15 +2,75 @@
 //! place; what only a restart can change is named in the log, and a file that would leave a
 //! public admin API without a token is refused.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
+use crate::net::tls::TlsAcceptor;
 use crate::node::Node;
 
 /// A request to reload the config file, answered with the outcome.
 pub type ReloadRequest = oneshot::Sender<Result<(), String>>;
+
+/// Answer reload requests (SIGHUP and the admin API both send them) until `stop` resolves or
+/// every sender is gone. `config_path` is the file to reload (none: every request is refused);
+/// `admin_bound` is where the admin API really listens (see [`check_reload`]). The TLS
+/// certificates are re-read on every request.
+pub async fn serve(
+    mut reload_rx: mpsc::Receiver<ReloadRequest>,
+    node: Arc<Node>,
+    config_path: Option<PathBuf>,
+    admin_bound: Option<SocketAddr>,
+    tls_acceptor: Option<Arc<TlsAcceptor>>,
+    stop: impl Future<Output = ()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        let req = tokio::select! {
+            _ = &mut stop => return,
+            r = reload_rx.recv() => match r { Some(r) => r, None => return },
+        };
+        let result = match &config_path {
+            None => Err("no config file to reload".to_string()),
+            Some(p) => reload(&node, p, admin_bound),
+        };
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "config reload refused; the running config is unchanged");
+        }
+        // Certificates are re-read on every reload request, even when the config
+        // file itself did not change (the usual certificate renewal).
+        if let Some(a) = tls_acceptor.clone() {
+            let _ = tokio::task::spawn_blocking(move || a.reload(true)).await;
+        }
+        let _ = req.send(result);
+    }
+}
+
+/// Turn each SIGHUP into a reload request on `reload_tx` and wait for its answer, until `stop`
+/// resolves.
+#[cfg(unix)]
+pub async fn on_sighup(reload_tx: mpsc::Sender<ReloadRequest>, stop: impl Future<Output = ()>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        return;
+    };
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => return,
+            _ = hup.recv() => {
+                let (tx, rx) = oneshot::channel();
+                if reload_tx.send(tx).await.is_ok() {
+                    let _ = rx.await;
+                }
+            }
+        }
+    }
+}
 
 /// Load, validate and apply the config file. Listener addresses need a restart; everything
 /// else (lists, thresholds, scanner patterns, mode) changes in place without losing state.

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 pub use crate::net::bind::{bind, BindError, Bound};
@@ -18,7 +18,7 @@ use crate::net::upstream::Resolver;
 use crate::net::{tcp, udp, Conns, Transports};
 use crate::node::Node;
 use crate::proxy::Router;
-use crate::reload::{reload, ReloadRequest};
+use crate::reload::ReloadRequest;
 use crate::stats::Transport;
 use crate::supervise::supervise;
 
@@ -269,60 +269,24 @@ pub async fn start(
         }));
     }
     // Reload: SIGHUP and the admin API both come through this channel.
-    let (reload_tx, mut reload_rx) = mpsc::channel::<ReloadRequest>(4);
+    let (reload_tx, reload_rx) = mpsc::channel::<ReloadRequest>(4);
     // The address the admin API is really bound to: a reload cannot move it, so the token rule
     // is checked against it, not against the file's (possibly changed) `admin.listen`.
     let admin_bound = bound.admin.as_ref().and_then(|l| l.local_addr().ok());
-    {
-        let node = node.clone();
-        let stop = stopped();
-        let tls_acceptor = tls_acceptor.clone();
-        tasks.push(tokio::spawn(async move {
-            tokio::pin!(stop);
-            loop {
-                let req = tokio::select! {
-                    _ = &mut stop => return,
-                    r = reload_rx.recv() => match r { Some(r) => r, None => return },
-                };
-                let result = match &config_path {
-                    None => Err("no config file to reload".to_string()),
-                    Some(p) => reload(&node, p, admin_bound),
-                };
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, "config reload refused; the running config is unchanged");
-                }
-                // Certificates are re-read on every reload request, even when the config
-                // file itself did not change (the usual certificate renewal).
-                if let Some(a) = tls_acceptor.clone() {
-                    let _ = tokio::task::spawn_blocking(move || a.reload(true)).await;
-                }
-                let _ = req.send(result);
-            }
-        }));
-    }
+    let serve = crate::reload::serve(
+        reload_rx,
+        node.clone(),
+        config_path,
+        admin_bound,
+        tls_acceptor.clone(),
+        stopped(),
+    );
+    tasks.push(tokio::spawn(serve));
     #[cfg(unix)]
-    {
-        let reload_tx = reload_tx.clone();
-        let stop = stopped();
-        tasks.push(tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let Ok(mut hup) = signal(SignalKind::hangup()) else {
-                return;
-            };
-            tokio::pin!(stop);
-            loop {
-                tokio::select! {
-                    _ = &mut stop => return,
-                    _ = hup.recv() => {
-                        let (tx, rx) = oneshot::channel();
-                        if reload_tx.send(tx).await.is_ok() {
-                            let _ = rx.await;
-                        }
-                    }
-                }
-            }
-        }));
-    }
+    tasks.push(tokio::spawn(crate::reload::on_sighup(
+        reload_tx.clone(),
+        stopped(),
+    )));
     // The admin surface: dashboard, JSON API, /metrics (wired by the admin module's author).
     if let Some(listener) = bound.admin {
         let (node, reload, stop) = (node.clone(), reload_tx.clone(), stopped());
