@@ -183,31 +183,22 @@ pub async fn start(
     // Listener tasks run supervised: one that ends (a panic that escaped, an error) is
     // restarted, counted and logged, and /healthz fails until it serves again.
     for sock in &udp {
-        let name = match sock.local_addr() {
-            Ok(a) => format!("udp:{a}"),
-            Err(_) => "udp".to_string(),
-        };
-        // One receive task per socket (several sockets per address, see `udp_sockets`).
+        let name = listener_name("udp", sock.local_addr());
+        // One receive task per socket (several sockets per address, see `net::bind::udp_sockets`).
         let (sock, shared, stopped) = (sock.clone(), shared.clone(), stopped.clone());
         tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
             udp::serve(sock.clone(), shared.clone(), stopped())
         }));
     }
     for l in bound.tcp {
-        let name = match l.local_addr() {
-            Ok(a) => format!("tcp:{a}"),
-            Err(_) => "tcp".to_string(),
-        };
+        let name = listener_name("tcp", l.local_addr());
         let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
         tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
             tcp::serve(l.clone(), shared.clone(), stopped())
         }));
     }
     for l in bound.ws {
-        let name = match l.local_addr() {
-            Ok(a) => format!("ws:{a}"),
-            Err(_) => "ws".to_string(),
-        };
+        let name = listener_name("ws", l.local_addr());
         let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
         tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
             crate::net::ws::serve(l.clone(), shared.clone(), Transport::Ws, stopped())
@@ -216,11 +207,8 @@ pub async fn start(
 
     if let Some(acceptor) = &tls_acceptor {
         for (l, with_wss) in bound.tls.into_iter().zip(bound.tls_with_wss) {
-            let name = match l.local_addr() {
-                Ok(a) if with_wss => format!("tls+wss:{a}"),
-                Ok(a) => format!("tls:{a}"),
-                Err(_) => "tls".to_string(),
-            };
+            let kind = if with_wss { "tls+wss" } else { "tls" };
+            let name = listener_name(kind, l.local_addr());
             let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
             let acceptor = acceptor.clone();
             // One handshake table per listener, kept across restarts of its loop.
@@ -236,10 +224,7 @@ pub async fn start(
             }));
         }
         for l in bound.wss {
-            let name = match l.local_addr() {
-                Ok(a) => format!("wss:{a}"),
-                Err(_) => "wss".to_string(),
-            };
+            let name = listener_name("wss", l.local_addr());
             let (l, shared, stopped) = (Arc::new(l), shared.clone(), stopped.clone());
             let acceptor = acceptor.clone();
             tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
@@ -298,10 +283,7 @@ pub async fn start(
     }
     // The TFTP provisioning guard, sharing the block table with SIP.
     if let Some(sock) = bound.tftp {
-        let name = match sock.local_addr() {
-            Ok(a) => format!("tftp:{a}"),
-            Err(_) => "tftp".to_string(),
-        };
+        let name = listener_name("tftp", sock.local_addr());
         let (sock, n, stopped) = (Arc::new(sock), node.clone(), stopped.clone());
         tasks.push(supervise(node.clone(), &name, stop_rx.clone(), move || {
             crate::net::tftp::run(sock.clone(), n.clone(), stopped())
@@ -315,6 +297,14 @@ pub async fn start(
         tasks,
         state,
     })
+}
+
+/// A listener's name in logs, `/healthz` and `sipwarden_listener_*{listener=...}`: `kind:addr`.
+fn listener_name(kind: &str, addr: std::io::Result<std::net::SocketAddr>) -> String {
+    match addr {
+        Ok(a) => format!("{kind}:{a}"),
+        Err(_) => kind.to_string(),
+    }
 }
 
 #[cfg(test)]
