@@ -22,6 +22,8 @@ use crate::reload::ReloadRequest;
 use crate::stats::Transport;
 use crate::supervise::supervise;
 
+/// Why a node could not start: a listen address, the state store, the cluster link, or a
+/// config value that only shows its fault at start (an upstream that does not resolve, TLS files).
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error(transparent)]
