@@ -69,6 +69,8 @@ fn udp_sockets(addr: SocketAddr, n: usize) -> std::io::Result<Vec<UdpSocket>> {
     Ok(v)
 }
 
+/// One UDP socket on `addr`: IPv6-only for an IPv6 address, 4 MiB buffers, non-blocking, and
+/// SO_REUSEPORT when `reuse_port` (where the system has it).
 fn udp_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
@@ -100,6 +102,8 @@ fn udp_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<UdpSocket> 
     UdpSocket::from_std(s.into())
 }
 
+/// A TCP listener on `addr`: IPv6-only for an IPv6 address, SO_REUSEADDR (a restart does not
+/// wait for TIME_WAIT), backlog 1024.
 fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
     let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -113,6 +117,8 @@ fn tcp_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(s.into())
 }
 
+/// Bind every address the config names (SIP over UDP, TCP, TLS, WS and WSS, the admin API, TFTP
+/// when enabled), before anything runs; the first that fails is the error.
 pub async fn bind(cfg: &Config) -> Result<Bound, BindError> {
     let mut b = Bound {
         udp: Vec::new(),
