@@ -44,6 +44,8 @@ pub mod server;
 pub mod state;
 pub mod stats;
 pub mod supervise;
+#[cfg(test)]
+pub(crate) mod test_util;
 pub mod tftp;
 pub mod util;
 pub mod wire;

@@ -312,25 +312,7 @@ fn listener_name(kind: &str, addr: std::io::Result<std::net::SocketAddr>) -> Str
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    async fn health(node: &Arc<Node>) -> (u16, String) {
-        use tower::ServiceExt;
-        let req = axum::http::Request::builder()
-            .uri("/healthz")
-            .body(axum::body::Body::empty())
-            .unwrap();
-        let r = crate::admin::router(node.clone(), None)
-            .oneshot(req)
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
-        (status, String::from_utf8_lossy(&body).into_owned())
-    }
-
-    async fn metrics(node: &Arc<Node>) -> String {
-        crate::admin::metrics::render(node, &crate::admin::metrics::EVENTS)
-    }
+    use crate::test_util::{health, metrics};
 
     fn register(via_host: std::net::SocketAddr, transport: &str, call_id: &str) -> String {
         format!(
