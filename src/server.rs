@@ -237,10 +237,8 @@ pub async fn start(
     }
 
     // Expire blocks once a second; close blocked connections; send fraud BYEs.
-    tasks.push(tokio::spawn(crate::net::sweep::run(
-        shared.clone(),
-        stopped(),
-    )));
+    let sweep = crate::net::sweep::run(shared.clone(), stopped());
+    tasks.push(tokio::spawn(sweep));
 
     // Re-resolve a host-name upstream when its TTL runs out.
     if let Some(ttl) = first.ttl {
@@ -270,10 +268,10 @@ pub async fn start(
     );
     tasks.push(tokio::spawn(serve));
     #[cfg(unix)]
-    tasks.push(tokio::spawn(crate::reload::on_sighup(
-        reload_tx.clone(),
-        stopped(),
-    )));
+    {
+        let hup = crate::reload::on_sighup(reload_tx.clone(), stopped());
+        tasks.push(tokio::spawn(hup));
+    }
     // The admin surface: dashboard, JSON API, /metrics (wired by the admin module's author).
     if let Some(listener) = bound.admin {
         let (node, reload, stop) = (node.clone(), reload_tx.clone(), stopped());
