@@ -14,9 +14,13 @@
 //! - [`cluster`]: block sharing between nodes through Redis.
 //! - [`cluster_count`]: cluster-wide counting (REGISTER failures, INVITE and TFTP rates).
 //! - [`hep`]: HEP v3 export of every SIP message to sngrep or Homer (pure encoder, bounded queue).
-//! - [`net`]: sockets: UDP, TCP, TFTP relay, upstream resolution.
+//! - [`net`]: sockets: binding policy, UDP, TCP, TFTP relay, upstream resolution, what the
+//!   router advertises, the once-a-second sweep.
 //! - [`tftp`]: the TFTP codec and the provisioning guard's decisions (sans-I/O).
 //! - [`admin`]: HTTP API, dashboard, metrics, CLI client.
+//! - [`reload`]: config reload on SIGHUP or from the API, checked against what is running.
+//! - [`supervise`]: restarts a listener task that ended, counted, with `/healthz` failing meanwhile.
+//! - [`server`]: the wiring of a node: binds, builds the shared state, starts every task.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
@@ -36,9 +40,13 @@ pub mod node;
 pub mod notify;
 pub mod pipeline;
 pub mod proxy;
+pub mod reload;
 pub mod server;
 pub mod state;
 pub mod stats;
+pub mod supervise;
+#[cfg(test)]
+pub(crate) mod test_util;
 pub mod tftp;
 pub mod util;
 pub mod wire;

@@ -424,7 +424,7 @@ impl Stats {
 }
 
 /// The registry of listener tasks (UDP receive loops, TCP accept loops, the TFTP relay) that
-/// the supervisor in `server` keeps up to date. One slot per task; several tasks (the UDP
+/// the supervisor in `supervise` keeps up to date. One slot per task; several tasks (the UDP
 /// workers of one socket) may share a name. Its size is fixed by the config, not by traffic.
 #[derive(Debug, Default)]
 pub struct Listeners {

@@ -1,7 +1,10 @@
 //! Sockets: UDP and TCP SIP listeners, the TCP connection table, upstream resolution, and the
 //! per-packet handler that joins the engine and the router.
 
+pub mod bind;
 pub mod handler;
+pub mod routing;
+pub mod sweep;
 pub mod tcp;
 pub mod tftp;
 pub mod tls;
@@ -283,7 +286,7 @@ pub struct Transports {
 impl Transports {
     fn udp_for(&self, addr: &SocketAddr) -> Option<&Arc<UdpSocket>> {
         match addr {
-            // IPv6 listeners are IPv6-only (server::udp_socket): v4 peers need a v4 socket.
+            // IPv6 listeners are IPv6-only (bind::udp_socket): v4 peers need a v4 socket.
             SocketAddr::V4(_) => self.udp4.as_ref(),
             SocketAddr::V6(_) => self.udp6.as_ref(),
         }
