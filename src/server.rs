@@ -939,7 +939,7 @@ mod tests {
     }
 
     async fn metrics(node: &Arc<Node>) -> String {
-        crate::admin::metrics::render(node, &crate::admin::metrics::EVENTS)
+        crate::admin::metrics::render(&node.snapshot())
     }
 
     type BoxFut = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;

@@ -23,7 +23,8 @@ use crate::blocks::{Block, BlockKey, BlockType, ListEntry, ListKind};
 use crate::clock::Millis;
 use crate::config::Mode;
 use crate::geoip::GeoIp;
-use crate::stats::DropReason;
+use crate::stats::events::{why_str, WHYS};
+use crate::stats::{DropReason, Snapshot, TlsFailure, WsOutcome};
 
 type St = State<Arc<AppState>>;
 
@@ -162,7 +163,19 @@ pub struct StatsView {
     pub dropped: BTreeMap<String, u64>,
     pub dropped_total: u64,
     pub active_blocks: ActiveBlocks,
+    /// Blocks made since start, by type (every type listed).
+    #[serde(default)]
+    pub blocks_made: BTreeMap<String, u64>,
+    /// Would-be blocks detected in observe mode since start, by type.
+    #[serde(default)]
+    pub observed_blocks: BTreeMap<String, u64>,
+    /// Blocks lifted since start, by why (expired, manual, evicted, whitelisted, aggregated).
+    #[serde(default)]
+    pub unblocks: BTreeMap<String, u64>,
     pub lists: ListCounts,
+    /// Entries held by the detectors.
+    #[serde(default)]
+    pub tracked_sources: u64,
     pub alerts: u64,
     pub events_dropped: u64,
     pub tcp: TcpCounts,
@@ -198,9 +211,15 @@ pub struct StateHealth {
     /// Batches waiting for the state task.
     pub queue_depth: u64,
     pub commits: u64,
+    /// State changes written by those commits.
+    #[serde(default)]
+    pub events: u64,
     pub failures: u64,
     /// Changes waiting for another commit attempt.
     pub retrying: u64,
+    /// The longest commit since start, microseconds.
+    #[serde(default)]
+    pub max_commit_micros: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -213,6 +232,25 @@ pub struct ClusterHealth {
     pub dropped: u64,
     /// Age of the oldest change not yet published, milliseconds.
     pub lag_ms: u64,
+    #[serde(default)]
+    pub received: u64,
+    #[serde(default)]
+    pub reconciled: u64,
+    #[serde(default)]
+    pub superseded: u64,
+    #[serde(default)]
+    pub malformed: u64,
+    /// Reconnects caught up from the log, and full loads of the shared set.
+    #[serde(default)]
+    pub catchups_stream: u64,
+    #[serde(default)]
+    pub catchups_full: u64,
+    /// Nodes seen in the shared log.
+    #[serde(default)]
+    pub nodes: u64,
+    /// The largest lag over the other nodes, milliseconds.
+    #[serde(default)]
+    pub node_lag_ms: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -676,164 +714,162 @@ pub(crate) async fn blacklist_remove(
 
 // ---- stats and reload ----------------------------------------------------------------------
 
-/// The counters behind `GET /api/stats`.
-pub(crate) fn stats_view(st: &AppState) -> StatsView {
-    let node = &st.node;
-    let s = &node.stats;
-    fn g(c: &impl crate::stats::Read) -> u64 {
-        c.read()
-    }
-    let now = node.now();
-    let cfg = node.config();
-    let mut active = ActiveBlocks {
-        by_type: BlockType::ALL
-            .iter()
-            .map(|t| (t.as_str().to_string(), 0))
-            .collect(),
-        ..ActiveBlocks::default()
-    };
-    let lists = node.inspect(|e| {
-        for b in e.blocks().filter(|b| !b.is_expired(now)) {
-            if b.enforced {
-                active.total += 1;
-                *active.by_type.entry(b.kind.as_str().into()).or_default() += 1;
-            } else {
-                active.observe += 1;
-            }
-        }
-        ListCounts {
-            whitelist: e.lists().len(ListKind::Whitelist) as u64,
-            blacklist: e.lists().len(ListKind::Blacklist) as u64,
-        }
-    });
-    let dropped: BTreeMap<String, u64> = DropReason::ALL
-        .iter()
-        .map(|r| (r.as_str().to_string(), s.dropped(*r)))
-        .collect();
-    let (udp, tcp, tls, ws) = (
-        g(&s.packets_in_udp),
-        g(&s.packets_in_tcp),
-        g(&s.packets_in_tls),
-        g(&s.ws.packets_in),
-    );
-    let count = g(&s.latency_count);
-    StatsView {
-        version: env!("CARGO_PKG_VERSION").into(),
-        mode: match cfg.protection.mode {
-            Mode::Enforce => "enforce",
-            Mode::Observe => "observe",
-        }
-        .into(),
-        time: now / 1000,
-        packets_in: Transports {
-            udp,
-            tcp,
-            tls,
-            ws,
-            total: udp + tcp + tls + ws,
-        },
-        forwarded: Forwarded {
-            requests: g(&s.requests_forwarded),
-            responses: g(&s.responses_forwarded),
-        },
-        replies_sent: g(&s.replies_sent),
-        keepalives: g(&s.keepalives),
-        dropped_total: dropped.values().sum(),
-        dropped,
-        active_blocks: active,
-        lists,
-        alerts: g(&s.alerts),
-        events_dropped: g(&s.events_dropped),
-        tcp: TcpCounts {
-            connections: g(&s.tcp_open),
-            accepted: g(&s.tcp_connections),
-            rejected: g(&s.tcp_rejected),
-            write_overflows: g(&s.tcp_write_overflows),
-            write_timeouts: g(&s.tcp_write_timeouts),
-        },
-        tls: TlsCounts {
-            handshakes_ok: g(&s.tls.handshakes_ok),
-            handshakes_failed: s.tls.handshakes_failed(),
-            failures: crate::stats::TlsFailure::ALL
-                .iter()
-                .map(|r| (r.as_str().to_string(), s.tls.failures(*r)))
-                .collect(),
-            in_handshake: g(&s.tls.in_handshake),
-            reloads_ok: g(&s.tls.reloads_ok),
-            reloads_failed: g(&s.tls.reloads_failed),
-            closed_blocked: g(&s.conns_closed_blocked),
-        },
-        ws: WsCounts {
-            upgrades: crate::stats::WsOutcome::ALL
-                .iter()
-                .map(|o| (o.as_str().to_string(), s.ws.upgrades(*o)))
-                .collect(),
-            open: g(&s.ws.open),
-            oversized: g(&s.ws.oversized),
-        },
-        panics: g(&s.panics),
-        listeners: s
-            .listeners
-            .states()
-            .into_iter()
-            .map(|l| ListenerView {
-                name: l.name,
-                serving: l.serving,
-                restarts: l.restarts,
-            })
-            .collect(),
-        tftp: TftpCounts {
-            requests: g(&s.tftp_requests),
-            transfers: g(&s.tftp_transfers),
-            limited: g(&s.tftp_limited),
-            dropped: g(&s.tftp_dropped),
-            malformed: g(&s.tftp_malformed),
-        },
-        latency: Latency {
-            count,
-            avg_us: g(&s.latency_sum_us).checked_div(count).unwrap_or(0),
-        },
-        history: st.events.history(now),
-        health: health_view(node),
-    }
-}
-
-fn health_view(node: &crate::node::Node) -> HealthView {
-    let h = node.stats.health.snapshot(crate::clock::wall_ms());
-    HealthView {
-        state: StateHealth {
-            queue_depth: node.event_queue_depth() as u64,
-            commits: h.state_commits,
-            failures: h.state_failures,
-            retrying: h.state_retrying,
-        },
-        cluster: ClusterHealth {
-            configured: h.cluster_configured,
-            connected: h.cluster_connected,
-            published: h.cluster_published,
-            publish_failures: h.cluster_publish_failures,
-            applied: h.cluster_applied,
-            dropped: h.cluster_dropped,
-            lag_ms: h.cluster_lag_ms,
-        },
-        notify: NotifyHealth {
-            sent: h.notify_sent,
-            failed: h.notify_failed,
-            dropped: h.notify_dropped,
-            suppressed: h.notify_suppressed,
-        },
-        hep: HepHealth {
-            connected: h.hep_connected,
-            sent: h.hep_sent,
-            dropped: h.hep_dropped,
-            failed: h.hep_failed,
-            filtered: h.hep_filtered,
-        },
-    }
-}
-
+/// `GET /api/stats`, from one snapshot of the node (the one `/metrics` would render).
 pub(crate) async fn stats(State(st): St) -> Json<StatsView> {
-    Json(stats_view(&st))
+    Json(StatsView::from(&st.node.snapshot()))
+}
+
+fn names<T: Copy>(all: &[T], name: fn(T) -> &'static str, values: &[u64]) -> BTreeMap<String, u64> {
+    all.iter()
+        .zip(values)
+        .map(|(k, v)| (name(*k).to_string(), *v))
+        .collect()
+}
+
+impl From<&Snapshot> for StatsView {
+    fn from(s: &Snapshot) -> StatsView {
+        let p = &s.packets;
+        let x = &s.engine;
+        let types = BlockType::ALL;
+        let unblocks: Vec<u64> = (0..WHYS.len())
+            .map(|w| {
+                s.events
+                    .unblocks
+                    .iter()
+                    .map(|row| row.get(w).copied().unwrap_or(0))
+                    .sum()
+            })
+            .collect();
+        StatsView {
+            version: env!("CARGO_PKG_VERSION").into(),
+            mode: match s.mode {
+                Mode::Enforce => "enforce",
+                Mode::Observe => "observe",
+            }
+            .into(),
+            time: s.now_ms / 1000,
+            packets_in: Transports {
+                udp: p.udp,
+                tcp: p.tcp,
+                tls: p.tls,
+                ws: p.ws,
+                total: p.total_in(),
+            },
+            forwarded: Forwarded {
+                requests: p.requests_forwarded,
+                responses: p.responses_forwarded,
+            },
+            replies_sent: p.replies_sent,
+            keepalives: p.keepalives,
+            dropped: names(&DropReason::ALL, DropReason::as_str, &s.dropped),
+            dropped_total: s.dropped_total(),
+            active_blocks: ActiveBlocks {
+                total: x.active_total(),
+                observe: x.observed_active,
+                by_type: names(&types, BlockType::as_str, &x.active),
+            },
+            blocks_made: names(&types, BlockType::as_str, &s.events.blocks),
+            observed_blocks: names(&types, BlockType::as_str, &s.events.observed),
+            unblocks: names(&WHYS, why_str, &unblocks),
+            lists: ListCounts {
+                whitelist: x.whitelist,
+                blacklist: x.blacklist,
+            },
+            tracked_sources: x.tracked,
+            alerts: s.alerts,
+            events_dropped: s.events_dropped,
+            tcp: TcpCounts {
+                connections: s.tcp.open,
+                accepted: s.tcp.accepted,
+                rejected: s.tcp.rejected,
+                write_overflows: s.tcp.write_overflows,
+                write_timeouts: s.tcp.write_timeouts,
+            },
+            tls: TlsCounts {
+                handshakes_ok: s.tls.handshakes_ok,
+                handshakes_failed: s.tls.handshakes_failed(),
+                failures: names(&TlsFailure::ALL, TlsFailure::as_str, &s.tls.failures),
+                in_handshake: s.tls.in_handshake,
+                reloads_ok: s.tls.reloads_ok,
+                reloads_failed: s.tls.reloads_failed,
+                closed_blocked: s.tcp.closed_blocked,
+            },
+            ws: WsCounts {
+                upgrades: names(&WsOutcome::ALL, WsOutcome::as_str, &s.ws.upgrades),
+                open: s.ws.open,
+                oversized: s.ws.oversized,
+            },
+            panics: s.panics,
+            listeners: s
+                .listeners
+                .iter()
+                .map(|l| ListenerView {
+                    name: l.name.clone(),
+                    serving: l.serving,
+                    restarts: l.restarts,
+                })
+                .collect(),
+            tftp: TftpCounts {
+                requests: s.tftp.requests,
+                transfers: s.tftp.transfers,
+                limited: s.tftp.limited,
+                dropped: s.tftp.dropped,
+                malformed: s.tftp.malformed,
+            },
+            latency: Latency {
+                count: s.latency.count,
+                avg_us: s.latency.sum_us.checked_div(s.latency.count).unwrap_or(0),
+            },
+            history: s.history.clone(),
+            health: HealthView::from(s),
+        }
+    }
+}
+
+impl From<&Snapshot> for HealthView {
+    fn from(s: &Snapshot) -> HealthView {
+        let h = &s.health;
+        HealthView {
+            state: StateHealth {
+                queue_depth: s.state_queue_depth,
+                commits: h.state_commits,
+                events: h.state_events,
+                failures: h.state_failures,
+                retrying: h.state_retrying,
+                max_commit_micros: h.state_max_commit_micros,
+            },
+            cluster: ClusterHealth {
+                configured: h.cluster_configured,
+                connected: h.cluster_connected,
+                published: h.cluster_published,
+                publish_failures: h.cluster_publish_failures,
+                applied: h.cluster_applied,
+                dropped: h.cluster_dropped,
+                lag_ms: h.cluster_lag_ms,
+                received: h.cluster_received,
+                reconciled: h.cluster_reconciled,
+                superseded: h.cluster_superseded,
+                malformed: h.cluster_malformed,
+                catchups_stream: h.cluster_catchup_stream,
+                catchups_full: h.cluster_catchup_full,
+                nodes: h.cluster_nodes,
+                node_lag_ms: h.cluster_node_lag_ms,
+            },
+            notify: NotifyHealth {
+                sent: h.notify_sent,
+                failed: h.notify_failed,
+                dropped: h.notify_dropped,
+                suppressed: h.notify_suppressed,
+            },
+            hep: HepHealth {
+                connected: h.hep_connected,
+                sent: h.hep_sent,
+                dropped: h.hep_dropped,
+                failed: h.hep_failed,
+                filtered: h.hep_filtered,
+            },
+        }
+    }
 }
 
 /// How long `POST /api/reload` waits for the main task's answer.

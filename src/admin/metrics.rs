@@ -1,125 +1,48 @@
-//! Prometheus metrics (OpenMetrics text): a collector that reads the node's counters at scrape
-//! time, plus counts of state events ([`record_event`], called by the state task for every
-//! event) and the per-minute history behind the dashboard's chart.
+//! Prometheus metrics (OpenMetrics text), rendered from one [`Snapshot`] of the node's counters:
+//! the same one `/api/stats` renders, so the two cannot disagree.
 //!
 //! Every known label value is always rendered, zeros included, so `rate()` and alerts work from
-//! the first scrape.
+//! the first scrape. Counters only for values that never go down (prometheus-client adds the
+//! `_total` suffix); levels such as open connections or queue depths are gauges.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
-use parking_lot::Mutex;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
-use super::history::{History, HistoryView};
-use crate::blocks::{BlockType, Event, UnblockReason};
-use crate::clock::Millis;
-use crate::node::Node;
-use crate::stats::{DropReason, LATENCY_BUCKETS_US};
+use crate::blocks::BlockType;
+use crate::stats::events::{why_str, WHYS};
+use crate::stats::{DropReason, Snapshot, TlsFailure, WsOutcome, LATENCY_BUCKETS_US};
 
-const TYPES: usize = BlockType::ALL.len();
-const WHYS: [UnblockReason; 5] = [
-    UnblockReason::Expired,
-    UnblockReason::Manual,
-    UnblockReason::Evicted,
-    UnblockReason::Whitelisted,
-    UnblockReason::Aggregated,
-];
-
-fn why_str(w: UnblockReason) -> &'static str {
-    match w {
-        UnblockReason::Expired => "expired",
-        UnblockReason::Manual => "manual",
-        UnblockReason::Evicted => "evicted",
-        UnblockReason::Whitelisted => "whitelisted",
-        UnblockReason::Aggregated => "aggregated",
-    }
-}
-
-/// Counts of state events since start, by block type.
-#[derive(Debug)]
-pub struct EventCounters {
-    blocks: [AtomicU64; TYPES],
-    /// Would-be blocks in observe mode.
-    observed: [AtomicU64; TYPES],
-    unblocks: [[AtomicU64; WHYS.len()]; TYPES],
-    history: Mutex<History>,
-}
-
-impl EventCounters {
-    pub const fn new() -> Self {
-        Self {
-            blocks: [const { AtomicU64::new(0) }; TYPES],
-            observed: [const { AtomicU64::new(0) }; TYPES],
-            unblocks: [const { [const { AtomicU64::new(0) }; WHYS.len()] }; TYPES],
-            history: parking_lot::const_mutex(History::new()),
-        }
-    }
-
-    /// Count one event; `now` dates the events that carry no time of their own (alerts).
-    pub fn record(&self, ev: &Event, now: Millis) {
-        match ev {
-            Event::Blocked(b) => {
-                let c = if b.enforced {
-                    &self.blocks
-                } else {
-                    &self.observed
-                };
-                c[b.kind as usize].fetch_add(1, Ordering::Relaxed);
-                self.history.lock().block(b.blocked_at, b.kind);
-            }
-            Event::Unblocked { kind, why, .. } => {
-                self.unblocks[*kind as usize][*why as usize].fetch_add(1, Ordering::Relaxed);
-            }
-            Event::Alert { .. } => self.history.lock().alert(now),
-            Event::ListAdded { .. } | Event::ListRemoved { .. } | Event::Strikes { .. } => {}
-        }
-    }
-
-    pub fn history(&self, now: Millis) -> HistoryView {
-        self.history.lock().view(now)
-    }
-}
-
-impl Default for EventCounters {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-/// The process's event counters, fed by the state task through [`record_event`].
-pub static EVENTS: EventCounters = EventCounters::new();
-
-/// Count a state event for metrics and the dashboard's history. Cheap: a few atomics and a
-/// short lock for blocks and alerts.
-pub fn record_event(ev: &Event) {
-    EVENTS.record(ev, crate::clock::wall_ms());
-}
-
-/// Render the node's metrics in the OpenMetrics text format (what `/metrics` serves).
-pub fn render(node: &std::sync::Arc<Node>, events: &'static EventCounters) -> String {
+/// Render a snapshot in the OpenMetrics text format (what `/metrics` serves).
+pub fn render(s: &Snapshot) -> String {
     let mut registry = Registry::default();
-    registry.register_collector(Box::new(NodeCollector {
-        node: node.clone(),
-        events,
-    }));
-    let mut out = String::with_capacity(8 * 1024);
+    registry.register_collector(Box::new(SnapshotCollector(s.clone())));
+    let mut out = String::with_capacity(16 * 1024);
     if prometheus_client::encoding::text::encode(&mut out, &registry).is_err() {
         out.clear();
     }
     out
 }
 
-struct NodeCollector {
-    node: std::sync::Arc<Node>,
-    events: &'static EventCounters,
-}
+#[derive(Debug)]
+struct SnapshotCollector(Snapshot);
 
-impl std::fmt::Debug for NodeCollector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("NodeCollector")
+impl Collector for SnapshotCollector {
+    fn encode(&self, mut e: DescriptorEncoder<'_>) -> R {
+        let s = &self.0;
+        let version = [("version", env!("CARGO_PKG_VERSION"))];
+        e.encode_descriptor("sipwarden_build", "sipwarden build", None, MetricType::Info)?
+            .encode_info(&version)?;
+        packets(&mut e, s)?;
+        connections(&mut e, s)?;
+        supervision(&mut e, s)?;
+        blocks(&mut e, s)?;
+        fraud_and_feeds(&mut e, s)?;
+        health(&mut e, s)?;
+        crate::cluster_count::metrics::encode(&mut e, &s.shared_counts)?;
+        tftp(&mut e, s)?;
+        latency(&mut e, s)
     }
 }
 
@@ -134,6 +57,16 @@ fn counter(e: &mut Enc<'_>, name: &str, help: &str, v: u64) -> R {
 fn gauge(e: &mut Enc<'_>, name: &str, help: &str, v: u64) -> R {
     let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
     m.encode_gauge(&v)
+}
+
+/// A gauge in seconds.
+fn seconds(e: &mut Enc<'_>, name: &str, help: &str, secs: f64) -> R {
+    let mut m = e.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Gauge)?;
+    m.encode_gauge(&secs)
+}
+
+fn ms(v: u64) -> f64 {
+    v as f64 / 1e3
 }
 
 /// A metric with one label: `rows` are (label value, value).
@@ -159,27 +92,430 @@ fn labelled(
     Ok(())
 }
 
-fn by_type(counts: &[AtomicU64; TYPES]) -> Vec<(&'static str, u64)> {
+/// Rows by block type from an array indexed by `BlockType as usize`.
+fn by_type(counts: &[u64]) -> Vec<(&'static str, u64)> {
     BlockType::ALL
         .iter()
-        .map(|t| (t.as_str(), counts[*t as usize].load(Ordering::Relaxed)))
+        .map(|t| (t.as_str(), counts.get(*t as usize).copied().unwrap_or(0)))
         .collect()
 }
 
+/// SIP packets in, forwarded, dropped, answered.
+fn packets(e: &mut Enc<'_>, s: &Snapshot) -> R {
+    let p = &s.packets;
+    labelled(
+        e,
+        "sipwarden_sip_packets_received",
+        "SIP packets received from phones and the PBX, by transport.",
+        MetricType::Counter,
+        "transport",
+        &[("udp", p.udp), ("tcp", p.tcp), ("tls", p.tls), ("ws", p.ws)],
+    )?;
+    labelled(
+        e,
+        "sipwarden_sip_forwarded",
+        "SIP messages forwarded, by kind.",
+        MetricType::Counter,
+        "kind",
+        &[
+            ("request", p.requests_forwarded),
+            ("response", p.responses_forwarded),
+        ],
+    )?;
+    let drops: Vec<_> = DropReason::ALL
+        .iter()
+        .zip(s.dropped)
+        .map(|(r, v)| (r.as_str(), v))
+        .collect();
+    labelled(
+        e,
+        "sipwarden_sip_dropped",
+        "SIP packets not forwarded, by reason.",
+        MetricType::Counter,
+        "reason",
+        &drops,
+    )?;
+    counter(
+        e,
+        "sipwarden_sip_replies_sent",
+        "SIP responses sipwarden generated itself (403, 483, 503, ...).",
+        p.replies_sent,
+    )?;
+    counter(
+        e,
+        "sipwarden_sip_keepalives",
+        "Keep-alive packets (CRLF) received.",
+        p.keepalives,
+    )
+}
+
+/// TCP, TLS and WebSocket connections.
+fn connections(e: &mut Enc<'_>, s: &Snapshot) -> R {
+    let t = &s.tls;
+    labelled(
+        e,
+        "sipwarden_tls_handshakes",
+        "TLS handshakes on sip.listen_tls, by outcome.",
+        MetricType::Counter,
+        "outcome",
+        &[("ok", t.handshakes_ok), ("failed", t.handshakes_failed())],
+    )?;
+    let fails: Vec<_> = TlsFailure::ALL
+        .iter()
+        .zip(t.failures)
+        .map(|(r, v)| (r.as_str(), v))
+        .collect();
+    labelled(
+        e,
+        "sipwarden_tls_handshake_failures",
+        "TLS handshakes that did not complete, by reason.",
+        MetricType::Counter,
+        "reason",
+        &fails,
+    )?;
+    gauge(
+        e,
+        "sipwarden_tls_handshakes_in_progress",
+        "TLS connections in handshake now.",
+        t.in_handshake,
+    )?;
+    labelled(
+        e,
+        "sipwarden_tls_certificate_reloads",
+        "Certificate reloads (SIGHUP, file change), by outcome; a failure keeps the old ones.",
+        MetricType::Counter,
+        "outcome",
+        &[("ok", t.reloads_ok), ("failed", t.reloads_failed)],
+    )?;
+    let c = &s.tcp;
+    counter(
+        e,
+        "sipwarden_connections_closed_blocked",
+        "TCP, TLS and WebSocket connections closed because their source was blocked.",
+        c.closed_blocked,
+    )?;
+    counter(
+        e,
+        "sipwarden_tcp_connections",
+        "TCP connections accepted (sipwarden_tcp_connections_open is the gauge of open ones).",
+        c.accepted,
+    )?;
+    gauge(
+        e,
+        "sipwarden_tcp_connections_open",
+        "TCP connections open now.",
+        c.open,
+    )?;
+    counter(
+        e,
+        "sipwarden_tcp_rejected",
+        "TCP connections refused by the connection limits.",
+        c.rejected,
+    )?;
+    counter(
+        e,
+        "sipwarden_tcp_write_overflows",
+        "TCP connections closed because their write queue exceeded sip.tcp_write_queue_bytes.",
+        c.write_overflows,
+    )?;
+    counter(
+        e,
+        "sipwarden_tcp_write_timeouts",
+        "TCP connections closed because a write took longer than sip.tcp_write_timeout.",
+        c.write_timeouts,
+    )?;
+    let upgrades: Vec<_> = WsOutcome::ALL
+        .iter()
+        .zip(s.ws.upgrades)
+        .map(|(o, v)| (o.as_str(), v))
+        .collect();
+    labelled(
+        e,
+        "sipwarden_ws_upgrades",
+        "WebSocket upgrades (sip.listen_ws, sip.listen_wss), by outcome.",
+        MetricType::Counter,
+        "outcome",
+        &upgrades,
+    )?;
+    gauge(
+        e,
+        "sipwarden_ws_connections_open",
+        "WebSocket connections open now.",
+        s.ws.open,
+    )?;
+    counter(
+        e,
+        "sipwarden_ws_oversized",
+        "WebSocket connections closed for a message or frame over websocket.max_frame_bytes.",
+        s.ws.oversized,
+    )
+}
+
+/// Caught panics and the listener supervisor.
+fn supervision(e: &mut Enc<'_>, s: &Snapshot) -> R {
+    counter(
+        e,
+        "sipwarden_panics",
+        "Panics caught while handling a message (a bug: please report it).",
+        s.panics,
+    )?;
+    let restarts: Vec<_> = s
+        .listeners
+        .iter()
+        .map(|l| (l.name.as_str(), l.restarts))
+        .collect();
+    labelled(
+        e,
+        "sipwarden_listener_restarts",
+        "Listener tasks restarted by the supervisor after they ended unexpectedly.",
+        MetricType::Counter,
+        "listener",
+        &restarts,
+    )?;
+    let up: Vec<_> = s
+        .listeners
+        .iter()
+        .map(|l| (l.name.as_str(), u64::from(l.serving)))
+        .collect();
+    labelled(
+        e,
+        "sipwarden_listener_up",
+        "1 while every task of the listener is serving, 0 while one is being restarted.",
+        MetricType::Gauge,
+        "listener",
+        &up,
+    )
+}
+
+/// The block table and lists (gauges), blocks made and lifted (counters), alerts.
+fn blocks(e: &mut Enc<'_>, s: &Snapshot) -> R {
+    let x = &s.engine;
+    labelled(
+        e,
+        "sipwarden_blocks_active",
+        "Blocks in force, by type.",
+        MetricType::Gauge,
+        "type",
+        &by_type(&x.active),
+    )?;
+    labelled(
+        e,
+        "sipwarden_block_evictions",
+        "Blocks that gave way to costlier ones in a full block table (evicted), and new blocks not stored because every block held cost as much or more (refused).",
+        MetricType::Counter,
+        "outcome",
+        &[("evicted", x.evicted), ("refused", x.refused)],
+    )?;
+    gauge(
+        e,
+        "sipwarden_blocks_observed_active",
+        "Would-be blocks shown in observe mode (nothing is dropped for them).",
+        x.observed_active,
+    )?;
+    labelled(
+        e,
+        "sipwarden_list_entries",
+        "Entries in the whitelist and the static blacklist.",
+        MetricType::Gauge,
+        "list",
+        &[("whitelist", x.whitelist), ("blacklist", x.blacklist)],
+    )?;
+    gauge(
+        e,
+        "sipwarden_tracked_sources",
+        "Entries held by the detectors (bounded by protection.tracked_sources each).",
+        x.tracked,
+    )?;
+    let ev = &s.events;
+    labelled(
+        e,
+        "sipwarden_blocks",
+        "Blocks made, by type.",
+        MetricType::Counter,
+        "type",
+        &by_type(&ev.blocks),
+    )?;
+    labelled(
+        e,
+        "sipwarden_observed_blocks",
+        "Would-be blocks detected in observe mode, by type.",
+        MetricType::Counter,
+        "type",
+        &by_type(&ev.observed),
+    )?;
+    {
+        let mut m = e.encode_descriptor(
+            "sipwarden_unblocks",
+            "Blocks lifted, by type and why.",
+            None,
+            MetricType::Counter,
+        )?;
+        for t in BlockType::ALL {
+            let row = ev.unblocks.get(t as usize);
+            for (i, w) in WHYS.iter().enumerate() {
+                let v = row.and_then(|r| r.get(i)).copied().unwrap_or(0);
+                let labels = [("type", t.as_str()), ("why", why_str(*w))];
+                m.encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
+            }
+        }
+    }
+    counter(
+        e,
+        "sipwarden_alerts",
+        "Alerts that are not blocks (INVITE flood episodes, accounts under attack).",
+        s.alerts,
+    )?;
+    counter(
+        e,
+        "sipwarden_state_events_dropped",
+        "State changes not persisted because the state queue was full.",
+        s.events_dropped,
+    )
+}
+
+/// The toll-fraud guard and the threat feeds.
+fn fraud_and_feeds(e: &mut Enc<'_>, s: &Snapshot) -> R {
+    use crate::engine::fraud::Metric;
+    let x = &s.engine;
+    gauge(
+        e,
+        "sipwarden_fraud_calls_tracked",
+        "Calls the toll-fraud guard follows (set up or answered, bounded by fraud.max_calls).",
+        x.fraud_calls,
+    )?;
+    gauge(
+        e,
+        "sipwarden_fraud_concurrent_calls",
+        "Concurrent calls counted over all rules' accounts and sources.",
+        x.fraud_concurrent,
+    )?;
+    gauge(
+        e,
+        "sipwarden_fraud_subjects",
+        "Accounts and sources the toll-fraud rules count (bounded by fraud.max_subjects).",
+        x.fraud_subjects,
+    )?;
+    let counts = &x.fraud;
+    let rows: Vec<_> = Metric::ALL
+        .iter()
+        .zip(counts.rejected)
+        .map(|(m, v)| (m.as_str(), v))
+        .collect();
+    labelled(
+        e,
+        "sipwarden_fraud_rejected",
+        "INVITEs refused by a toll-fraud rule (retransmissions included), by the limit (\"blocked\": an earlier block).",
+        MetricType::Counter,
+        "limit",
+        &rows,
+    )?;
+    labelled(
+        e,
+        "sipwarden_fraud_blocks",
+        "Toll-fraud rules with action = \"block\" that blocked an account or a source.",
+        MetricType::Counter,
+        "per",
+        &[
+            ("account", counts.blocked_accounts),
+            ("source", counts.blocked_sources),
+        ],
+    )?;
+    labelled(
+        e,
+        "sipwarden_fraud_alerts",
+        "Toll-fraud alerts: warnings, and critical findings that did not refuse the call.",
+        MetricType::Counter,
+        "level",
+        &[
+            ("warning", counts.warnings),
+            ("critical", counts.critical_alerts),
+        ],
+    )?;
+    counter(
+        e,
+        "sipwarden_fraud_calls_ended",
+        "Calls ended by sipwarden at their maximum duration (fraud.on_max_duration = \"bye\").",
+        counts.ended,
+    )?;
+    {
+        let mut m = e.encode_descriptor(
+            "sipwarden_feed_pulls",
+            "Threat-feed pulls, by feed and outcome.",
+            None,
+            MetricType::Counter,
+        )?;
+        for f in &x.feeds {
+            for (outcome, v) in [("ok", f.pulls_ok), ("failed", f.pulls_failed)] {
+                let labels = [("feed", f.name.as_str()), ("outcome", outcome)];
+                m.encode_family(&labels)?
+                    .encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
+            }
+        }
+    }
+    let rows: Vec<_> = x
+        .feeds
+        .iter()
+        .map(|f| (f.name.as_str(), f.entries))
+        .collect();
+    labelled(
+        e,
+        "sipwarden_feed_entries",
+        "Addresses and networks listed, by feed.",
+        MetricType::Gauge,
+        "feed",
+        &rows,
+    )?;
+    let rows: Vec<_> = x
+        .feeds
+        .iter()
+        .map(|f| (f.name.as_str(), f.last_update_s))
+        .collect();
+    labelled(
+        e,
+        "sipwarden_feed_last_update_seconds",
+        "Unix time of the feed's last successful pull (0: none yet).",
+        MetricType::Gauge,
+        "feed",
+        &rows,
+    )
+}
+
 /// The background links: state store, Redis, notifier, HEP.
-fn health(e: &mut Enc<'_>, node: &Node) -> R {
-    let h = node.stats.health.snapshot(crate::clock::wall_ms());
+fn health(e: &mut Enc<'_>, s: &Snapshot) -> R {
+    let h = &s.health;
     gauge(
         e,
         "sipwarden_state_queue_depth",
         "Batches of state changes waiting for the state task (bounded by the event queue).",
-        node.event_queue_depth() as u64,
+        s.state_queue_depth,
     )?;
     counter(
         e,
         "sipwarden_state_commits",
         "Write transactions committed to the state store.",
         h.state_commits,
+    )?;
+    counter(
+        e,
+        "sipwarden_state_events",
+        "State changes written in those transactions.",
+        h.state_events,
+    )?;
+    {
+        let mut m = e.encode_descriptor(
+            "sipwarden_state_commit",
+            "Time spent committing to the state store.",
+            Some(&Unit::Seconds),
+            MetricType::Counter,
+        )?;
+        m.encode_counter::<NoLabelSet, f64, u64>(&(h.state_commit_micros as f64 / 1e6), None)?;
+    }
+    seconds(
+        e,
+        "sipwarden_state_commit_max",
+        "The longest commit to the state store since start.",
+        h.state_max_commit_micros as f64 / 1e6,
     )?;
     counter(
         e,
@@ -249,6 +585,12 @@ fn health(e: &mut Enc<'_>, node: &Node) -> R {
     )?;
     counter(
         e,
+        "sipwarden_cluster_superseded",
+        "Local blocks and list entries dropped at reconciliation because an operator removed them meanwhile.",
+        h.cluster_superseded,
+    )?;
+    counter(
+        e,
         "sipwarden_cluster_malformed",
         "Entries of the shared log or set that could not be decoded (skipped).",
         h.cluster_malformed,
@@ -264,24 +606,36 @@ fn health(e: &mut Enc<'_>, node: &Node) -> R {
             ("full", h.cluster_catchup_full),
         ],
     )?;
-    {
-        let mut m = e.encode_descriptor(
-            "sipwarden_cluster_node_lag",
-            "The largest lag over the other nodes: now minus the writing time of their last log entry seen (heartbeats every 3 s).",
-            Some(&Unit::Seconds),
-            MetricType::Gauge,
-        )?;
-        m.encode_gauge(&(h.cluster_node_lag_ms as f64 / 1000.0))?;
-    }
-    {
-        let mut m = e.encode_descriptor(
-            "sipwarden_cluster_publish_lag",
-            "Age of the oldest state change not yet published to Redis (0 when none waits).",
-            Some(&Unit::Seconds),
-            MetricType::Gauge,
-        )?;
-        m.encode_gauge(&(h.cluster_lag_ms as f64 / 1000.0))?;
-    }
+    seconds(
+        e,
+        "sipwarden_cluster_full_load",
+        "Duration of the last full load of the shared set.",
+        ms(h.cluster_full_load_ms),
+    )?;
+    gauge(
+        e,
+        "sipwarden_cluster_full_load_rows",
+        "Blocks and list entries read by the last full load of the shared set.",
+        h.cluster_full_load_rows,
+    )?;
+    gauge(
+        e,
+        "sipwarden_cluster_nodes",
+        "Nodes seen in the shared log (the nodes table, bounded).",
+        h.cluster_nodes,
+    )?;
+    seconds(
+        e,
+        "sipwarden_cluster_node_lag",
+        "The largest lag over the other nodes: now minus the writing time of their last log entry seen (heartbeats every 3 s).",
+        ms(h.cluster_node_lag_ms),
+    )?;
+    seconds(
+        e,
+        "sipwarden_cluster_publish_lag",
+        "Age of the oldest state change not yet published to Redis (0 when none waits).",
+        ms(h.cluster_lag_ms),
+    )?;
     labelled(
         e,
         "sipwarden_notifications",
@@ -322,478 +676,67 @@ fn health(e: &mut Enc<'_>, node: &Node) -> R {
     )
 }
 
-impl Collector for NodeCollector {
-    fn encode(&self, mut e: DescriptorEncoder<'_>) -> R {
-        let node = &self.node;
-        let s = &node.stats;
-        fn g(c: &impl crate::stats::Read) -> u64 {
-            c.read()
-        }
-
-        let version = [("version", env!("CARGO_PKG_VERSION"))];
-        e.encode_descriptor("sipwarden_build", "sipwarden build", None, MetricType::Info)?
-            .encode_info(&version)?;
-
-        labelled(
-            &mut e,
-            "sipwarden_sip_packets_received",
-            "SIP packets received from phones and the PBX, by transport.",
-            MetricType::Counter,
-            "transport",
-            &[
-                ("udp", g(&s.packets_in_udp)),
-                ("tcp", g(&s.packets_in_tcp)),
-                ("tls", g(&s.packets_in_tls)),
-                ("ws", g(&s.ws.packets_in)),
-            ],
-        )?;
-        let t = &s.tls;
-        labelled(
-            &mut e,
-            "sipwarden_tls_handshakes",
-            "TLS handshakes on sip.listen_tls, by outcome.",
-            MetricType::Counter,
-            "outcome",
-            &[
-                ("ok", g(&t.handshakes_ok)),
-                ("failed", t.handshakes_failed()),
-            ],
-        )?;
-        let fails: Vec<_> = crate::stats::TlsFailure::ALL
-            .iter()
-            .map(|r| (r.as_str(), t.failures(*r)))
-            .collect();
-        labelled(
-            &mut e,
-            "sipwarden_tls_handshake_failures",
-            "TLS handshakes that did not complete, by reason.",
-            MetricType::Counter,
-            "reason",
-            &fails,
-        )?;
-        gauge(
-            &mut e,
-            "sipwarden_tls_handshakes_in_progress",
-            "TLS connections in handshake now.",
-            g(&t.in_handshake),
-        )?;
-        labelled(
-            &mut e,
-            "sipwarden_tls_certificate_reloads",
-            "Certificate reloads (SIGHUP, file change), by outcome; a failure keeps the old ones.",
-            MetricType::Counter,
-            "outcome",
-            &[("ok", g(&t.reloads_ok)), ("failed", g(&t.reloads_failed))],
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_connections_closed_blocked",
-            "TCP, TLS and WebSocket connections closed because their source was blocked.",
-            g(&s.conns_closed_blocked),
-        )?;
-        labelled(
-            &mut e,
-            "sipwarden_sip_forwarded",
-            "SIP messages forwarded, by kind.",
-            MetricType::Counter,
-            "kind",
-            &[
-                ("request", g(&s.requests_forwarded)),
-                ("response", g(&s.responses_forwarded)),
-            ],
-        )?;
-        let drops: Vec<_> = DropReason::ALL
-            .iter()
-            .map(|r| (r.as_str(), s.dropped(*r)))
-            .collect();
-        labelled(
-            &mut e,
-            "sipwarden_sip_dropped",
-            "SIP packets not forwarded, by reason.",
-            MetricType::Counter,
-            "reason",
-            &drops,
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_sip_replies_sent",
-            "SIP responses sipwarden generated itself (403, 483, 503, ...).",
-            g(&s.replies_sent),
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_sip_keepalives",
-            "Keep-alive packets (CRLF) received.",
-            g(&s.keepalives),
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_tcp_connections",
-            "TCP connections accepted.",
-            g(&s.tcp_connections),
-        )?;
-        gauge(
-            &mut e,
-            "sipwarden_tcp_connections_open",
-            "TCP connections open now.",
-            g(&s.tcp_open),
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_tcp_rejected",
-            "TCP connections refused by the connection limits.",
-            g(&s.tcp_rejected),
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_tcp_write_overflows",
-            "TCP connections closed because their write queue exceeded sip.tcp_write_queue_bytes.",
-            g(&s.tcp_write_overflows),
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_tcp_write_timeouts",
-            "TCP connections closed because a write took longer than sip.tcp_write_timeout.",
-            g(&s.tcp_write_timeouts),
-        )?;
-        let upgrades: Vec<_> = crate::stats::WsOutcome::ALL
-            .iter()
-            .map(|o| (o.as_str(), s.ws.upgrades(*o)))
-            .collect();
-        labelled(
-            &mut e,
-            "sipwarden_ws_upgrades",
-            "WebSocket upgrades (sip.listen_ws, sip.listen_wss), by outcome.",
-            MetricType::Counter,
-            "outcome",
-            &upgrades,
-        )?;
-        gauge(
-            &mut e,
-            "sipwarden_ws_connections_open",
-            "WebSocket connections open now.",
-            g(&s.ws.open),
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_ws_oversized",
-            "WebSocket connections closed for a message or frame over websocket.max_frame_bytes.",
-            g(&s.ws.oversized),
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_panics",
-            "Panics caught while handling a message (a bug: please report it).",
-            g(&s.panics),
-        )?;
-        let listeners = s.listeners.states();
-        let restarts: Vec<_> = listeners
-            .iter()
-            .map(|l| (l.name.as_str(), l.restarts))
-            .collect();
-        labelled(
-            &mut e,
-            "sipwarden_listener_restarts",
-            "Listener tasks restarted by the supervisor after they ended unexpectedly.",
-            MetricType::Counter,
-            "listener",
-            &restarts,
-        )?;
-        let up: Vec<_> = listeners
-            .iter()
-            .map(|l| (l.name.as_str(), u64::from(l.serving)))
-            .collect();
-        labelled(
-            &mut e,
-            "sipwarden_listener_up",
-            "1 while every task of the listener is serving, 0 while one is being restarted.",
-            MetricType::Gauge,
-            "listener",
-            &up,
-        )?;
-
-        let (active, observed, tracked, white, black, evictions) = node.inspect(|eng| {
-            let mut active = [0u64; TYPES];
-            let mut observed = 0u64;
-            for b in eng.blocks() {
-                if b.enforced {
-                    active[b.kind as usize] += 1;
-                } else {
-                    observed += 1;
-                }
-            }
-            let l = eng.lists();
-            (
-                active,
-                observed,
-                eng.tracked() as u64,
-                l.len(crate::blocks::ListKind::Whitelist) as u64,
-                l.len(crate::blocks::ListKind::Blacklist) as u64,
-                eng.block_table().evictions(),
-            )
-        });
-        let rows: Vec<_> = BlockType::ALL
-            .iter()
-            .map(|t| (t.as_str(), active[*t as usize]))
-            .collect();
-        labelled(
-            &mut e,
-            "sipwarden_blocks_active",
-            "Blocks in force, by type.",
-            MetricType::Gauge,
-            "type",
-            &rows,
-        )?;
-        labelled(
-            &mut e,
-            "sipwarden_block_evictions",
-            "Blocks that gave way to costlier ones in a full block table (evicted), and new blocks not stored because every block held cost as much or more (refused).",
-            MetricType::Counter,
-            "outcome",
-            &[("evicted", evictions.0), ("refused", evictions.1)],
-        )?;
-        gauge(
-            &mut e,
-            "sipwarden_blocks_observed_active",
-            "Would-be blocks shown in observe mode (nothing is dropped for them).",
-            observed,
-        )?;
-        labelled(
-            &mut e,
-            "sipwarden_list_entries",
-            "Entries in the whitelist and the static blacklist.",
-            MetricType::Gauge,
-            "list",
-            &[("whitelist", white), ("blacklist", black)],
-        )?;
-        gauge(
-            &mut e,
-            "sipwarden_tracked_sources",
-            "Entries held by the detectors (bounded by protection.tracked_sources each).",
-            tracked,
-        )?;
-
-        fraud_and_feeds(&mut e, node)?;
-
-        let ev = self.events;
-        labelled(
-            &mut e,
-            "sipwarden_blocks",
-            "Blocks made, by type.",
-            MetricType::Counter,
-            "type",
-            &by_type(&ev.blocks),
-        )?;
-        labelled(
-            &mut e,
-            "sipwarden_observed_blocks",
-            "Would-be blocks detected in observe mode, by type.",
-            MetricType::Counter,
-            "type",
-            &by_type(&ev.observed),
-        )?;
-        {
-            let mut m = e.encode_descriptor(
-                "sipwarden_unblocks",
-                "Blocks lifted, by type and why.",
-                None,
-                MetricType::Counter,
-            )?;
-            for t in BlockType::ALL {
-                for w in WHYS {
-                    let v = ev.unblocks[t as usize][w as usize].load(Ordering::Relaxed);
-                    let labels = [("type", t.as_str()), ("why", why_str(w))];
-                    m.encode_family(&labels)?
-                        .encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
-                }
-            }
-        }
-        counter(
-            &mut e,
-            "sipwarden_alerts",
-            "Alerts that are not blocks (INVITE flood episodes, accounts under attack).",
-            g(&s.alerts),
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_state_events_dropped",
-            "State changes not persisted because the state queue was full.",
-            g(&s.events_dropped),
-        )?;
-
-        health(&mut e, node)?;
-        let counts = node.inspect(|eng| eng.shared_counts().clone());
-        crate::cluster_count::metrics::encode(&mut e, &counts)?;
-
-        counter(
-            &mut e,
-            "sipwarden_tftp_requests",
-            "TFTP requests received.",
-            g(&s.tftp_requests),
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_tftp_transfers",
-            "TFTP transfers relayed.",
-            g(&s.tftp_transfers),
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_tftp_limited",
-            "TFTP requests refused by the per-source rate limit.",
-            g(&s.tftp_limited),
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_tftp_dropped",
-            "TFTP requests dropped (blocked sources, limits).",
-            g(&s.tftp_dropped),
-        )?;
-        counter(
-            &mut e,
-            "sipwarden_tftp_malformed",
-            "TFTP packets that could not be parsed.",
-            g(&s.tftp_malformed),
-        )?;
-
-        let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_US
-            .iter()
-            .zip(&s.latency_buckets)
-            .map(|(le, n)| (*le as f64 / 1e6, g(n)))
-            .collect();
-        let count = g(&s.latency_count);
-        let in_buckets: u64 = buckets.iter().map(|(_, n)| n).sum();
-        buckets.push((f64::MAX, count.saturating_sub(in_buckets)));
-        let mut m = e.encode_descriptor(
-            "sipwarden_forward_latency",
-            "Time from receiving a SIP message to sending it on.",
-            Some(&Unit::Seconds),
-            MetricType::Histogram,
-        )?;
-        m.encode_histogram::<NoLabelSet>(g(&s.latency_sum_us) as f64 / 1e6, count, &buckets, None)
-    }
-}
-
-/// The toll-fraud guard and the threat feeds: one engine read for both.
-fn fraud_and_feeds(e: &mut Enc<'_>, node: &Node) -> R {
-    use crate::engine::fraud::Metric;
-    let (calls, concurrent, subjects, counts, feeds) = node.inspect(|eng| {
-        let f = eng.fraud();
-        let feeds: Vec<_> = eng.feeds().status().cloned().collect();
-        (
-            f.active_calls() as u64,
-            f.concurrent_total(),
-            f.subjects() as u64,
-            f.counts().clone(),
-            feeds,
-        )
-    });
-    gauge(
+fn tftp(e: &mut Enc<'_>, s: &Snapshot) -> R {
+    let t = &s.tftp;
+    counter(
         e,
-        "sipwarden_fraud_calls_tracked",
-        "Calls the toll-fraud guard follows (set up or answered, bounded by fraud.max_calls).",
-        calls,
-    )?;
-    gauge(
-        e,
-        "sipwarden_fraud_concurrent_calls",
-        "Concurrent calls counted over all rules' accounts and sources.",
-        concurrent,
-    )?;
-    gauge(
-        e,
-        "sipwarden_fraud_subjects",
-        "Accounts and sources the toll-fraud rules count (bounded by fraud.max_subjects).",
-        subjects,
-    )?;
-    let rows: Vec<_> = Metric::ALL
-        .iter()
-        .zip(counts.rejected)
-        .map(|(m, v)| (m.as_str(), v))
-        .collect();
-    labelled(
-        e,
-        "sipwarden_fraud_rejected",
-        "INVITEs refused by a toll-fraud rule (retransmissions included), by the limit (\"blocked\": an earlier block).",
-        MetricType::Counter,
-        "limit",
-        &rows,
-    )?;
-    labelled(
-        e,
-        "sipwarden_fraud_blocks",
-        "Toll-fraud rules with action = \"block\" that blocked an account or a source.",
-        MetricType::Counter,
-        "per",
-        &[
-            ("account", counts.blocked_accounts),
-            ("source", counts.blocked_sources),
-        ],
-    )?;
-    labelled(
-        e,
-        "sipwarden_fraud_alerts",
-        "Toll-fraud alerts: warnings, and critical findings that did not refuse the call.",
-        MetricType::Counter,
-        "level",
-        &[
-            ("warning", counts.warnings),
-            ("critical", counts.critical_alerts),
-        ],
+        "sipwarden_tftp_requests",
+        "TFTP requests received.",
+        t.requests,
     )?;
     counter(
         e,
-        "sipwarden_fraud_calls_ended",
-        "Calls ended by sipwarden at their maximum duration (fraud.on_max_duration = \"bye\").",
-        counts.ended,
+        "sipwarden_tftp_transfers",
+        "TFTP transfers relayed.",
+        t.transfers,
     )?;
-    {
-        let mut m = e.encode_descriptor(
-            "sipwarden_feed_pulls",
-            "Threat-feed pulls, by feed and outcome.",
-            None,
-            MetricType::Counter,
-        )?;
-        for f in &feeds {
-            for (outcome, v) in [("ok", f.pulls_ok), ("failed", f.pulls_failed)] {
-                let labels = [("feed", f.name.as_str()), ("outcome", outcome)];
-                m.encode_family(&labels)?
-                    .encode_counter::<NoLabelSet, u64, u64>(&v, None)?;
-            }
-        }
-    }
-    let rows: Vec<_> = feeds
-        .iter()
-        .map(|f| (f.name.as_str(), f.entries as u64))
-        .collect();
-    labelled(
+    counter(
         e,
-        "sipwarden_feed_entries",
-        "Addresses and networks listed, by feed.",
-        MetricType::Gauge,
-        "feed",
-        &rows,
+        "sipwarden_tftp_limited",
+        "TFTP requests refused by the per-source rate limit.",
+        t.limited,
     )?;
-    let rows: Vec<_> = feeds
-        .iter()
-        .map(|f| (f.name.as_str(), f.last_update.map_or(0, |t| t / 1000)))
-        .collect();
-    labelled(
+    counter(
         e,
-        "sipwarden_feed_last_update_seconds",
-        "Unix time of the feed's last successful pull (0: none yet).",
-        MetricType::Gauge,
-        "feed",
-        &rows,
+        "sipwarden_tftp_dropped",
+        "TFTP requests dropped (blocked sources, limits).",
+        t.dropped,
+    )?;
+    counter(
+        e,
+        "sipwarden_tftp_malformed",
+        "TFTP packets that could not be parsed.",
+        t.malformed,
     )
+}
+
+fn latency(e: &mut Enc<'_>, s: &Snapshot) -> R {
+    let l = &s.latency;
+    let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_US
+        .iter()
+        .zip(l.buckets)
+        .map(|(le, n)| (*le as f64 / 1e6, n))
+        .collect();
+    let in_buckets: u64 = l.buckets.iter().sum();
+    buckets.push((f64::MAX, l.count.saturating_sub(in_buckets)));
+    let mut m = e.encode_descriptor(
+        "sipwarden_forward_latency",
+        "Time from receiving a SIP message to sending it on.",
+        Some(&Unit::Seconds),
+        MetricType::Histogram,
+    )?;
+    m.encode_histogram::<NoLabelSet>(l.sum_us as f64 / 1e6, l.count, &buckets, None)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::Ordering;
+
     use super::*;
     use crate::blocks::BlockKey;
     use crate::config::Config;
     use crate::engine::Detection;
+    use crate::node::Node;
 
     #[test]
     fn websocket_series_rendered() {
@@ -804,7 +747,7 @@ mod tests {
         s.upgrade(crate::stats::WsOutcome::NoSubprotocol);
         s.open.store(1, Ordering::Relaxed);
         node.stats.packet_in(crate::stats::Transport::Wss);
-        let text = render(&node, Box::leak(Box::new(EventCounters::new())));
+        let text = render(&node.snapshot());
         for want in [
             "sipwarden_ws_upgrades_total{outcome=\"ok\"} 2",
             "sipwarden_ws_upgrades_total{outcome=\"no_subprotocol\"} 1",
@@ -824,8 +767,7 @@ mod tests {
     #[test]
     fn health_rendered() {
         let (node, _rx) = Node::new(Config::default());
-        let lines =
-            |node: &std::sync::Arc<Node>| render(node, Box::leak(Box::new(EventCounters::new())));
+        let lines = |node: &std::sync::Arc<Node>| render(&node.snapshot());
         // Nothing attached: every series is there, at zero.
         let text = lines(&node);
         for want in [
@@ -895,7 +837,7 @@ mod tests {
     #[test]
     fn examples_name_rendered_metrics() {
         let (node, _rx) = Node::new(Config::default());
-        let text = render(&node, Box::leak(Box::new(EventCounters::new())));
+        let text = render(&node.snapshot());
         // Sample names, and for families without samples yet (no listener in a bare node) the
         // name in `# TYPE` plus the suffix of its type.
         let mut rendered: std::collections::HashSet<String> = text
@@ -959,7 +901,7 @@ mod tests {
             };
             e.block(now, d, "");
         });
-        let text = render(&node, Box::leak(Box::new(EventCounters::new())));
+        let text = render(&node.snapshot());
         let lines: Vec<&str> = text.lines().collect();
         for want in [
             "# TYPE sipwarden_block_evictions counter",
@@ -1002,7 +944,7 @@ mod tests {
                 Some("timeout".into()),
             );
         });
-        let text = render(&node, Box::leak(Box::new(EventCounters::new())));
+        let text = render(&node.snapshot());
         let lines: Vec<&str> = text.lines().collect();
         for want in [
             "# TYPE sipwarden_fraud_calls_tracked gauge",
