@@ -738,6 +738,80 @@ mod tests {
     use crate::engine::Detection;
     use crate::node::Node;
 
+    /// Counters only for values that never go down, each sample `_total`; levels are gauges.
+    #[test]
+    fn counters_total_and_levels_gauges() {
+        let (node, _rx) = Node::new(Config::default());
+        let s = &node.stats;
+        // Two TCP connections accepted, one closed again: the counter stays, the gauge falls.
+        s.tcp_connections.store(2, Ordering::Relaxed);
+        s.tcp_open.store(1, Ordering::Relaxed);
+        let text = render(&node.snapshot());
+        let mut kinds = std::collections::HashMap::new();
+        for l in text.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                let mut w = rest.split(' ');
+                if let (Some(name), Some(kind)) = (w.next(), w.next()) {
+                    kinds.insert(name.to_string(), kind.to_string());
+                }
+            }
+        }
+        for l in text.lines().filter(|l| !l.starts_with('#')) {
+            let sample = l.split(['{', ' ']).next().unwrap_or("");
+            let family = kinds
+                .iter()
+                .filter(|(n, _)| sample.starts_with(n.as_str()))
+                .max_by_key(|(n, _)| n.len());
+            if let Some((name, kind)) = family {
+                if kind == "counter" {
+                    assert_eq!(sample, format!("{name}_total"), "{l}");
+                }
+            }
+        }
+        for level in [
+            "sipwarden_tcp_connections_open",
+            "sipwarden_ws_connections_open",
+            "sipwarden_tls_handshakes_in_progress",
+            "sipwarden_state_queue_depth",
+            "sipwarden_state_retry_events",
+            "sipwarden_state_commit_max_seconds",
+            "sipwarden_blocks_active",
+            "sipwarden_blocks_observed_active",
+            "sipwarden_list_entries",
+            "sipwarden_tracked_sources",
+            "sipwarden_listener_up",
+            "sipwarden_cluster_configured",
+            "sipwarden_cluster_connected",
+            "sipwarden_cluster_link_up",
+            "sipwarden_cluster_nodes",
+            "sipwarden_cluster_full_load_rows",
+            "sipwarden_cluster_node_lag_seconds",
+            "sipwarden_cluster_publish_lag_seconds",
+            "sipwarden_cluster_count_peers",
+            "sipwarden_hep_connected",
+            "sipwarden_fraud_calls_tracked",
+            "sipwarden_fraud_concurrent_calls",
+            "sipwarden_fraud_subjects",
+        ] {
+            assert_eq!(
+                kinds.get(level).map(String::as_str),
+                Some("gauge"),
+                "{level}"
+            );
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        for want in [
+            "# TYPE sipwarden_tcp_connections counter",
+            "sipwarden_tcp_connections_total 2",
+            "sipwarden_tcp_connections_open 1",
+            "sipwarden_state_events_total 0",
+            "sipwarden_state_commit_seconds_total 0.0",
+            "sipwarden_cluster_superseded_total 0",
+        ] {
+            assert!(lines.contains(&want), "missing {want:?} in\n{text}");
+        }
+    }
+
     #[test]
     fn websocket_series_rendered() {
         let (node, _rx) = Node::new(Config::default());
