@@ -217,7 +217,9 @@ pub struct StateHealth {
     pub failures: u64,
     /// Changes waiting for another commit attempt.
     pub retrying: u64,
-    /// The longest commit since start, microseconds.
+    /// Time spent in commits since start, and the longest one, microseconds.
+    #[serde(default)]
+    pub commit_micros: u64,
     #[serde(default)]
     pub max_commit_micros: u64,
 }
@@ -251,6 +253,11 @@ pub struct ClusterHealth {
     /// The largest lag over the other nodes, milliseconds.
     #[serde(default)]
     pub node_lag_ms: u64,
+    /// Duration (milliseconds) and rows of the last full load of the shared set.
+    #[serde(default)]
+    pub full_load_ms: u64,
+    #[serde(default)]
+    pub full_load_rows: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -836,6 +843,7 @@ impl From<&Snapshot> for HealthView {
                 events: h.state_events,
                 failures: h.state_failures,
                 retrying: h.state_retrying,
+                commit_micros: h.state_commit_micros,
                 max_commit_micros: h.state_max_commit_micros,
             },
             cluster: ClusterHealth {
@@ -854,6 +862,8 @@ impl From<&Snapshot> for HealthView {
                 catchups_full: h.cluster_catchup_full,
                 nodes: h.cluster_nodes,
                 node_lag_ms: h.cluster_node_lag_ms,
+                full_load_ms: h.cluster_full_load_ms,
+                full_load_rows: h.cluster_full_load_rows,
             },
             notify: NotifyHealth {
                 sent: h.notify_sent,

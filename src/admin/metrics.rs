@@ -498,7 +498,7 @@ fn health(e: &mut Enc<'_>, s: &Snapshot) -> R {
     )?;
     counter(
         e,
-        "sipwarden_state_events",
+        "sipwarden_state_events_written",
         "State changes written in those transactions.",
         h.state_events,
     )?;
@@ -804,7 +804,7 @@ mod tests {
             "# TYPE sipwarden_tcp_connections counter",
             "sipwarden_tcp_connections_total 2",
             "sipwarden_tcp_connections_open 1",
-            "sipwarden_state_events_total 0",
+            "sipwarden_state_events_written_total 0",
             "sipwarden_state_commit_seconds_total 0.0",
             "sipwarden_cluster_superseded_total 0",
         ] {

@@ -949,6 +949,7 @@ async fn one_snapshot_renders_the_same_numbers_in_metrics_json_and_cli() {
     let st = Arc::new(crate::state::StateStats::default());
     st.commits.store(17, Relaxed);
     st.failures.store(18, Relaxed);
+    st.events.store(19, Relaxed);
     s.health.attach_state(st);
     let n = Arc::new(crate::notify::NotifyStats::default());
     n.sent.store(20, Relaxed);
@@ -957,6 +958,7 @@ async fn one_snapshot_renders_the_same_numbers_in_metrics_json_and_cli() {
     let cl = Arc::new(crate::cluster::ClusterStats::default());
     cl.published.store(22, Relaxed);
     cl.superseded.store(23, Relaxed);
+    cl.last_full_load_rows.store(24, Relaxed);
     s.health.attach_cluster(cl);
     s.events.record(
         &Event::Unblocked {
