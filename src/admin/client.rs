@@ -9,7 +9,8 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
-use super::api::{BlockRequest, BlockRow, ListRequest, ListRow, StatsView, UnblockResult};
+use super::api::{BlockRequest, BlockRow, ListRequest, ListRow, UnblockResult};
+use super::stats_view::StatsView;
 use crate::cli::{BlocksAction, Command, ListAction};
 use crate::config::Config;
 

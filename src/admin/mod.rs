@@ -15,6 +15,7 @@ pub mod client;
 mod dashboard;
 pub mod history;
 pub mod metrics;
+pub mod stats_view;
 pub mod target;
 
 #[cfg(test)]
@@ -78,7 +79,7 @@ pub fn router(node: Arc<Node>, reload: Option<ReloadTx>) -> Router {
         .route("/whitelist/{*cidr}", delete(api::whitelist_remove))
         .route("/blacklist", get(api::blacklist).post(api::blacklist_add))
         .route("/blacklist/{*cidr}", delete(api::blacklist_remove))
-        .route("/stats", get(api::stats))
+        .route("/stats", get(stats_view::stats))
         .route("/fraud", get(api::fraud))
         .route("/feeds", get(api::feeds))
         .route("/cluster", get(api::cluster))

@@ -971,7 +971,7 @@ async fn one_snapshot_renders_the_same_numbers_in_metrics_json_and_cli() {
 
     let snap = t.node.snapshot();
     let text = super::metrics::render(&snap);
-    let view = super::api::StatsView::from(&snap);
+    let view = super::stats_view::StatsView::from(&snap);
     let json = serde_json::to_value(&view).unwrap();
     let cli = super::client::stats_text(&view);
     // What the handlers serve is rendered from a snapshot the same way (nothing moved since).
