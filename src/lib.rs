@@ -17,6 +17,8 @@
 //! - [`net`]: sockets: UDP, TCP, TFTP relay, upstream resolution.
 //! - [`tftp`]: the TFTP codec and the provisioning guard's decisions (sans-I/O).
 //! - [`admin`]: HTTP API, dashboard, metrics, CLI client.
+//! - [`stats`]: the node's counter model, and the one snapshot `/metrics`, `/api/stats` and the
+//!   CLI all render.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 
