@@ -21,6 +21,8 @@
 //! - [`reload`]: config reload on SIGHUP or from the API, checked against what is running.
 //! - [`supervise`]: restarts a listener task that ended, counted, with `/healthz` failing meanwhile.
 //! - [`server`]: the wiring of a node: binds, builds the shared state, starts every task.
+//! - [`stats`]: the node's counter model, and the one snapshot `/metrics`, `/api/stats` and the
+//!   CLI all render.
 #![forbid(unsafe_code)]
 #![deny(rust_2018_idioms)]
 

@@ -178,6 +178,11 @@ impl Node {
         f(&self.engine.ledger())
     }
 
+    /// Every counter of the node, read once (what `/metrics`, `/api/stats` and the CLI show).
+    pub fn snapshot(&self) -> crate::stats::Snapshot {
+        crate::stats::Snapshot::take(self)
+    }
+
     /// The drop gate: is a source blocked, without the engine's lock.
     pub fn gate(&self) -> &Gate {
         &self.gate

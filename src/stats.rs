@@ -1,7 +1,18 @@
-//! Packet counters shared by every socket task, rendered by the admin surface as `/api/stats`
-//! and Prometheus text. The ones every packet touches (packets in, drops, forwards) are
+//! The node's counter model: packet counters shared by every socket task, the state events the
+//! state task counts ([`EventCounters`]), and the background links' health. The admin surface
+//! only reads it, through one [`Snapshot`] from which `/metrics`, `/api/stats` and the CLI are
+//! all rendered. The counters every packet touches (packets in, drops, forwards) are
 //! [`Counter`]s: one cache line per core slot, so two cores counting the same event never write
 //! the same word; the rest are plain atomics.
+//!
+//! - [`events`]: blocks, would-be blocks, unblocks and alerts since start, and the last hour.
+//! - [`snapshot`]: the one read every view renders.
+
+pub mod events;
+pub mod snapshot;
+
+pub use events::{EventCounters, EventCounts};
+pub use snapshot::Snapshot;
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -285,6 +296,8 @@ pub struct Stats {
     /// The HEP exporter's end on the packet path (off unless `hep.address` is set).
     pub hep: crate::hep::Tap,
     pub alerts: AtomicU64,
+    /// Blocks made and lifted, alerts, and their last hour: counted by the state task.
+    pub events: EventCounters,
     /// State changes not persisted because the queue to the state task was full.
     pub events_dropped: AtomicU64,
     pub tftp_requests: AtomicU64,

@@ -22,5 +22,5 @@ pub(crate) async fn health(node: &Arc<Node>) -> (u16, String) {
 
 /// The node's `/metrics` text, as the admin API renders it.
 pub(crate) async fn metrics(node: &Arc<Node>) -> String {
-    crate::admin::metrics::render(node, &crate::admin::metrics::EVENTS)
+    crate::admin::metrics::render(&node.snapshot())
 }

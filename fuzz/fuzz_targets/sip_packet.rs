@@ -47,7 +47,7 @@ fn engine() -> Engine {
     cfg.protection.max_blocks = 64;
     // Building the scanner automaton dominates a fresh engine: keep one pattern.
     cfg.scanners.user_agents = vec!["friendly-scanner".into()];
-    let mut e = Engine::new(&cfg, NOW);
+    let e = Engine::new(&cfg, NOW);
     e.set_upstream(vec![PBX.ip()]);
     e
 }

@@ -9,7 +9,8 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 
-use super::api::{BlockRequest, BlockRow, ListRequest, ListRow, StatsView, UnblockResult};
+use super::api::{BlockRequest, BlockRow, ListRequest, ListRow, UnblockResult};
+use super::stats_view::StatsView;
 use crate::cli::{BlocksAction, Command, ListAction};
 use crate::config::Config;
 
@@ -523,15 +524,21 @@ fn list_table(name: &str, rows: &[ListRow]) -> String {
     table(&["CIDR", "SOURCE", "ADDED (UTC)", "COMMENT"], &body)
 }
 
-fn stats_text(s: &StatsView) -> String {
+/// The `sipwarden stats` text: the `/api/stats` JSON (one snapshot of the node) as key/value
+/// lines.
+pub(crate) fn stats_text(s: &StatsView) -> String {
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut kv = |k: &str, v: String| rows.push(vec![k.to_string(), v]);
     kv("mode", s.mode.clone());
     kv(
         "packets in",
         format!(
-            "{} (udp {}, tcp {}, tls {})",
-            s.packets_in.total, s.packets_in.udp, s.packets_in.tcp, s.packets_in.tls
+            "{} (udp {}, tcp {}, tls {}, ws {})",
+            s.packets_in.total,
+            s.packets_in.udp,
+            s.packets_in.tcp,
+            s.packets_in.tls,
+            s.packets_in.ws
         ),
     );
     kv(
@@ -575,12 +582,26 @@ fn stats_text(s: &StatsView) -> String {
             s.lists.whitelist, s.lists.blacklist
         ),
     );
+    let made: u64 = s.blocks_made.values().sum();
+    let lifted: u64 = s.unblocks.values().sum();
+    kv(
+        "blocks",
+        format!("{made} made, {lifted} lifted since start"),
+    );
     kv("alerts", s.alerts.to_string());
     kv(
         "tcp",
         format!(
-            "{} connections, {} refused",
-            s.tcp.connections, s.tcp.rejected
+            "{} open, {} accepted, {} refused",
+            s.tcp.connections, s.tcp.accepted, s.tcp.rejected
+        ),
+    );
+    let ws_ok = s.ws.upgrades.get("ok").copied().unwrap_or(0);
+    kv(
+        "websocket",
+        format!(
+            "{} open, {} upgrades, {} oversized",
+            s.ws.open, ws_ok, s.ws.oversized
         ),
     );
     kv(
@@ -610,6 +631,40 @@ fn stats_text(s: &StatsView) -> String {
     );
     let last_hour: u32 = s.history.blocks.values().flatten().sum();
     kv("blocks, last hour", last_hour.to_string());
+    kv("panics", s.panics.to_string());
+    let h = &s.health;
+    kv(
+        "state store",
+        format!(
+            "{} commits, {} failed, {} queued, {} waiting for a retry",
+            h.state.commits, h.state.failures, h.state.queue_depth, h.state.retrying
+        ),
+    );
+    let c = &h.cluster;
+    kv(
+        "cluster",
+        if c.configured {
+            format!(
+                "{}, {} published ({} failed), {} applied, {} dropped, lag {} ms",
+                if c.connected { "connected" } else { "DOWN" },
+                c.published,
+                c.publish_failures,
+                c.applied,
+                c.dropped,
+                c.lag_ms
+            )
+        } else {
+            "single node".into()
+        },
+    );
+    let n = &h.notify;
+    kv(
+        "notifications",
+        format!(
+            "{} sent, {} failed, {} dropped, {} suppressed",
+            n.sent, n.failed, n.dropped, n.suppressed
+        ),
+    );
     let mut t = table(&["", ""], &rows);
     // No header for a key/value list.
     t = t
@@ -748,7 +803,7 @@ mod tests {
         node.stats.packet_in(crate::stats::Transport::Udp);
         let stats = run(Command::Stats { json: false }).await.unwrap();
         assert!(
-            stats.contains("packets in         1 (udp 1, tcp 0, tls 0)\n"),
+            stats.contains("packets in         1 (udp 1, tcp 0, tls 0, ws 0)\n"),
             "{stats}"
         );
         assert!(

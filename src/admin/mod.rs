@@ -15,6 +15,7 @@ pub mod client;
 mod dashboard;
 pub mod history;
 pub mod metrics;
+pub mod stats_view;
 pub mod target;
 
 #[cfg(test)]
@@ -44,7 +45,6 @@ pub(crate) struct AppState {
     pub node: Arc<Node>,
     pub reload: Option<ReloadTx>,
     pub geo: api::GeoCache,
-    pub events: &'static metrics::EventCounters,
 }
 
 /// Serve the admin surface on `listener` until `shutdown` completes.
@@ -64,19 +64,10 @@ pub async fn serve(
 
 /// The whole admin router (also what the tests drive with `oneshot`).
 pub fn router(node: Arc<Node>, reload: Option<ReloadTx>) -> Router {
-    router_with(node, reload, &metrics::EVENTS)
-}
-
-pub(crate) fn router_with(
-    node: Arc<Node>,
-    reload: Option<ReloadTx>,
-    events: &'static metrics::EventCounters,
-) -> Router {
     let state = Arc::new(AppState {
         node,
         reload,
         geo: api::GeoCache::default(),
-        events,
     });
     let api = Router::new()
         .route("/blocks", get(api::list_blocks).post(api::add_block))
@@ -88,7 +79,7 @@ pub(crate) fn router_with(
         .route("/whitelist/{*cidr}", delete(api::whitelist_remove))
         .route("/blacklist", get(api::blacklist).post(api::blacklist_add))
         .route("/blacklist/{*cidr}", delete(api::blacklist_remove))
-        .route("/stats", get(api::stats))
+        .route("/stats", get(stats_view::stats))
         .route("/fraud", get(api::fraud))
         .route("/feeds", get(api::feeds))
         .route("/cluster", get(api::cluster))
@@ -265,7 +256,7 @@ async fn healthz(State(st): State<Arc<AppState>>) -> Response {
 }
 
 async fn metrics_handler(State(st): State<Arc<AppState>>) -> Response {
-    let body = metrics::render(&st.node, st.events);
+    let body = metrics::render(&st.node.snapshot());
     (
         [(
             header::CONTENT_TYPE,

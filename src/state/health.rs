@@ -45,6 +45,7 @@ pub struct HealthSnapshot {
     pub state_failures: u64,
     pub state_retrying: u64,
     pub state_commit_micros: u64,
+    pub state_max_commit_micros: u64,
     pub cluster_configured: bool,
     pub cluster_connected: bool,
     pub cluster_published: u64,
@@ -54,6 +55,12 @@ pub struct HealthSnapshot {
     pub cluster_malformed: u64,
     pub cluster_received: u64,
     pub cluster_reconciled: u64,
+    pub cluster_superseded: u64,
+    /// Other nodes in the nodes table (bounded by the cluster module).
+    pub cluster_nodes: u64,
+    /// Duration and rows of the last full load of the shared set.
+    pub cluster_full_load_ms: u64,
+    pub cluster_full_load_rows: u64,
     pub cluster_catchup_stream: u64,
     pub cluster_catchup_full: u64,
     /// The largest lag over the other nodes (now - their last log entry seen), milliseconds.
@@ -108,6 +115,7 @@ impl Health {
             h.state_failures = g(&s.failures);
             h.state_retrying = g(&s.retrying);
             h.state_commit_micros = g(&s.commit_micros);
+            h.state_max_commit_micros = g(&s.max_commit_micros);
         }
         if let Some(c) = self.cluster.get() {
             h.cluster_configured = true;
@@ -119,6 +127,10 @@ impl Health {
             h.cluster_malformed = g(&c.malformed);
             h.cluster_received = g(&c.received);
             h.cluster_reconciled = g(&c.reconciled);
+            h.cluster_superseded = g(&c.superseded);
+            h.cluster_nodes = c.nodes.lock().len() as u64;
+            h.cluster_full_load_ms = g(&c.last_full_load_ms);
+            h.cluster_full_load_rows = g(&c.last_full_load_rows);
             h.cluster_catchup_stream = g(&c.catchup_stream);
             h.cluster_catchup_full = g(&c.catchup_full);
             h.cluster_node_lag_ms = c.max_lag_ms(now_ms);

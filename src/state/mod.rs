@@ -1,6 +1,7 @@
 //! The state task: takes the engine's state changes in order, makes them durable, then logs
 //! them (so a block that was logged survives a crash), acknowledges them (so an API call that
-//! answered 200 survives a crash), and fans them out to metrics and the cluster.
+//! answered 200 survives a crash), counts them in the node's
+//! [`Stats`](crate::stats::Stats) and fans them out to the cluster.
 //!
 //! - [`store`]: the redb file at `state.path`.
 //! - [`restore()`]: start-up, before the SIP sockets serve.
@@ -364,7 +365,7 @@ impl Task {
             if self.log_budget.admit(ev) {
                 log_event(&self.node, ev);
             }
-            crate::admin::metrics::record_event(ev);
+            self.node.stats.events.record(ev, crate::clock::wall_ms());
             self.notifier.notify(ev);
             self.mailer.notify(ev);
         }

@@ -197,13 +197,20 @@ async fn mails_a_block_then_digests_a_flood() {
     assert!(first.contains("127.3.0.1"), "{first}");
     assert!(first.contains("SCANNER"), "{first}");
     assert!(first.contains("friendly-scanner"), "{first}");
+    let t = std::time::Instant::now();
     for i in 1..=1000 {
         m.notify(&block(i));
     }
     until("all blocks mailed", || blocks_mailed(&got.lock()) == 1001).await;
     let mails = got.lock().clone();
-    // The flood arrives within a digest period or two: a few mails, not a thousand.
-    assert!(mails.len() <= 3, "{} mails", mails.len());
+    // The flood goes out as one digest per 2 s period it spans: a few mails, not a thousand
+    // (the bound follows the time the flood took on this machine, not a fixed guess).
+    let periods = t.elapsed().as_secs() / 2 + 1;
+    assert!(
+        mails.len() as u64 <= 2 + periods,
+        "{} mails over {periods} periods",
+        mails.len()
+    );
     assert_eq!(NotifyStats::get(&stats.sent), mails.len() as u64);
     assert_eq!(NotifyStats::get(&stats.dropped), 0);
     assert!(mails.iter().all(|m| m.len() < 200 * 1024));
