@@ -32,6 +32,14 @@ use sipwarden::stats::{DropReason, Transport};
 use sipwarden::wire::Edits;
 
 const OPS: u64 = 4_000_000;
+
+/// Operations per thread: `OPS`, or `CONTENTION_OPS` (rounded up to whole rounds of sources).
+fn ops() -> u64 {
+    std::env::var("CONTENTION_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(OPS)
+}
 const PHASE_MAX: Duration = Duration::from_secs(6);
 const SOURCES: u32 = 1024;
 
@@ -128,7 +136,7 @@ fn phase(node: &Arc<Node>, path: Path, threads: u32) -> (f64, f64) {
                 let (t0, c0) = (Instant::now(), thread_cpu());
                 let mut done = 0u64;
                 let mut blocked = 0u64;
-                'outer: while done < OPS {
+                'outer: while done < ops() {
                     for (i, s) in srcs.iter().enumerate() {
                         let b = match path {
                             Path::Gate | Path::GateOneSource => {
@@ -223,6 +231,13 @@ fn main() {
         ("forward: clean INVITE, whole pipeline", Path::Forward),
         ("one shared Mutex: blocked source", Path::MutexBlocked),
     ] {
+        // CONTENTION_ONLY=forward (a word of the path's name) runs that path alone, e.g.
+        // under callgrind.
+        if let Ok(only) = std::env::var("CONTENTION_ONLY") {
+            if !name.contains(only.as_str()) {
+                continue;
+            }
+        }
         let one = phase(&node, path, 1);
         let two = phase(&node, path, 2);
         for (n, r) in [(1, one), (2, two)] {

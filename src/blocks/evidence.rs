@@ -134,12 +134,131 @@ pub fn bound(b: &mut super::Block) {
     }
 }
 
+/// Raw bytes kept of a captured start line: one more than [`FIRST_LINE_CHARS`], so a cut
+/// line still shows as cut.
+const LINE_BYTES: usize = FIRST_LINE_CHARS + 1;
+/// Raw bytes kept of a captured Call-ID.
+const CALL_ID_BYTES: usize = CALL_ID_CHARS + 1;
+
+/// A packet as a watched source's ring holds it: the raw bytes, clipped, in place. Turned into
+/// a [`Packet`] (text cleaned) only when a block takes the ring, so capturing every inspected
+/// packet allocates nothing. About 230 bytes.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub at: Millis,
+    pub dir: Dir,
+    pub transport: Transport,
+    pub from: SocketAddr,
+    pub to: SocketAddr,
+    pub pbx: bool,
+    line: [u8; LINE_BYTES],
+    line_len: u8,
+    call_id: [u8; CALL_ID_BYTES],
+    call_id_len: u8,
+}
+
+/// Copy at most `N` bytes of `src` into a fixed buffer; the length copied.
+fn clip_into<const N: usize>(src: &[u8]) -> ([u8; N], u8) {
+    let mut buf = [0u8; N];
+    let n = src.len().min(N).min(u8::MAX as usize);
+    if let (Some(dst), Some(src)) = (buf.get_mut(..n), src.get(..n)) {
+        dst.copy_from_slice(src);
+    }
+    (buf, n as u8)
+}
+
+impl Captured {
+    /// As [`Packet::new`], without cleaning the text yet.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        at: Millis,
+        dir: Dir,
+        transport: Transport,
+        local: SocketAddr,
+        peer: SocketAddr,
+        pbx: bool,
+        first_line: &[u8],
+        call_id: &[u8],
+    ) -> Captured {
+        let first_line = first_line.strip_suffix(b"\r\n").unwrap_or(first_line);
+        let (from, to) = match dir {
+            Dir::In => (peer, local),
+            Dir::Out => (local, peer),
+        };
+        let (line, line_len) = clip_into::<LINE_BYTES>(first_line);
+        let (call_id, call_id_len) = clip_into::<CALL_ID_BYTES>(call_id);
+        Captured {
+            at,
+            dir,
+            transport,
+            from,
+            to,
+            pbx,
+            line,
+            line_len,
+            call_id,
+            call_id_len,
+        }
+    }
+
+    pub fn first_line(&self) -> &[u8] {
+        self.line
+            .get(..usize::from(self.line_len))
+            .unwrap_or_default()
+    }
+
+    pub fn call_id(&self) -> &[u8] {
+        self.call_id
+            .get(..usize::from(self.call_id_len))
+            .unwrap_or_default()
+    }
+
+    /// The far end: the source or the PBX.
+    pub fn peer(&self) -> SocketAddr {
+        match self.dir {
+            Dir::In => self.from,
+            Dir::Out => self.to,
+        }
+    }
+
+    /// This request as we relayed it: from our socket `from` to the PBX at `to` over
+    /// `transport` (the proxy rewrites headers, not the request line).
+    pub fn relayed(&self, from: SocketAddr, to: SocketAddr, transport: Transport) -> Captured {
+        Captured {
+            dir: Dir::Out,
+            from,
+            to,
+            transport,
+            pbx: true,
+            ..self.clone()
+        }
+    }
+
+    fn is_request(&self) -> bool {
+        !self.first_line().starts_with(b"SIP/")
+    }
+
+    /// The packet as a block keeps and shows it (text cleaned and clipped).
+    pub fn packet(&self) -> Packet {
+        Packet {
+            at: self.at,
+            dir: self.dir,
+            from: self.from,
+            to: self.to,
+            transport: self.transport.as_str().to_string(),
+            pbx: self.pbx,
+            first_line: printable(self.first_line(), FIRST_LINE_CHARS),
+            call_id: printable(self.call_id(), CALL_ID_CHARS),
+        }
+    }
+}
+
 /// The recent packets of one watched source, oldest first.
 #[derive(Debug, Default, Clone)]
-pub struct Ring(VecDeque<Packet>);
+pub struct Ring(VecDeque<Captured>);
 
 impl Ring {
-    pub fn push(&mut self, p: Packet) {
+    pub fn push(&mut self, p: Captured) {
         if self.0.len() >= PACKETS {
             self.0.pop_front();
         }
@@ -147,19 +266,15 @@ impl Ring {
     }
 
     /// The latest received request with this Call-ID from `peer` (to copy as relayed).
-    pub fn request(&self, call_id: &str, peer: SocketAddr) -> Option<&Packet> {
+    pub fn request(&self, call_id: &[u8], peer: SocketAddr) -> Option<&Captured> {
         self.0.iter().rev().find(|p| {
-            p.dir == Dir::In && !p.pbx && p.from == peer && p.call_id == call_id && is_request(p)
+            p.dir == Dir::In && !p.pbx && p.from == peer && p.call_id() == call_id && p.is_request()
         })
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = &Packet> {
+    pub fn iter(&self) -> impl Iterator<Item = &Captured> {
         self.0.iter()
     }
-}
-
-fn is_request(p: &Packet) -> bool {
-    !p.first_line.starts_with("SIP/")
 }
 
 #[cfg(test)]
@@ -217,15 +332,46 @@ mod tests {
                 b"REGISTER sip:x SIP/2.0",
                 format!("c{i}").as_bytes(),
             );
-            r.push(p.clone());
+            r.push(Captured::new(
+                i,
+                Dir::In,
+                Transport::Udp,
+                a("127.0.0.1:5060"),
+                a("192.0.2.1:5070"),
+                false,
+                b"REGISTER sip:x SIP/2.0",
+                format!("c{i}").as_bytes(),
+            ));
             push(&mut v, p);
         }
         assert_eq!(r.iter().count(), PACKETS);
         assert_eq!(v.len(), PACKETS);
         assert_eq!(v.first().map(|p| p.at), Some(2 * PACKETS as u64));
         let last = format!("c{}", 3 * PACKETS - 1);
-        assert!(r.request(&last, a("192.0.2.1:5070")).is_some());
-        assert!(r.request("c0", a("192.0.2.1:5070")).is_none());
+        assert!(r.request(last.as_bytes(), a("192.0.2.1:5070")).is_some());
+        assert!(r.request(b"c0", a("192.0.2.1:5070")).is_none());
+        // Cleaned only when a block takes it: the same text as a packet made at once.
+        let raw = Captured::new(
+            1,
+            Dir::In,
+            Transport::Tcp,
+            a("127.0.0.1:5060"),
+            a("192.0.2.1:5070"),
+            false,
+            &[b'A'; 500],
+            b"c\x00id",
+        );
+        let made = Packet::new(
+            1,
+            Dir::In,
+            Transport::Tcp,
+            a("127.0.0.1:5060"),
+            a("192.0.2.1:5070"),
+            false,
+            &[b'A'; 500],
+            b"c\x00id",
+        );
+        assert_eq!(raw.packet(), made);
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! Capturing the packets a block's ladder shows: every inspected request and the PBX's final
 //! answers go into a small per-source ring ([`Ring`]); a new block takes its source's ring.
 //!
-//! Bound: [`WATCHED`] sources (least recently seen evicted) of [`PACKETS`] packets each, about
-//! 1.5 KiB per source at worst, so a few MiB whatever an attacker sends. An attacker's ring can
+//! Bound: [`WATCHED`] sources over all detector shards (least recently seen evicted in each
+//! shard) of [`PACKETS`] raw packets each, about 1.9 KiB per source (fixed-size buffers: no
+//! allocation per captured packet), so about 4 MiB whatever an attacker sends. A ring is
+//! cleaned into text only when a block takes it. An attacker's ring can
 //! be pushed out by traffic from many other sources between its packets; the block then keeps
 //! fewer packets (its text evidence lines are kept apart and are not affected).
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
@@ -12,7 +14,7 @@ use std::net::SocketAddr;
 use ipnet::IpNet;
 
 use super::{Ctx, Detectors, Verdict};
-use crate::blocks::evidence::{Dir, Packet, Ring, PACKETS};
+use crate::blocks::evidence::{Captured, Dir, Packet, Ring, PACKETS};
 use crate::blocks::{source_net, BlockKey};
 use crate::clock::Millis;
 use crate::stats::Transport;
@@ -35,7 +37,7 @@ impl Detectors {
         msg: &Message<'_>,
         our_dialog: bool,
     ) -> Verdict {
-        let p = Packet::new(
+        let p = Captured::new(
             now,
             Dir::In,
             t,
@@ -53,7 +55,7 @@ impl Detectors {
             let local = self.local_for(t);
             if let Some(ring) = self.watched.get_mut(&net) {
                 let line = format!("SIP/2.0 {code} {reason}");
-                let p = Packet::new(
+                let p = Captured::new(
                     now,
                     Dir::Out,
                     t,
@@ -100,9 +102,9 @@ impl Detectors {
         let local_pbx = self.local_for(pt);
         let first = msg.start_line.of(msg.buf);
         let call_id = msg.call_id();
-        let answer_in = Packet::new(now, Dir::In, pt, local_pbx, pbx, true, first, call_id);
+        let answer_in = Captured::new(now, Dir::In, pt, local_pbx, pbx, true, first, call_id);
         let answer_out = to.map(|(t, a)| {
-            Packet::new(
+            Captured::new(
                 now,
                 Dir::Out,
                 t,
@@ -118,15 +120,8 @@ impl Detectors {
         };
         // The request as relayed to the PBX: its start line (the proxy rewrites headers, not
         // the request line), timestamped when it was received.
-        if let Some(req) = ring.request(&answer_in.call_id, phone) {
-            let relayed = Packet {
-                dir: Dir::Out,
-                from: local_pbx,
-                to: pbx,
-                transport: pt.as_str().to_string(),
-                pbx: true,
-                ..req.clone()
-            };
+        if let Some(req) = ring.request(answer_in.call_id(), phone) {
+            let relayed = req.relayed(local_pbx, pbx, pt);
             ring.push(relayed);
         }
         ring.push(answer_in);
@@ -144,7 +139,7 @@ impl Detectors {
         let mut v: Vec<Packet> = ring
             .iter()
             .filter(|p| key.port.is_none_or(|port| p.pbx || p.peer().port() == port))
-            .cloned()
+            .map(Captured::packet)
             .collect();
         let skip = v.len().saturating_sub(PACKETS);
         v.drain(..skip);
@@ -282,7 +277,10 @@ CSeq: {n} REGISTER\r\nContent-Length: 0\r\n\r\n"
         let net = source_net(src.ip(), 64);
         let out: Vec<_> = e.with_shard(net, |d| {
             let ring = d.watched.peek(&net).unwrap();
-            ring.iter().filter(|p| p.dir == Dir::Out).cloned().collect()
+            ring.iter()
+                .filter(|p| p.dir == Dir::Out)
+                .map(Captured::packet)
+                .collect::<Vec<_>>()
         });
         assert_eq!(out.len(), replied);
         assert!(out
