@@ -157,6 +157,7 @@ pub async fn start(
         max_message_bytes: cfg.sip.max_message_bytes,
         tls_upstream: TlsUpstream::from_config(&cfg)
             .map_err(|e| ServerError::Other(format!("tls.upstream_ca: {e}")))?,
+        upstream_retry_at: Default::default(),
     });
     // Certificates are loaded before anything serves: a TLS listener without them is an error.
     let tls_acceptor = if bound.tls.is_empty() && bound.wss.is_empty() {

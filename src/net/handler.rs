@@ -24,6 +24,9 @@ pub struct Shared {
     pub max_message_bytes: usize,
     /// The PBX over TLS (`upstream.transport = "tls"`), else `None`.
     pub tls_upstream: Option<super::tls::TlsUpstream>,
+    /// Until when (node millis) sends to a stream upstream fail at once after a failed
+    /// connect ([`super::tcp::start_upstream`]).
+    pub upstream_retry_at: std::sync::atomic::AtomicU64,
 }
 
 /// Per-task scratch space, reused for every packet: the clean path allocates nothing once
@@ -172,12 +175,9 @@ impl Shared {
     ) -> Result<(), DropReason> {
         let upstream = self.router.load().upstream();
         match self.send_on(to, out, local).await {
+            // The connection opens in the background; this message waits in its queue.
             Err(DropReason::NoRoute) if to.transport.is_stream() && to == upstream => {
-                if to.transport == Transport::Tls {
-                    super::tls::connect_upstream(self, to.addr).await?;
-                } else {
-                    super::tcp::connect_upstream(self, to.addr).await?;
-                }
+                super::tcp::start_upstream(self, to.addr, to.transport)?;
                 self.transports.send(to, out).await
             }
             r => r,

@@ -187,11 +187,34 @@ impl Conns {
         max_per_ip: usize,
         ipv6_prefix: u8,
     ) -> Option<ConnSlot> {
+        self.insert(peer, tx, max_total, max_per_ip, ipv6_prefix, true)
+    }
+
+    /// As [`Conns::add`] (no caps), but only when no connection to `peer` is registered: for
+    /// the one connection to the upstream, so two senders never open two.
+    pub fn add_first(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        tx: ConnTx,
+        ipv6_prefix: u8,
+    ) -> Option<ConnSlot> {
+        self.insert(peer, tx, usize::MAX, usize::MAX, ipv6_prefix, false)
+    }
+
+    fn insert(
+        self: &Arc<Self>,
+        peer: SocketAddr,
+        tx: ConnTx,
+        max_total: usize,
+        max_per_ip: usize,
+        ipv6_prefix: u8,
+        replace: bool,
+    ) -> Option<ConnSlot> {
         let net = crate::blocks::source_net(peer.ip(), ipv6_prefix);
         let id = self.next_id.fetch_add(1, Relaxed);
         let mut m = self.map.lock();
         let n = m.per_net.get(&net).copied().unwrap_or(0);
-        if m.total >= max_total || n >= max_per_ip {
+        if m.total >= max_total || n >= max_per_ip || (!replace && m.by_addr.contains_key(&peer)) {
             return None;
         }
         m.per_net.insert(net, n + 1);

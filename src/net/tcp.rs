@@ -58,48 +58,84 @@ pub(crate) fn reset_tcp(wr: &OwnedWriteHalf) {
 }
 
 /// Open a connection to the upstream PBX (when `upstream.transport = "tcp"`).
-pub async fn connect_upstream(shared: &Arc<Shared>, addr: SocketAddr) -> Result<(), DropReason> {
-    let stream = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr))
-        .await
-        .map_err(|_| DropReason::NoRoute)?
-        .map_err(|e| {
-            tracing::warn!(%addr, error = %e, "cannot connect to the upstream");
-            DropReason::NoRoute
-        })?;
-    let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
-    register_upstream(rd, wr, reset_tcp, addr, Transport::Tcp, shared)
-}
+/// After a failed connect to the upstream, how long sends to it fail at once instead of
+/// trying again (a PBX that is down is not dialled at packet rate).
+pub const UPSTREAM_RETRY: Duration = Duration::from_secs(1);
 
-/// Register a connection to the upstream (TCP or TLS) and start driving it.
-pub(crate) fn register_upstream<R, W>(
-    rd: R,
-    wr: W,
-    reset: fn(&W),
+/// Open the connection to the upstream (TCP, or TLS when `transport` says so) in the
+/// background. Its entry and write queue exist at once: what is sent meanwhile queues behind
+/// the connect instead of a receive loop waiting for it, and the next sender finds the entry
+/// instead of connecting again (one attempt at a time). A failed attempt removes the entry,
+/// dropping what queued, and for [`UPSTREAM_RETRY`] sends to the upstream fail at once.
+pub fn start_upstream(
+    shared: &Arc<Shared>,
     addr: SocketAddr,
     transport: Transport,
-    shared: &Arc<Shared>,
-) -> Result<(), DropReason>
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+) -> Result<(), DropReason> {
+    let now = shared.node.now();
+    if shared.upstream_retry_at.load(Relaxed) > now {
+        return Err(DropReason::NoRoute);
+    }
     let cfg = shared.node.config();
     let (tx, rx, q) = conn_channel(cfg.sip.tcp_write_queue_bytes);
-    // The upstream is not subject to the per-source caps.
-    let slot = shared
+    // The upstream is not subject to the per-source caps. A second entry for the address is
+    // refused: another sender started the attempt first, and its queue is used.
+    let Some(slot) = shared
         .transports
         .conns
-        .add(addr, tx, usize::MAX, usize::MAX, cfg.protection.ipv6_prefix)
-        .ok_or(DropReason::NoRoute)?;
-    let io = Io {
-        rd,
-        wr,
-        reset,
-        peer: addr,
-        transport,
+        .add_first(addr, tx, cfg.protection.ipv6_prefix)
+    else {
+        return Ok(());
     };
-    spawn_drive(io, Conn { rx, q, slot }, shared.clone());
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let conn = Conn { rx, q, slot };
+        let failed = match transport {
+            Transport::Tls => match super::tls::connect_upstream_stream(&shared, addr).await {
+                Ok(tls) => {
+                    let (rd, wr) = tokio::io::split(tls);
+                    let io = Io {
+                        rd,
+                        wr,
+                        reset: super::tls::no_reset,
+                        peer: addr,
+                        transport,
+                    };
+                    spawn_drive(io, conn, shared.clone());
+                    return;
+                }
+                Err(()) => conn,
+            },
+            _ => match tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await
+            {
+                Ok(Ok(stream)) => {
+                    let _ = stream.set_nodelay(true);
+                    let (rd, wr) = stream.into_split();
+                    let io = Io {
+                        rd,
+                        wr,
+                        reset: reset_tcp,
+                        peer: addr,
+                        transport,
+                    };
+                    spawn_drive(io, conn, shared.clone());
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(%addr, error = %e, "cannot connect to the upstream");
+                    conn
+                }
+                Err(_) => {
+                    tracing::warn!(%addr, "cannot connect to the upstream: timed out");
+                    conn
+                }
+            },
+        };
+        let retry = shared.node.now() + UPSTREAM_RETRY.as_millis() as u64;
+        shared.upstream_retry_at.store(retry, Relaxed);
+        // Dropping the connection's slot takes its entry out of the table; what queued is lost.
+        drop(failed);
+    });
     Ok(())
 }
 
@@ -156,7 +192,7 @@ struct Conn {
 }
 
 /// A plain function between the packet path and the connection task, so the compiler does not
-/// have to prove `Send` through the cycle handler -> connect_upstream -> drive -> handler.
+/// have to prove `Send` through the cycle handler -> start_upstream -> drive -> handler.
 fn spawn_drive<R, W>(io: Io<R, W>, conn: Conn, shared: Arc<Shared>)
 where
     R: AsyncRead + Unpin + Send + 'static,

@@ -2,6 +2,7 @@
 
 use crate::harness::*;
 use sipwarden::config::IncomingMode;
+use std::time::Duration;
 
 const NAT_VIA: &str = "UDP 192.168.1.50:5060";
 const NAT_CONTACT: &str = "Contact: <sip:1001@192.168.1.50:5060;line=abc>;expires=3600\r\n";
@@ -554,5 +555,72 @@ async fn in_dialog_spiral_is_not_a_loop_but_a_real_loop_is() {
     pbx.send(proxy.udp, &looped).await;
     let (r, _) = pbx.recv().await;
     assert!(first_line(&r).starts_with("SIP/2.0 482"), "{r}");
+    proxy.stop().await;
+}
+
+/// Upstream over TCP, opened on demand in the background: while the PBX refuses, a phone's
+/// request is dropped at once (no receive loop waits for a connect) and for a second no new
+/// attempt is made; once the PBX listens, two requests sent back to back both arrive, on the
+/// one connection the first of them opened.
+#[tokio::test]
+async fn tcp_upstream_connects_in_the_background_once() {
+    // A port nothing listens on yet (taken and released).
+    let pbx_addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = start(pbx_addr, |c| {
+        c.upstream.transport = sipwarden::config::TransportKind::Tcp;
+    })
+    .await;
+    let phone = Ua::bind("127.0.0.2").await;
+    let opt = |n: u32| {
+        request(
+            "OPTIONS",
+            "sip:pbx.test",
+            &format!("UDP {}", phone.addr),
+            &format!("z9hG4bKopt{n}"),
+            "1001",
+            "1001",
+            &format!("bg-{n}"),
+            1,
+            "",
+        )
+    };
+    phone.send(proxy.udp, &opt(1)).await;
+    // Refused: the attempt fails and is counted as a drop, the listener stays responsive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let listener = tokio::net::TcpListener::bind(pbx_addr)
+        .await
+        .expect("pbx listens");
+    // Past the retry pause, two requests back to back.
+    tokio::time::sleep(sipwarden::net::tcp::UPSTREAM_RETRY + Duration::from_millis(200)).await;
+    phone.send(proxy.udp, &opt(2)).await;
+    phone.send(proxy.udp, &opt(3)).await;
+    let (mut conn, _) = tokio::time::timeout(WAIT, listener.accept())
+        .await
+        .expect("sipwarden connects")
+        .expect("accept");
+    let mut got = String::new();
+    let mut buf = vec![0u8; 65536];
+    while !(got.contains("bg-2") && got.contains("bg-3")) {
+        let n = tokio::time::timeout(WAIT, tokio::io::AsyncReadExt::read(&mut conn, &mut buf))
+            .await
+            .expect("both requests arrive")
+            .expect("read");
+        assert!(n > 0, "connection closed early: {got}");
+        got.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(
+        !got.contains("bg-1"),
+        "the request sent while the PBX refused was dropped"
+    );
+    // One connection: no second connect is waiting.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), listener.accept())
+            .await
+            .is_err(),
+        "a second connection to the PBX"
+    );
     proxy.stop().await;
 }

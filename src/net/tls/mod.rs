@@ -28,7 +28,7 @@ use super::handler::Shared;
 use crate::blocks::{BlockType, GateVerdict};
 use crate::engine::anomaly::Anomaly;
 use crate::node::Node;
-use crate::stats::{DropReason, TlsFailure, Transport};
+use crate::stats::{TlsFailure, Transport};
 
 /// How often the certificate files' mtimes are compared with the ones loaded.
 pub const RELOAD_POLL: Duration = Duration::from_secs(2);
@@ -285,17 +285,18 @@ pub async fn serve(
 }
 
 /// A TLS stream cannot be reset from its write half; a stuck writer ends with a normal close.
-fn no_reset<W>(_: &W) {}
+pub(crate) fn no_reset<W>(_: &W) {}
 
 /// Open a TLS connection to the upstream PBX (`upstream.transport = "tls"`).
-pub async fn connect_upstream(shared: &Arc<Shared>, addr: SocketAddr) -> Result<(), DropReason> {
+/// Connect to the upstream over TLS (`upstream.transport = "tls"`); `Err` is logged here.
+pub(crate) async fn connect_upstream_stream(
+    shared: &Arc<Shared>,
+    addr: SocketAddr,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, ()> {
     let Some(up) = shared.tls_upstream.as_ref() else {
-        return Err(DropReason::NoRoute);
+        return Err(());
     };
-    let tls = up.connect(addr).await.map_err(|e| {
+    up.connect(addr).await.map_err(|e| {
         tracing::warn!(%addr, error = %e, "cannot connect to the upstream over TLS");
-        DropReason::NoRoute
-    })?;
-    let (rd, wr) = tokio::io::split(tls);
-    super::tcp::register_upstream(rd, wr, no_reset, addr, Transport::Tls, shared)
+    })
 }
