@@ -185,3 +185,83 @@ pub fn is_keepalive(buf: &[u8]) -> bool {
         && buf.first().is_some_and(|b| b & 0xc0 == 0)
         && buf.get(4..8) == Some(&[0x21, 0x12, 0xa4, 0x42][..])
 }
+
+/// Anomaly scores per source: each anomaly adds its weight to the source's sliding window;
+/// `anomaly.threshold` within `anomaly.monit_period` is a block. The last three anomalies are
+/// kept as the block's evidence.
+pub struct AnomalyScore {
+    sources: lru::LruCache<ipnet::IpNet, (super::track::Window, Vec<String>)>,
+}
+
+impl AnomalyScore {
+    pub fn new(cap: usize) -> Self {
+        Self {
+            sources: lru::LruCache::new(super::track::nonzero(cap)),
+        }
+    }
+
+    pub fn resize(&mut self, cap: usize) {
+        self.sources.resize(super::track::nonzero(cap));
+    }
+
+    /// Score `what` (seen in `sample`) for `net`: the block to make when the threshold is
+    /// reached.
+    pub fn add(
+        &mut self,
+        now: crate::clock::Millis,
+        cfg: &crate::config::Config,
+        net: ipnet::IpNet,
+        what: Anomaly,
+        sample: &[u8],
+    ) -> Option<super::Detection> {
+        let period = cfg.anomaly.monit_period.as_millis() as crate::clock::Millis;
+        let (w, ev) = self
+            .sources
+            .get_or_insert_mut(net, || (super::track::Window::default(), Vec::new()));
+        let score = w.add(now, period, what.weight());
+        if ev.len() >= 3 {
+            ev.remove(0);
+        }
+        let first_line = sample.split(|b| *b == b'\n').next().unwrap_or(b"");
+        ev.push(crate::blocks::table::clip(&format!(
+            "{}: {}",
+            what.describe(),
+            crate::util::printable(first_line, 80)
+        )));
+        if score < cfg.anomaly.threshold {
+            return None;
+        }
+        Some(super::Detection {
+            key: crate::blocks::BlockKey::whole(net),
+            kind: crate::blocks::BlockType::Anomaly,
+            reason: format!(
+                "protocol anomalies scored {score} within {} (last: {})",
+                humantime::format_duration(cfg.anomaly.monit_period),
+                what.describe()
+            ),
+            duration: cfg.anomaly.block_time,
+            evidence: ev.clone(),
+        })
+    }
+
+    /// Does `net` have a live score (for `hep.only = "blocked"`)? No side effects.
+    pub fn is_scored(
+        &self,
+        now: crate::clock::Millis,
+        cfg: &crate::config::Config,
+        net: ipnet::IpNet,
+    ) -> bool {
+        let period = cfg.anomaly.monit_period.as_millis() as crate::clock::Millis;
+        self.sources
+            .peek(&net)
+            .is_some_and(|(w, _)| w.estimate(now, period) > 0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.sources.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+}

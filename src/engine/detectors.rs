@@ -10,29 +10,25 @@
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
 
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use governor::Quota;
 use ipnet::IpNet;
 use lru::LruCache;
 
+use super::anomaly::AnomalyScore;
 use super::auth::{self, Answer, AuthTracker};
 use super::evidence;
+use super::flood::FloodGuard;
 use super::invite::{InviteCheck, InviteGuard};
 use super::scanner::ScannerMatcher;
-use super::track::{nonzero, EngineClock, Limiters, Window};
+use super::sweep::OptionsSweep;
+use super::track::{nonzero, EngineClock};
 use super::{reason_of, request_evidence, to_user, uri_user, Anomaly, Ctx, Detection, Verdict};
 use crate::blocks::{table::clip, BlockKey, BlockType, Event};
 use crate::clock::Millis;
 use crate::config::{Config, InviteAction, Mode};
 use crate::util::printable;
 use crate::wire::{HeaderName, Message, Method};
-
-fn flood_quota(cfg: &Config) -> Quota {
-    let pps = NonZeroU32::new(cfg.flood.packets_per_second).unwrap_or(NonZeroU32::MIN);
-    Quota::per_second(pps).allow_burst(pps)
-}
 
 /// Per-shard capacity for a node-wide bound of `cap` entries over `shards` shards.
 pub(super) fn share(cap: usize, shards: usize) -> usize {
@@ -45,11 +41,11 @@ pub struct Detectors {
     /// shards: no cache line written by two cores).
     clock: EngineClock,
     scanners: Arc<ScannerMatcher>,
-    flood: Limiters<IpNet>,
+    flood: FloodGuard,
     invites: InviteGuard,
     pub(super) auth: AuthTracker,
-    anomalies: LruCache<IpNet, (Window, Vec<String>)>,
-    options: LruCache<IpNet, Window>,
+    anomalies: AnomalyScore,
+    options: OptionsSweep,
     /// The last User-Agent seen from each source, for the block table's Device column when a
     /// block comes from the PBX's answers (which carry the PBX's Server header, not the UA).
     devices: LruCache<IpNet, Box<str>>,
@@ -69,11 +65,11 @@ impl Detectors {
         clock.set(now);
         let cap = share(cfg.protection.tracked_sources, shards);
         Detectors {
-            flood: Limiters::new(cap, flood_quota(&cfg), clock.clone()),
+            flood: FloodGuard::new(cap, &cfg, clock.clone()),
             invites: InviteGuard::new(cap, &cfg.invite, clock.clone()),
             auth: AuthTracker::new(cap),
-            anomalies: LruCache::new(nonzero(cap)),
-            options: LruCache::new(nonzero(cap)),
+            anomalies: AnomalyScore::new(cap),
+            options: OptionsSweep::new(cap),
             devices: LruCache::new(nonzero(cap / 4 + 1)),
             watched: LruCache::new(nonzero(share(evidence::WATCHED, shards))),
             scanners,
@@ -89,11 +85,11 @@ impl Detectors {
         scanners: Arc<ScannerMatcher>,
     ) {
         let cap = share(cfg.protection.tracked_sources, shards);
-        self.flood.reconfigure(cap, flood_quota(&cfg));
+        self.flood.reconfigure(cap, &cfg);
         self.invites.reconfigure(cap, &cfg.invite);
         self.auth.resize(cap);
-        self.anomalies.resize(nonzero(cap));
-        self.options.resize(nonzero(cap));
+        self.anomalies.resize(cap);
+        self.options.resize(cap);
         self.devices.resize(nonzero(cap / 4 + 1));
         self.scanners = scanners;
         self.cfg = cfg;
@@ -131,22 +127,13 @@ impl Detectors {
     }
 
     /// The packet-rate limiter: false (and a block is made) when `net` is over
-    /// `flood.packets_per_second`.
+    /// `flood.packets_per_second`. Dropped even when the table had no room for the block: the
+    /// limiter alone says this source is over the rate.
     pub(super) fn within_rate(&mut self, ctx: &Ctx, now: Millis, net: IpNet) -> bool {
         self.clock.set(now);
-        if self.flood.check(net) {
+        let Some(d) = self.flood.check(&self.cfg, net) else {
             return true;
-        }
-        let pps = self.cfg.flood.packets_per_second;
-        let d = Detection {
-            key: BlockKey::whole(net),
-            kind: BlockType::Flood,
-            reason: format!("more than {pps} packets per second"),
-            duration: self.cfg.flood.block_time,
-            evidence: vec![format!("packet rate over {pps}/s")],
         };
-        // Dropped even when the table had no room for the block: the limiter alone says this
-        // source is over the rate.
         self.block(ctx, now, d, "");
         self.observe()
     }
@@ -161,43 +148,14 @@ impl Detectors {
         sample: &[u8],
     ) {
         self.clock.set(now);
-        let period = self.cfg.anomaly.monit_period.as_millis() as Millis;
-        let (w, ev) = self
-            .anomalies
-            .get_or_insert_mut(net, || (Window::default(), Vec::new()));
-        let score = w.add(now, period, what.weight());
-        if ev.len() >= 3 {
-            ev.remove(0);
-        }
-        let first_line = sample.split(|b| *b == b'\n').next().unwrap_or(b"");
-        ev.push(clip(&format!(
-            "{}: {}",
-            what.describe(),
-            printable(first_line, 80)
-        )));
-        if score >= self.cfg.anomaly.threshold {
-            let evidence = ev.clone();
-            let d = Detection {
-                key: BlockKey::whole(net),
-                kind: BlockType::Anomaly,
-                reason: format!(
-                    "protocol anomalies scored {score} within {} (last: {})",
-                    humantime::format_duration(self.cfg.anomaly.monit_period),
-                    what.describe()
-                ),
-                duration: self.cfg.anomaly.block_time,
-                evidence,
-            };
+        if let Some(d) = self.anomalies.add(now, &self.cfg, net, what, sample) {
             self.block(ctx, now, d, "");
         }
     }
 
     /// Does `net` have an open anomaly record (for `hep.only = "blocked"`)? No side effects.
     pub(super) fn has_anomalies(&self, now: Millis, net: IpNet) -> bool {
-        let period = self.cfg.anomaly.monit_period.as_millis() as Millis;
-        self.anomalies
-            .peek(&net)
-            .is_some_and(|(w, _)| w.estimate(now, period) > 0)
+        self.anomalies.is_scored(now, &self.cfg, net)
     }
 
     /// A parsed request from a phone (not trusted, not whitelisted). `our_dialog`: the request
@@ -273,22 +231,7 @@ impl Detectors {
         }
 
         if method == Method::Options {
-            let period = self.cfg.patterns.monit_period.as_millis() as Millis;
-            let n = self
-                .options
-                .get_or_insert_mut(net, Window::default)
-                .add(now, period, 1);
-            if n >= self.cfg.patterns.options_sweep {
-                let d = Detection {
-                    key: BlockKey::whole(net),
-                    kind: BlockType::Scan,
-                    reason: format!(
-                        "OPTIONS sweep: {n} OPTIONS within {}",
-                        humantime::format_duration(self.cfg.patterns.monit_period)
-                    ),
-                    duration: self.cfg.patterns.block_time,
-                    evidence: vec![request_evidence(msg)],
-                };
+            if let Some(d) = self.options.check(now, &self.cfg, net, msg) {
                 self.block(ctx, now, d, &printable(ua, 80));
                 if !observe {
                     return Verdict::Drop(D::Pattern);

@@ -22,10 +22,12 @@ mod blocking;
 pub mod detectors;
 mod evidence;
 mod feeds;
+pub mod flood;
 pub mod fraud;
 pub mod invite;
 pub mod ledger;
 pub mod scanner;
+pub mod sweep;
 pub mod track;
 
 #[cfg(test)]
