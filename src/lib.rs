@@ -6,7 +6,10 @@
 //! - [`wire`]: the SIP wire format: zero-copy scan, framing, splice edits. No I/O.
 //! - [`proxy`]: stateless RFC 3261 §16.11 routing decisions (Via, Record-Route, Path, flows):
 //!   authenticated branches, flow tokens under a durable routing key, NAT detection.
-//! - [`engine`]: the protection decisions, sans-I/O: one verdict per packet.
+//! - [`pipeline`]: one received message in, what to send out: gate, parse, route, one engine
+//!   entry. Sans-I/O; `net` only receives and sends.
+//! - [`engine`]: the protection decisions, sans-I/O: one verdict per packet, from detectors
+//!   sharded by source and one block ledger a clean packet never locks.
 //! - [`blocks`]: the block table, white- and blacklists, state events, and the lock-free gate
 //!   the packet path checks before anything else.
 //! - [`feeds`]: threat-feed clients (APIBAN, plain address lists).
