@@ -35,17 +35,25 @@ pub struct Scratch {
     out: Vec<u8>,
     /// The UDP socket this task receives on: UDP replies and forwards of the same address
     /// family leave from it, so they carry the address the request arrived on.
-    udp: Option<Arc<UdpSocket>>,
+    udp: Option<Box<LocalUdp>>,
     /// Drops at the gate counted here, added to the gate's entries at the end of each receive
     /// batch ([`Shared::end_batch`]): no per-packet write to a counter other cores share.
     hits: LocalHits,
 }
 
+/// A receive task's own UDP socket, with its address family read once at the start (not a
+/// `getsockname(2)` per send).
+pub struct LocalUdp {
+    sock: Arc<UdpSocket>,
+    v4: bool,
+}
+
 impl Scratch {
     /// Scratch for a receive task on `sock`.
     pub fn for_socket(sock: Arc<UdpSocket>) -> Scratch {
+        let v4 = sock.local_addr().is_ok_and(|a| a.is_ipv4());
         Scratch {
-            udp: Some(sock),
+            udp: Some(Box::new(LocalUdp { sock, v4 })),
             ..Scratch::default()
         }
     }
@@ -240,7 +248,7 @@ impl Shared {
         action: Action,
         out: &[u8],
         request: bool,
-        local: Option<&UdpSocket>,
+        local: Option<&LocalUdp>,
         origin: std::net::SocketAddr,
     ) -> bool {
         let stats = &self.node.stats;
@@ -288,14 +296,12 @@ impl Shared {
         &self,
         to: Flow,
         out: &[u8],
-        local: Option<&UdpSocket>,
+        local: Option<&LocalUdp>,
     ) -> Result<(), DropReason> {
         if to.transport == Transport::Udp {
-            if let Some(sock) = local.filter(|s| {
-                s.local_addr()
-                    .is_ok_and(|a| a.is_ipv4() == to.addr.is_ipv4())
-            }) {
-                return sock
+            if let Some(l) = local.filter(|l| l.v4 == to.addr.is_ipv4()) {
+                return l
+                    .sock
                     .send_to(out, to.addr)
                     .await
                     .map(|_| ())
@@ -310,7 +316,7 @@ impl Shared {
         self: &Arc<Self>,
         to: Flow,
         out: &[u8],
-        local: Option<&UdpSocket>,
+        local: Option<&LocalUdp>,
     ) -> Result<(), DropReason> {
         let upstream = self.router.load().upstream();
         match self.send_on(to, out, local).await {
