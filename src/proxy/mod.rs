@@ -319,8 +319,9 @@ impl Router {
         }
 
         // Loop detection (§16.3 step 4): our Via already carrying this request's loop hash.
-        let unpopped_loop_hash = self.loop_hash(msg, 0);
-        if self.looped(msg, unpopped_loop_hash) {
+        // The hash of the request as it arrives, computed only when a Via may be ours.
+        let mut unpopped_loop_hash = None;
+        if self.looped(msg, &mut unpopped_loop_hash) {
             return self.reply(inb, msg, 482, "Loop Detected", "", out);
         }
 
@@ -351,9 +352,9 @@ impl Router {
         // Our own Route entries: pop them, learning the flow token they carry.
         let popped = route::pop_ours(self, msg, edits);
         // The loop part of our branch covers the Route set as we forward it.
-        let loop_hash = match popped.count {
-            0 => unpopped_loop_hash,
-            n => self.loop_hash(msg, n),
+        let loop_hash = match (popped.count, unpopped_loop_hash) {
+            (0, Some(h)) => h,
+            (n, _) => self.loop_hash(msg, n),
         };
 
         let ruri = msg.request_uri().and_then(|s| Uri::parse(buf, s));
@@ -654,18 +655,21 @@ impl Router {
         self.cfg.keys.mac(keys::Domain::Loop, &parts) as u32
     }
 
-    fn looped(&self, msg: &Message<'_>, loop_hash: u32) -> bool {
+    /// Does a Via of ours carry the loop hash of `msg` as it arrived (kept in `hash` once
+    /// computed, for the caller to reuse)?
+    fn looped(&self, msg: &Message<'_>, hash: &mut Option<u32>) -> bool {
         let buf = msg.buf;
         // Only a Via header whose text holds our branch prefix can hold a branch of ours
         // (`Branch::parse` wants it at the start of the value): one substring search per
-        // header instead of parsing every element of every Via.
+        // header instead of parsing every element of every Via, and no hash without one.
         msg.all(HeaderName::Via)
             .filter(|h| memchr::memmem::find(h.value.of(buf), branch::PREFIX).is_some())
             .flat_map(|h| split_commas(h.value.of(buf), h.value.start as usize))
             .filter_map(|el| Via::parse(buf, el))
             .any(|v| {
-                Branch::parse(v.branch(buf)).is_some_and(|b| b.loop_hash == loop_hash)
-                    && self.is_ours(v.host.of(buf), v.port)
+                Branch::parse(v.branch(buf)).is_some_and(|b| {
+                    b.loop_hash == *hash.get_or_insert_with(|| self.loop_hash(msg, 0))
+                }) && self.is_ours(v.host.of(buf), v.port)
             })
     }
 }
