@@ -15,6 +15,10 @@
 //! zeroed once the proxy is up and the source blocked, `CG_PACKETS` packets are sent, the
 //! counters dumped, and an idle window of the same length is subtracted.
 //!
+//! `packet_bench forward-cg` counts instructions per clean forwarded packet (REGISTER, INVITE,
+//! 200 OK, ACK) under callgrind, in process: `Shared::handle` driven on a loopback socket by
+//! `bench/forward_cg.rs`, one valgrind run per message kind, only that kind's phase collected.
+//!
 //! Every phase sends a bounded number of datagrams and stops by itself.
 //! Run: `bench/packets.sh` (builds the release binary and this example, then runs it).
 
@@ -23,6 +27,9 @@ use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+#[path = "forward_cg.rs"]
+mod forward_cg;
 
 const PACKETS: u64 = 200_000;
 /// Pause between bursts so the receiver, not the kernel's buffer, sees most packets.
@@ -297,6 +304,43 @@ fn callgrind(bin: &str) -> Option<f64> {
     Some(per)
 }
 
+/// Instructions per clean forwarded packet, per message kind: this binary's `forward KIND`
+/// under callgrind, collecting only the measured phase. Prints one line per kind.
+fn callgrind_forward(me: &std::path::Path) {
+    for kind in forward_cg::KINDS {
+        let Ok(dir) = tempfile::tempdir() else { return };
+        let out = format!("--callgrind-out-file={}/cg.out", dir.path().display());
+        let run = Command::new("valgrind")
+            .args([
+                "--tool=callgrind",
+                &out,
+                "--toggle-collect=*forward_cg::measured*",
+            ])
+            .arg(me)
+            .args(["forward", kind])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .output();
+        let Ok(run) = run else {
+            eprintln!("valgrind did not run");
+            return;
+        };
+        let report = String::from_utf8_lossy(&run.stdout);
+        let forwarded = report
+            .lines()
+            .find(|l| l.starts_with(&format!("forward {kind}:")))
+            .unwrap_or("")
+            .to_string();
+        match newest_dump_ir(dir.path()) {
+            Some(ir) if run.status.success() => println!(
+                "callgrind clean forward {kind:<8} {:>7.0} instructions/packet ({forwarded})",
+                ir as f64 / forward_cg::FWD_PACKETS as f64
+            ),
+            _ => println!("callgrind clean forward {kind}: no result ({forwarded})"),
+        }
+    }
+}
+
 fn free_port(ip: &str) -> u16 {
     UdpSocket::bind(format!("{ip}:0"))
         .and_then(|s| s.local_addr())
@@ -420,6 +464,15 @@ fn main() {
         }
         Some("sink-mmsg") => {
             sink_mmsg(args.get(2).map_or("127.0.0.1:0", String::as_str));
+            return;
+        }
+        Some("forward") => {
+            forward_cg::main(args.get(2).map_or("none", String::as_str));
+            return;
+        }
+        Some("forward-cg") => {
+            let me = std::env::current_exe().expect("exe");
+            callgrind_forward(&me);
             return;
         }
         Some("callgrind") => {

@@ -37,18 +37,50 @@ pub struct Scratch {
     out: Vec<u8>,
     /// The UDP socket this task receives on: UDP replies and forwards of the same address
     /// family leave from it, so they carry the address the request arrived on.
-    udp: Option<Arc<UdpSocket>>,
+    udp: Option<Box<LocalUdp>>,
     /// Drops at the gate counted here, added to the gate's entries at the end of each receive
     /// batch ([`Shared::end_batch`]): no per-packet write to a counter other cores share.
     hits: LocalHits,
 }
 
+/// A receive task's own UDP socket, with its address family read once at the start (not a
+/// `getsockname(2)` per send), and the sends it holds until the end of a receive batch.
+pub struct LocalUdp {
+    sock: Arc<UdpSocket>,
+    v4: bool,
+    /// Only this task uses it; a lock because the packet path holds `&LocalUdp` across awaits.
+    queue: parking_lot::Mutex<super::udp::SendQueue>,
+}
+
 impl Scratch {
     /// Scratch for a receive task on `sock`.
     pub fn for_socket(sock: Arc<UdpSocket>) -> Scratch {
+        let v4 = sock.local_addr().is_ok_and(|a| a.is_ipv4());
+        let queue = parking_lot::Mutex::default();
         Scratch {
-            udp: Some(sock),
+            udp: Some(Box::new(LocalUdp { sock, v4, queue })),
             ..Scratch::default()
+        }
+    }
+
+    /// Hold this task's UDP sends until [`Scratch::flush_udp`] (`on`), or send each at once.
+    pub fn queue_udp(&mut self, on: bool) {
+        if let Some(l) = &self.udp {
+            l.queue.lock().set_on(on);
+        }
+    }
+
+    /// Send what [`Scratch::queue_udp`] held, in order (one `sendmmsg`); failures are counted
+    /// as send failures, as a direct send's are.
+    pub async fn flush_udp(&mut self, stats: &crate::stats::Stats) {
+        if let Some(l) = &self.udp {
+            let mut q = std::mem::take(&mut *l.queue.lock());
+            if !q.is_empty() {
+                for _ in 0..q.flush(&l.sock).await {
+                    stats.drop(DropReason::SendFailed);
+                }
+            }
+            *l.queue.lock() = q;
         }
     }
 }
@@ -101,7 +133,7 @@ impl Shared {
         action: Action,
         out: &[u8],
         request: bool,
-        local: Option<&UdpSocket>,
+        local: Option<&LocalUdp>,
         origin: std::net::SocketAddr,
     ) -> bool {
         let stats = &self.node.stats;
@@ -149,14 +181,24 @@ impl Shared {
         &self,
         to: Flow,
         out: &[u8],
-        local: Option<&UdpSocket>,
+        local: Option<&LocalUdp>,
     ) -> Result<(), DropReason> {
         if to.transport == Transport::Udp {
-            if let Some(sock) = local.filter(|s| {
-                s.local_addr()
-                    .is_ok_and(|a| a.is_ipv4() == to.addr.is_ipv4())
-            }) {
-                return sock
+            if let Some(l) = local.filter(|l| l.v4 == to.addr.is_ipv4()) {
+                // Inside a receive batch: queued, sent with the rest at its end. A full queue
+                // is sent first, so nothing overtakes what waits in it.
+                if l.queue.lock().push(to.addr, out) {
+                    return Ok(());
+                }
+                let mut q = std::mem::take(&mut *l.queue.lock());
+                if !q.is_empty() {
+                    for _ in 0..q.flush(&l.sock).await {
+                        self.node.stats.drop(DropReason::SendFailed);
+                    }
+                }
+                *l.queue.lock() = q;
+                return l
+                    .sock
                     .send_to(out, to.addr)
                     .await
                     .map(|_| ())
@@ -171,7 +213,7 @@ impl Shared {
         self: &Arc<Self>,
         to: Flow,
         out: &[u8],
-        local: Option<&UdpSocket>,
+        local: Option<&LocalUdp>,
     ) -> Result<(), DropReason> {
         let upstream = self.router.load().upstream();
         match self.send_on(to, out, local).await {

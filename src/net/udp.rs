@@ -6,6 +6,11 @@
 //! batch is simply one datagram. Each buffer holds `sip.max_message_bytes` + 1 bytes, so an
 //! oversized datagram still arrives as more than the limit (the kernel truncates it and sets
 //! `MSG_TRUNC`) and is counted as such.
+//!
+//! What a batch of more than one datagram sends back out of the same socket (forwards and our
+//! replies) is queued ([`SendQueue`]) and leaves in one `sendmmsg(2)` at the end of the batch,
+//! in the order it was queued, so order per destination holds. A batch of one datagram sends
+//! at once, as before.
 #![deny(clippy::string_slice, clippy::indexing_slicing)]
 #![warn(unreachable_pub)]
 
@@ -14,7 +19,7 @@ use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use nix::sys::socket::{recvmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
@@ -105,6 +110,87 @@ impl Batch {
     }
 }
 
+/// Datagrams queued during one receive batch, sent with `sendmmsg(2)` when it ends.
+///
+/// Bounded in count by [`SEND_QUEUE`] (a batch of `BATCH` datagrams sends at most one message
+/// for each) and so in bytes by `SEND_QUEUE` x the largest message we send; a push beyond the
+/// bound is refused and the caller flushes first, which keeps the order.
+#[derive(Debug, Default)]
+pub struct SendQueue {
+    /// Queueing is on only inside a batch of more than one datagram.
+    on: bool,
+    bytes: Vec<u8>,
+    items: Vec<(SocketAddr, std::ops::Range<usize>)>,
+}
+
+/// At most this many datagrams wait in a [`SendQueue`].
+pub const SEND_QUEUE: usize = BATCH;
+
+impl SendQueue {
+    /// Queue `bytes` for `to`; false (nothing queued) when queueing is off or the queue is full.
+    pub fn push(&mut self, to: SocketAddr, bytes: &[u8]) -> bool {
+        if !self.on || self.items.len() >= SEND_QUEUE {
+            return false;
+        }
+        let start = self.bytes.len();
+        self.bytes.extend_from_slice(bytes);
+        self.items.push((to, start..self.bytes.len()));
+        true
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Turn queueing on or off (off: every send goes out at once).
+    pub fn set_on(&mut self, on: bool) {
+        self.on = on;
+    }
+
+    /// Send everything queued from `sock`, in order, and empty the queue (keeping its
+    /// allocations). Returns how many datagrams could not be sent: one whose send fails is
+    /// skipped and counted, the rest still go.
+    pub async fn flush(&mut self, sock: &UdpSocket) -> u64 {
+        let fd = sock.as_raw_fd();
+        let (mut done, mut failed) = (0, 0);
+        while done < self.items.len() {
+            match sock
+                .async_io(Interest::WRITABLE, || self.send_now(fd, done))
+                .await
+            {
+                Ok(n) if n > 0 => done += n,
+                _ => {
+                    failed += 1;
+                    done += 1;
+                }
+            }
+        }
+        self.items.clear();
+        self.bytes.clear();
+        failed
+    }
+
+    /// One non-blocking `sendmmsg` of the queued datagrams from index `from` (nix's safe
+    /// wrapper); how many the kernel took, or the error of the first (`WouldBlock`: wait).
+    fn send_now(&self, fd: std::os::fd::RawFd, from: usize) -> io::Result<usize> {
+        let items = self.items.get(from..).unwrap_or_default();
+        let bytes: &[u8] = &self.bytes;
+        // A Vec, not a SmallVec: the slices borrow for as long as the call's headers do.
+        let iovs: Vec<[io::IoSlice<'_>; 1]> = items
+            .iter()
+            .map(|(_, r)| [io::IoSlice::new(bytes.get(r.clone()).unwrap_or_default())])
+            .collect();
+        let addrs: smallvec::SmallVec<[Option<SockaddrStorage>; SEND_QUEUE]> = items
+            .iter()
+            .map(|(a, _)| Some(SockaddrStorage::from(*a)))
+            .collect();
+        let mut headers = MultiHeaders::<SockaddrStorage>::preallocate(iovs.len(), None);
+        let sent = sendmmsg(fd, &mut headers, &iovs, addrs, [], MsgFlags::MSG_DONTWAIT)
+            .map_err(io::Error::from)?;
+        Ok(sent.count())
+    }
+}
+
 fn socket_addr(s: &SockaddrStorage) -> Option<SocketAddr> {
     if let Some(v4) = s.as_sockaddr_in() {
         return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
@@ -128,12 +214,15 @@ pub async fn serve(
         tokio::select! {
             _ = &mut shutdown => return,
             r = batch.recv(&sock) => match r {
-                Ok(_) => {
+                Ok(n) => {
+                    // Sends of a batch of several datagrams wait for its end (one sendmmsg).
+                    scratch.queue_udp(n > 1);
                     for (dgram, src) in batch.datagrams() {
                         let Some(src) = src else { continue };
                         let inb = Inbound { transport: Transport::Udp, src: canonical(src) };
                         handle_caught(&shared, inb, dgram, &mut scratch).await;
                     }
+                    scratch.flush_udp(&shared.node.stats).await;
                     shared.end_batch(&mut scratch);
                 }
                 Err(e) => {
@@ -174,6 +263,34 @@ mod tests {
         assert_eq!(got[1], (b"two".to_vec(), b.local_addr().unwrap()));
         // Longer than the buffer: cut to the buffer, so the handler sees "more than the limit".
         assert_eq!(got[2].0.len(), 11);
+    }
+
+    #[tokio::test]
+    async fn a_send_queue_keeps_order_and_counts_a_failed_datagram() {
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let r1 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let r2 = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (a1, a2) = (r1.local_addr().unwrap(), r2.local_addr().unwrap());
+        let mut q = SendQueue::default();
+        assert!(!q.push(a1, b"off"), "queueing is off outside a batch");
+        q.set_on(true);
+        assert!(q.push(a1, b"one"));
+        // An IPv6 destination on an IPv4 socket: the kernel refuses this one only.
+        assert!(q.push("[::1]:9".parse().unwrap(), b"bad"));
+        assert!(q.push(a1, b"two"));
+        assert!(q.push(a2, b"three"));
+        assert_eq!(q.flush(&tx).await, 1);
+        assert!(q.is_empty());
+        let mut buf = [0u8; 16];
+        for (r, want) in [(&r1, &b"one"[..]), (&r1, b"two"), (&r2, b"three")] {
+            let n = r.recv(&mut buf).unwrap();
+            assert_eq!(&buf[..n], want);
+        }
+        for i in 0..SEND_QUEUE {
+            assert!(q.push(a2, &[i as u8]));
+        }
+        assert!(!q.push(a2, b"full"), "bounded");
+        assert_eq!(q.flush(&tx).await, 0);
     }
 
     #[tokio::test]

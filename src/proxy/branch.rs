@@ -12,6 +12,7 @@
 use super::flow::Flow;
 use super::keys::{parse_hex, Domain, Keys};
 use crate::stats::Transport;
+use crate::wire::edit::hex_digits;
 
 /// Every branch we mint starts with this (magic cookie, our mark, layout version).
 pub const PREFIX: &[u8] = b"z9hG4bKsw2";
@@ -111,23 +112,45 @@ impl Branch {
     }
 }
 
-impl std::fmt::Display for Branch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "z9hG4bKsw2{:016x}{:08x}{:016x}",
-            self.tx, self.loop_hash, self.mac
-        )
+/// Length of a branch of ours as text.
+pub const TEXT_LEN: usize = PREFIX.len() + TX_HEX + LOOP_HEX + MAC_HEX;
+
+impl Branch {
+    /// The branch as text, on the stack (no formatting machinery: this is on every request).
+    pub fn text(&self) -> [u8; TEXT_LEN] {
+        let mut t = [0u8; TEXT_LEN];
+        let digits = PREFIX
+            .iter()
+            .copied()
+            .chain(hex_digits(self.tx, TX_HEX))
+            .chain(hex_digits(self.loop_hash.into(), LOOP_HEX))
+            .chain(hex_digits(self.mac, MAC_HEX));
+        for (d, s) in t.iter_mut().zip(digits) {
+            *d = s;
+        }
+        t
     }
 }
 
+impl std::fmt::Display for Branch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(std::str::from_utf8(&self.text()).unwrap_or_default())
+    }
+}
+
+/// Length of the `swa` parameter's value: fingerprint and MAC in hex.
+pub const ATTEMPT_LEN: usize = 16 + 12;
+
 /// The `swa` value for a request whose credentials fingerprint is `fp`, bound to its branch.
-pub fn attempt_param(keys: &Keys, branch: &Branch, fp: u64) -> String {
-    let tag = keys.mac(
-        Domain::Attempt,
-        &[branch.to_string().as_bytes(), &fp.to_be_bytes()],
-    ) & ((1 << ATTEMPT_MAC_BITS) - 1);
-    format!("{fp:016x}{tag:012x}")
+pub fn attempt_param(keys: &Keys, branch: &Branch, fp: u64) -> [u8; ATTEMPT_LEN] {
+    let tag = keys.mac(Domain::Attempt, &[&branch.text(), &fp.to_be_bytes()])
+        & ((1 << ATTEMPT_MAC_BITS) - 1);
+    let mut t = [0u8; ATTEMPT_LEN];
+    let digits = hex_digits(fp, 16).chain(hex_digits(tag, 12));
+    for (d, s) in t.iter_mut().zip(digits) {
+        *d = s;
+    }
+    t
 }
 
 /// Verify an `swa` value against the branch it came with: the fingerprint, or `None`.
@@ -207,12 +230,9 @@ mod tests {
         let other = Branch::mint(&keys, 3, 2, &binding("192.0.2.7:5062"));
         let swa = attempt_param(&keys, &b, 0xfeed);
         let text = b.to_string();
+        assert_eq!(parse_attempt(&keys, text.as_bytes(), &swa), Some(0xfeed));
         assert_eq!(
-            parse_attempt(&keys, text.as_bytes(), swa.as_bytes()),
-            Some(0xfeed)
-        );
-        assert_eq!(
-            parse_attempt(&keys, other.to_string().as_bytes(), swa.as_bytes()),
+            parse_attempt(&keys, other.to_string().as_bytes(), &swa),
             None
         );
         assert_eq!(parse_attempt(&keys, text.as_bytes(), b"00"), None);

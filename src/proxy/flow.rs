@@ -9,6 +9,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use super::keys::{parse_hex, Domain, Keys};
 use crate::stats::Transport;
+use crate::wire::edit::push_hex;
 
 /// Where a phone really is: the transport and the address its packets come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -89,6 +90,23 @@ pub fn to_string(keys: &Keys, f: &Flow) -> String {
     s
 }
 
+/// [`encode`] as bytes appended to `out`, without the formatting machinery (a token goes into
+/// every Record-Route and Path we add).
+pub fn push_token(keys: &Keys, f: &Flow, out: &mut Vec<u8>) {
+    out.extend_from_slice(PREFIX);
+    out.push(transport_char(f.transport));
+    match f.addr.ip() {
+        IpAddr::V4(a) => push_hex(out, u32::from(a).into(), 8),
+        IpAddr::V6(a) => {
+            let n = u128::from(a);
+            push_hex(out, (n >> 64) as u64, 16);
+            push_hex(out, n as u64, 16);
+        }
+    }
+    push_hex(out, f.addr.port().into(), 4);
+    push_hex(out, mac(keys, f), MAC_HEX);
+}
+
 /// Does this user part look like one of our tokens (verified or not)?
 pub fn looks_like_token(user: &[u8]) -> bool {
     user.strip_prefix(PREFIX)
@@ -145,6 +163,9 @@ mod tests {
                 addr: addr.parse().unwrap(),
             };
             let tok = to_string(&keys, &f);
+            let mut bytes = Vec::new();
+            push_token(&keys, &f, &mut bytes);
+            assert_eq!(bytes, tok.as_bytes());
             assert!(looks_like_token(tok.as_bytes()));
             assert_eq!(decode(&keys, tok.as_bytes()), Some(f));
             let mut forged = tok.clone().into_bytes();

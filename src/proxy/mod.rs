@@ -26,6 +26,7 @@ use std::net::{IpAddr, SocketAddr};
 use crate::config::{IncomingMode, NatDetection};
 use crate::stats::{DropReason, Transport};
 use crate::util::hash64;
+use crate::wire::edit::{push_dec, push_ip};
 use crate::wire::uri::{NameAddr, Uri};
 use crate::wire::via::{Rport, Via, ViaTransport};
 use crate::wire::{reply, split_commas, Edits, HeaderName, Message, Method, Span};
@@ -310,13 +311,17 @@ impl Router {
             (Some(_), Some(Ok(0))) => {
                 return self.reply(inb, msg, 483, "Too Many Hops", "", out);
             }
-            (Some(h), Some(Ok(n))) => edits.replace_fmt(h.value, format_args!("{}", n - 1)),
+            (Some(h), Some(Ok(n))) => {
+                edits.replace_with(h.value, |w| push_dec(w, u64::from(n) - 1))
+            }
             (Some(h), _) => edits.replace(h.value, b"69"),
             (None, _) => edits.insert(msg.headers_end, b"Max-Forwards: 69\r\n"),
         }
 
         // Loop detection (§16.3 step 4): our Via already carrying this request's loop hash.
-        if self.looped(msg, self.loop_hash(msg, 0)) {
+        // The hash of the request as it arrives, computed only when a Via may be ours.
+        let mut unpopped_loop_hash = None;
+        if self.looped(msg, &mut unpopped_loop_hash) {
             return self.reply(inb, msg, 482, "Loop Detected", "", out);
         }
 
@@ -347,7 +352,10 @@ impl Router {
         // Our own Route entries: pop them, learning the flow token they carry.
         let popped = route::pop_ours(self, msg, edits);
         // The loop part of our branch covers the Route set as we forward it.
-        let loop_hash = self.loop_hash(msg, popped.count);
+        let loop_hash = match (popped.count, unpopped_loop_hash) {
+            (0, Some(h)) => h,
+            (n, _) => self.loop_hash(msg, n),
+        };
 
         let ruri = msg.request_uri().and_then(|s| Uri::parse(buf, s));
         let dest = if from_upstream {
@@ -391,18 +399,23 @@ impl Router {
             .header(HeaderName::Via)
             .map_or(msg.headers_end, |h| h.line.start as usize);
         let me = self.advertised(dest.transport);
-        let attempt = credentials_fingerprint(msg)
-            .map(|fp| format!(";swa={}", branch::attempt_param(&self.cfg.keys, &br, fp)))
-            .unwrap_or_default();
-        edits.insert_fmt(
-            via_at,
-            format_args!(
-                "Via: SIP/2.0/{} {}:{};branch={br}{attempt};rport\r\n",
-                via_proto(dest.transport),
-                me.host,
-                me.port,
-            ),
-        );
+        let attempt =
+            credentials_fingerprint(msg).map(|fp| branch::attempt_param(&self.cfg.keys, &br, fp));
+        edits.insert_with(via_at, |w| {
+            w.extend_from_slice(b"Via: SIP/2.0/");
+            w.extend_from_slice(via_proto(dest.transport).as_bytes());
+            w.push(b' ');
+            w.extend_from_slice(me.host.as_bytes());
+            w.push(b':');
+            push_dec(w, me.port.into());
+            w.extend_from_slice(b";branch=");
+            w.extend_from_slice(&br.text());
+            if let Some(a) = attempt {
+                w.extend_from_slice(b";swa=");
+                w.extend_from_slice(&a);
+            }
+            w.extend_from_slice(b";rport\r\n");
+        });
 
         // Who requests in this dialog or registration should reach: the phone's flow or its
         // Contact (NAT detection), or for the PBX's requests the phone they are going to.
@@ -566,17 +579,25 @@ impl Router {
     fn stamp_via(&self, top: &Via, src: SocketAddr, edits: &mut Edits) {
         let ip = crate::blocks::canonical_ip(src.ip());
         let end = top.element.end as usize;
+        let port = u64::from(src.port());
         match top.rport {
-            Rport::Empty(name) => {
-                edits.insert_fmt(name.end as usize, format_args!("={}", src.port()))
-            }
-            Rport::Value(v, _) => edits.replace_fmt(v, format_args!("{}", src.port())),
-            Rport::Absent => edits.insert_fmt(end, format_args!(";rport={}", src.port())),
+            Rport::Empty(name) => edits.insert_with(name.end as usize, |w| {
+                w.push(b'=');
+                push_dec(w, port);
+            }),
+            Rport::Value(v, _) => edits.replace_with(v, |w| push_dec(w, port)),
+            Rport::Absent => edits.insert_with(end, |w| {
+                w.extend_from_slice(b";rport=");
+                push_dec(w, port);
+            }),
         }
         // After rport: an empty `;rport` at the very end takes its value at the same offset.
         match top.received {
-            Some(r) => edits.replace_fmt(r, format_args!("{ip}")),
-            None => edits.insert_fmt(end, format_args!(";received={ip}")),
+            Some(r) => edits.replace_with(r, |w| push_ip(w, ip)),
+            None => edits.insert_with(end, |w| {
+                w.extend_from_slice(b";received=");
+                push_ip(w, ip);
+            }),
         }
     }
 
@@ -634,14 +655,21 @@ impl Router {
         self.cfg.keys.mac(keys::Domain::Loop, &parts) as u32
     }
 
-    fn looped(&self, msg: &Message<'_>, loop_hash: u32) -> bool {
+    /// Does a Via of ours carry the loop hash of `msg` as it arrived (kept in `hash` once
+    /// computed, for the caller to reuse)?
+    fn looped(&self, msg: &Message<'_>, hash: &mut Option<u32>) -> bool {
         let buf = msg.buf;
+        // Only a Via header whose text holds our branch prefix can hold a branch of ours
+        // (`Branch::parse` wants it at the start of the value): one substring search per
+        // header instead of parsing every element of every Via, and no hash without one.
         msg.all(HeaderName::Via)
+            .filter(|h| memchr::memmem::find(h.value.of(buf), branch::PREFIX).is_some())
             .flat_map(|h| split_commas(h.value.of(buf), h.value.start as usize))
             .filter_map(|el| Via::parse(buf, el))
             .any(|v| {
-                Branch::parse(v.branch(buf)).is_some_and(|b| b.loop_hash == loop_hash)
-                    && self.is_ours(v.host.of(buf), v.port)
+                Branch::parse(v.branch(buf)).is_some_and(|b| {
+                    b.loop_hash == *hash.get_or_insert_with(|| self.loop_hash(msg, 0))
+                }) && self.is_ours(v.host.of(buf), v.port)
             })
     }
 }
@@ -698,10 +726,11 @@ fn canonical(a: SocketAddr) -> SocketAddr {
 /// message may; a TCP hop needs it).
 fn finish(msg: &Message<'_>, edits: &mut Edits, out: &mut Vec<u8>) {
     if msg.content_length.is_none() {
-        edits.insert_fmt(
-            msg.headers_end,
-            format_args!("Content-Length: {}\r\n", msg.body.len()),
-        );
+        edits.insert_with(msg.headers_end, |w| {
+            w.extend_from_slice(b"Content-Length: ");
+            push_dec(w, msg.body.len() as u64);
+            w.extend_from_slice(b"\r\n");
+        });
     }
     edits.apply(msg.framed(), out);
 }
@@ -739,8 +768,42 @@ fn has_to_tag(msg: &Message<'_>) -> bool {
 
 /// Parse a host that must be an IP literal (brackets allowed).
 pub fn host_ip(host: &[u8]) -> Option<IpAddr> {
-    let s = std::str::from_utf8(host).ok()?;
-    s.trim_start_matches('[').trim_end_matches(']').parse().ok()
+    let start = host.iter().position(|b| *b != b'[').unwrap_or(host.len());
+    let end = host
+        .iter()
+        .rposition(|b| *b != b']')
+        .map_or(start, |i| i + 1);
+    let h = host.get(start..end.max(start)).unwrap_or_default();
+    // Dotted quads, the common case, without going through `str` parsing.
+    if !h.contains(&b':') {
+        return parse_ipv4(h).map(IpAddr::V4);
+    }
+    std::str::from_utf8(h).ok()?.parse().ok()
+}
+
+/// A dotted-quad IPv4 address, as strict as `Ipv4Addr::from_str`: four decimal octets of one to
+/// three digits, no leading zero, each at most 255.
+fn parse_ipv4(b: &[u8]) -> Option<std::net::Ipv4Addr> {
+    let mut octets = [0u8; 4];
+    let mut parts = b.split(|c| *c == b'.');
+    for o in octets.iter_mut() {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 3 || (p.len() > 1 && p.first() == Some(&b'0')) {
+            return None;
+        }
+        let mut n = 0u16;
+        for d in p {
+            if !d.is_ascii_digit() {
+                return None;
+            }
+            n = n * 10 + u16::from(d - b'0');
+        }
+        *o = u8::try_from(n).ok()?;
+    }
+    parts
+        .next()
+        .is_none()
+        .then_some(std::net::Ipv4Addr::from(octets))
 }
 
 /// Where a response goes: `received` (or the sent-by IP) and `rport` (or the sent-by port).

@@ -2,6 +2,7 @@
 
 use super::{flow, Flow, Router};
 use crate::stats::Transport;
+use crate::wire::edit::push_dec;
 use crate::wire::uri::{NameAddr, Uri};
 use crate::wire::{split_commas, Edits, HeaderName, Message, Span};
 
@@ -77,28 +78,18 @@ pub fn record_route(
     let at = msg
         .header(HeaderName::RecordRoute)
         .map_or(msg.headers_end, |h| h.line.start as usize);
-    let token = flow::to_string(&r.cfg.keys, phone);
     let out_adv = r.advertised(out_t);
     let in_adv = r.advertised(in_t);
-    edits.insert_fmt(
-        at,
-        format_args!(
-            "Record-Route: <sip:{token}@{}:{}{};lr>\r\n",
-            out_adv.host,
-            out_adv.port,
-            transport_param(out_t)
-        ),
-    );
+    let entry = |w: &mut Vec<u8>, adv: &super::Advertised, t: Transport| {
+        w.extend_from_slice(b"Record-Route: <sip:");
+        flow::push_token(&r.cfg.keys, phone, w);
+        push_host_port(w, adv);
+        w.extend_from_slice(transport_param(t).as_bytes());
+        w.extend_from_slice(b";lr>\r\n");
+    };
+    edits.insert_with(at, |w| entry(w, out_adv, out_t));
     if out_adv != in_adv || in_t != out_t {
-        edits.insert_fmt(
-            at,
-            format_args!(
-                "Record-Route: <sip:{token}@{}:{}{};lr>\r\n",
-                in_adv.host,
-                in_adv.port,
-                transport_param(in_t)
-            ),
-        );
+        edits.insert_with(at, |w| entry(w, in_adv, in_t));
     }
 }
 
@@ -110,14 +101,19 @@ pub fn add_path(r: &Router, msg: &Message<'_>, phone: &Flow, edits: &mut Edits) 
         .map_or(msg.headers_end, |h| h.line.start as usize);
     let up = r.upstream.transport;
     let adv = r.advertised(up);
-    let token = flow::to_string(&r.cfg.keys, phone);
-    edits.insert_fmt(
-        at,
-        format_args!(
-            "Path: <sip:{token}@{}:{}{};lr;ob>\r\n",
-            adv.host,
-            adv.port,
-            transport_param(up)
-        ),
-    );
+    edits.insert_with(at, |w| {
+        w.extend_from_slice(b"Path: <sip:");
+        flow::push_token(&r.cfg.keys, phone, w);
+        push_host_port(w, adv);
+        w.extend_from_slice(transport_param(up).as_bytes());
+        w.extend_from_slice(b";lr;ob>\r\n");
+    });
+}
+
+/// `@host:port` of one of our names, as a flow token's URI continues.
+fn push_host_port(w: &mut Vec<u8>, adv: &super::Advertised) {
+    w.push(b'@');
+    w.extend_from_slice(adv.host.as_bytes());
+    w.push(b':');
+    push_dec(w, adv.port.into());
 }

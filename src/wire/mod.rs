@@ -73,6 +73,27 @@ pub(crate) fn tail(buf: &[u8], s: usize) -> &[u8] {
     buf.get(s..).unwrap_or_default()
 }
 
+/// The first `needle` in `hay`. Header values and URIs are short: under 32 bytes a plain loop
+/// costs less than `memchr`'s set-up, beyond it `memchr` wins.
+#[inline]
+pub(crate) fn find(needle: u8, hay: &[u8]) -> Option<usize> {
+    if hay.len() < 32 {
+        hay.iter().position(|b| *b == needle)
+    } else {
+        memchr::memchr(needle, hay)
+    }
+}
+
+/// The last `needle` in `hay` (see [`find`]).
+#[inline]
+pub(crate) fn rfind(needle: u8, hay: &[u8]) -> Option<usize> {
+    if hay.len() < 32 {
+        hay.iter().rposition(|b| *b == needle)
+    } else {
+        memchr::memrchr(needle, hay)
+    }
+}
+
 /// Linear white space, folded line breaks included.
 pub fn is_lws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n')
@@ -96,6 +117,12 @@ pub fn split_commas(value: &[u8], base: usize) -> impl Iterator<Item = Span> + '
     std::iter::from_fn(move || {
         while pos < value.len() {
             let start = pos;
+            // Fast path: up to the first comma, quote or angle bracket nothing changes the
+            // state below, so skip there in one tight loop.
+            pos += tail(value, pos)
+                .iter()
+                .position(|b| matches!(b, b',' | b'"' | b'<'))
+                .unwrap_or(value.len() - pos);
             let (mut quoted, mut angle, mut escaped) = (false, false, false);
             while pos < value.len() {
                 let b = at(value, pos);
@@ -132,15 +159,26 @@ pub fn split_commas(value: &[u8], base: usize) -> impl Iterator<Item = Span> + '
 /// Iterate `;name[=value]` parameters in `buf[s..e]`, yielding (name, value) spans; the value span
 /// is empty (start == end == name end) when there is no `=`.
 pub fn params(buf: &[u8], s: usize, e: usize) -> impl Iterator<Item = (Span, Option<Span>)> + '_ {
+    // Past the end of `buf` there is nothing to find (spans come from parsing `buf`).
+    let e = e.min(buf.len());
     let mut pos = s;
     std::iter::from_fn(move || {
         while pos < e {
-            if at(buf, pos) != b';' {
-                pos += 1;
-                continue;
+            match sub(buf, pos, e).iter().position(|b| *b == b';') {
+                Some(i) => pos += i,
+                None => {
+                    pos = e;
+                    break;
+                }
             }
             let ps = pos + 1;
-            let mut pe = ps;
+            // Fast path: before the first quote nothing is escaped or quoted, so the
+            // parameter runs to the next ';' unless a quote comes first.
+            let mut pe = ps
+                + sub(buf, ps, e)
+                    .iter()
+                    .position(|b| matches!(b, b';' | b'"'))
+                    .unwrap_or(e.saturating_sub(ps));
             let (mut quoted, mut escaped) = (false, false);
             while pe < e && (quoted || at(buf, pe) != b';') {
                 match at(buf, pe) {
@@ -156,7 +194,7 @@ pub fn params(buf: &[u8], s: usize, e: usize) -> impl Iterator<Item = (Span, Opt
             if ns == ne {
                 continue;
             }
-            return Some(match memchr::memchr(b'=', sub(buf, ns, ne)) {
+            return Some(match sub(buf, ns, ne).iter().position(|b| *b == b'=') {
                 Some(i) => {
                     let (n0, n1) = trim(buf, ns, ns + i);
                     let (v0, v1) = trim(buf, ns + i + 1, ne);

@@ -144,8 +144,25 @@ fn line_end(buf: &[u8], from: usize) -> Option<(usize, usize)> {
 
 /// RFC 3261 `token` characters.
 pub fn is_token(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b)
+    TOKEN.get(usize::from(b)).copied().unwrap_or(false)
 }
+
+/// [`is_token`] as a table: it is asked of nearly every byte of header names and parameters.
+#[allow(clippy::indexing_slicing)] // i < 256, in a constant
+const TOKEN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut i = 0;
+    while i < 256 {
+        let b = i as u8;
+        t[i] = b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.' | b'!' | b'%' | b'*' | b'_' | b'+' | b'`' | b'\'' | b'~'
+            );
+        i += 1;
+    }
+    t
+};
 
 /// Scan one message. For a datagram, bytes after Content-Length are ignored (RFC 3261 §18.3);
 /// a body shorter than Content-Length is rejected.

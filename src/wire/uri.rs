@@ -18,7 +18,7 @@ impl Uri {
     pub fn parse(buf: &[u8], sp: Span) -> Option<Uri> {
         let (s, e) = trim(buf, sp.start as usize, sp.end as usize);
         let slice = sub(buf, s, e);
-        let colon = memchr::memchr(b':', slice)?;
+        let colon = super::find(b':', slice)?;
         let scheme = sub(slice, 0, colon);
         if !(scheme.eq_ignore_ascii_case(b"sip") || scheme.eq_ignore_ascii_case(b"sips")) {
             return None;
@@ -27,25 +27,24 @@ impl Uri {
         // The user part ends at the last '@': a user may contain ';', '?' and '/' (RFC 3261
         // user-unreserved; RFC 4475 §3.1.1.2), but neither parameters nor headers may hold an
         // unescaped '@'. Headers start at the first '?' after the host.
-        let at_sign = memchr::memrchr(b'@', sub(buf, rest_start, e)).map(|i| rest_start + i);
+        let at_sign = super::rfind(b'@', sub(buf, rest_start, e)).map(|i| rest_start + i);
         let host_from = at_sign.map_or(rest_start, |a| a + 1);
-        let hdr_q = memchr::memchr(b'?', sub(buf, host_from, e)).map_or(e, |i| host_from + i);
+        let hdr_q = super::find(b'?', sub(buf, host_from, e)).map_or(e, |i| host_from + i);
         let (user, host_start) = match at_sign {
             Some(a) => {
-                let ue =
-                    memchr::memchr(b':', sub(buf, rest_start, a)).map_or(a, |i| rest_start + i);
+                let ue = super::find(b':', sub(buf, rest_start, a)).map_or(a, |i| rest_start + i);
                 (Some(Span::new(rest_start, ue)), a + 1)
             }
             None => (None, rest_start),
         };
         let params_start =
-            memchr::memchr(b';', sub(buf, host_start, hdr_q)).map_or(hdr_q, |i| host_start + i);
+            super::find(b';', sub(buf, host_start, hdr_q)).map_or(hdr_q, |i| host_start + i);
         let hostport = sub(buf, host_start, params_start);
         if hostport.is_empty() {
             return None;
         }
         let (host, port) = if at(hostport, 0) == b'[' {
-            let close = memchr::memchr(b']', hostport)?;
+            let close = super::find(b']', hostport)?;
             let port = match tail(hostport, close + 1) {
                 [] => None,
                 [b':', p @ ..] => Some(parse_port(p)?),
@@ -53,7 +52,7 @@ impl Uri {
             };
             (Span::new(host_start, host_start + close + 1), port)
         } else {
-            match memchr::memchr(b':', hostport) {
+            match super::find(b':', hostport) {
                 Some(i) => (
                     Span::new(host_start, host_start + i),
                     Some(parse_port(tail(hostport, i + 1))?),
@@ -112,14 +111,14 @@ pub fn name_addr_well_formed(buf: &[u8], sp: Span) -> bool {
             return false;
         }
         after
-    } else if let Some(lt) = memchr::memchr(b'<', v) {
+    } else if let Some(lt) = super::find(b'<', v) {
         if !sub(v, 0, lt).iter().all(is_display) {
             return false;
         }
         tail(v, lt)
     } else {
         // addr-spec: the URI runs to the first ';', and may not hold '?' or ','.
-        let semi = memchr::memchr(b';', v).unwrap_or(v.len());
+        let semi = super::find(b';', v).unwrap_or(v.len());
         let (a, b) = trim(v, 0, semi);
         let uri = sub(v, a, b);
         return has_scheme(uri)
@@ -129,7 +128,7 @@ pub fn name_addr_well_formed(buf: &[u8], sp: Span) -> bool {
             && params_well_formed(tail(v, semi));
     };
     // `rest` starts at '<'.
-    let Some(gt) = memchr::memchr(b'>', rest) else {
+    let Some(gt) = super::find(b'>', rest) else {
         return false;
     };
     let uri = sub(rest, 1, gt);
@@ -139,7 +138,7 @@ pub fn name_addr_well_formed(buf: &[u8], sp: Span) -> bool {
 }
 
 fn has_scheme(uri: &[u8]) -> bool {
-    let Some(colon) = memchr::memchr(b':', uri) else {
+    let Some(colon) = super::find(b':', uri) else {
         return false;
     };
     colon + 1 < uri.len()
@@ -177,17 +176,17 @@ impl NameAddr {
                 i += 1;
             }
         }
-        match memchr::memchr(b'<', tail(slice, i.min(slice.len()))) {
+        match super::find(b'<', tail(slice, i.min(slice.len()))) {
             Some(lt) => {
                 let lt = i + lt;
-                let gt = memchr::memchr(b'>', tail(slice, lt))? + lt;
+                let gt = super::find(b'>', tail(slice, lt))? + lt;
                 Some(NameAddr {
                     uri: Span::new(s + lt + 1, s + gt),
                     params: Span::new(s + gt + 1, e),
                 })
             }
             None => {
-                let semi = memchr::memchr(b';', slice).unwrap_or(slice.len());
+                let semi = super::find(b';', slice).unwrap_or(slice.len());
                 let (us, ue) = trim(buf, s, s + semi);
                 Some(NameAddr {
                     uri: Span::new(us, ue),

@@ -84,14 +84,14 @@ impl Via {
             pos += 1;
         }
         let sb_start = s + pos;
-        let sb_end = memchr::memchr(b';', tail(slice, pos)).map_or(e, |i| s + pos + i);
+        let sb_end = super::find(b';', tail(slice, pos)).map_or(e, |i| s + pos + i);
         let (hs, he) = trim(buf, sb_start, sb_end);
         if hs == he {
             return None;
         }
         let hostport = sub(buf, hs, he);
         let (host, port) = if at(hostport, 0) == b'[' {
-            let close = memchr::memchr(b']', hostport)?;
+            let close = super::find(b']', hostport)?;
             let rest = tail(hostport, close + 1);
             let port = match rest.strip_prefix(b":") {
                 Some(p) => Some(parse_port(trim_slice(p))?),
@@ -100,7 +100,7 @@ impl Via {
             };
             (Span::new(hs, hs + close + 1), port)
         } else {
-            match memchr::memchr(b':', hostport) {
+            match super::find(b':', hostport) {
                 Some(i) => {
                     let (h0, h1) = trim(buf, hs, hs + i);
                     (

@@ -127,3 +127,26 @@ fn rfc4475_integer_fields_and_request_uri() {
     let raw = b"OPTIONS soap.beep://192.0.2.103:3002 SIP/2.0\r\nl: 0\r\n\r\n";
     assert!(parse(raw, Framing::Datagram).is_ok());
 }
+
+#[test]
+fn token_table_is_the_rfc_3261_token_set() {
+    for b in 0..=255u8 {
+        let rfc = b.is_ascii_alphanumeric() || b"-.!%*_+`'~".contains(&b);
+        assert_eq!(is_token(b), rfc, "byte {b}");
+    }
+}
+
+#[test]
+fn commas_and_params_outside_quotes_and_brackets() {
+    let v = br#""a, \"b" <sip:x;p=1,2>;q=1 , c;x="y;z";w"#;
+    let parts: Vec<&[u8]> = crate::wire::split_commas(v, 0).map(|s| s.of(v)).collect();
+    assert_eq!(
+        parts,
+        [&br#""a, \"b" <sip:x;p=1,2>;q=1"#[..], br#"c;x="y;z";w"#]
+    );
+    let c = parts.get(1).copied().unwrap_or_default();
+    let ps: Vec<(&[u8], Option<&[u8]>)> = crate::wire::params(c, 0, c.len() + 10)
+        .map(|(n, v)| (n.of(c), v.map(|v| v.of(c))))
+        .collect();
+    assert_eq!(ps, [(&b"x"[..], Some(&br#""y;z""#[..])), (b"w", None)]);
+}
