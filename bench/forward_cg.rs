@@ -232,6 +232,7 @@ pub fn main(kind: &str) {
         },
         max_message_bytes: 16384,
         tls_upstream: None,
+        upstream_retry_at: Default::default(),
     });
     let mut scratch = Scratch::for_socket(sock);
     // Warm up: first-packet allocations, lazy statics, scratch buffers grown.

@@ -215,10 +215,12 @@ impl Shared {
         out: &[u8],
         local: Option<&LocalUdp>,
     ) -> Result<(), DropReason> {
-        let upstream = self.router.load().upstream();
         match self.send_on(to, out, local).await {
-            // The connection opens in the background; this message waits in its queue.
-            Err(DropReason::NoRoute) if to.transport.is_stream() && to == upstream => {
+            // The connection opens in the background; this message waits in its queue. The
+            // router is read only on this rare path.
+            Err(DropReason::NoRoute)
+                if to.transport.is_stream() && to == self.router.load().upstream() =>
+            {
                 super::tcp::start_upstream(self, to.addr, to.transport)?;
                 self.transports.send(to, out).await
             }
