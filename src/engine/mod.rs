@@ -159,12 +159,17 @@ pub struct Ctx {
     /// The ledger queued events the caller has not taken yet: read on every entry, written
     /// only when a block, alert or list change is made.
     pending: AtomicBool,
+    /// Times the ledger's lock was taken (tests: a clean packet must not take it).
+    #[cfg(test)]
+    ledger_locks: std::sync::atomic::AtomicU64,
 }
 
 impl Ctx {
     /// Run `f` on the ledger (its lock held), keeping the engine's lock-free copies and the
     /// pending flag in step with what `f` changed.
     pub fn ledger<R>(&self, f: impl FnOnce(&mut Ledger) -> R) -> R {
+        #[cfg(test)]
+        self.ledger_locks.fetch_add(1, Ordering::Relaxed);
         let mut l = self.ledger.lock();
         let r = f(&mut l);
         self.settle(&mut l);
@@ -244,6 +249,8 @@ impl Engine {
                 upstream: ArcSwap::from_pointee(Vec::new()),
                 gate,
                 pending: AtomicBool::new(false),
+                #[cfg(test)]
+                ledger_locks: Default::default(),
                 ledger: Mutex::new(ledger),
             },
             shards,
@@ -274,6 +281,12 @@ impl Engine {
     #[cfg(test)]
     pub(crate) fn with_shard<R>(&self, net: IpNet, f: impl FnOnce(&mut Detectors) -> R) -> R {
         f(&mut self.shard(net))
+    }
+
+    /// Times the ledger's lock was taken through the packet path's way to it (tests).
+    #[cfg(test)]
+    pub(crate) fn ledger_locks(&self) -> u64 {
+        self.ctx.ledger_locks.load(Ordering::Relaxed)
     }
 
     /// The ledger, locked (for the admin surface, the state task, the cluster and tests).

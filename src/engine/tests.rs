@@ -510,3 +510,69 @@ From: <sip:caller@pbx>;tag=1\r\nTo: <sip:callee@pbx>;tag=2\r\nCall-ID: d1\r\nCon
         Verdict::Drop(DropReason::Anomaly)
     );
 }
+
+/// The packet path of a clean call never takes the ledger's lock: a phone's REGISTER, INVITE,
+/// ACK and BYE and the PBX's answers to them go through the sender's (or the phone's)
+/// detector shard only, through the one entry per packet. A detection does take it.
+#[test]
+fn clean_packets_never_lock_the_ledger() {
+    let e = engine(&cfg());
+    let pbx = sa("10.0.0.1:5060");
+    let before = e.ledger_locks();
+    for i in 0..50u32 {
+        let phone = SocketAddr::from(([192, 0, 2, (i % 200) as u8 + 1], 5060));
+        for method in ["REGISTER", "INVITE", "ACK", "BYE"] {
+            let b = req(method, "1001", "phone", "");
+            let m = parse(&b, Framing::Datagram).unwrap();
+            let seen = Seen {
+                transport: Transport::Udp,
+                src: phone,
+                trust: Trust::Inspect,
+                what: What::Request {
+                    msg: &m,
+                    our_dialog: false,
+                    forged: false,
+                },
+            };
+            assert_eq!(e.inspect(T0 + u64::from(i), seen), Verdict::Forward);
+        }
+        for method in ["REGISTER", "INVITE", "BYE"] {
+            let b = resp(200, method, "1001", i);
+            let m = parse(&b, Framing::Datagram).unwrap();
+            let seen = Seen {
+                transport: Transport::Udp,
+                src: pbx,
+                trust: Trust::Upstream,
+                what: What::Response {
+                    msg: &m,
+                    answer: Some((phone, None)),
+                    to: Some((Transport::Udp, phone)),
+                    forged: false,
+                },
+            };
+            assert_eq!(e.inspect(T0 + u64::from(i), seen), Verdict::Forward);
+        }
+    }
+    assert_eq!(
+        e.ledger_locks(),
+        before,
+        "a clean call took the ledger's lock"
+    );
+    assert!(!e.has_events());
+    // A scanner is blocked: that is the ledger's business.
+    let b = req("OPTIONS", "1001", "friendly-scanner", "");
+    let m = parse(&b, Framing::Datagram).unwrap();
+    let seen = Seen {
+        transport: Transport::Udp,
+        src: sa("203.0.113.9:5060"),
+        trust: Trust::Inspect,
+        what: What::Request {
+            msg: &m,
+            our_dialog: false,
+            forged: false,
+        },
+    };
+    assert_eq!(e.inspect(T0, seen), Verdict::Drop(DropReason::Scanner));
+    assert!(e.ledger_locks() > before);
+    assert!(e.has_events());
+}
