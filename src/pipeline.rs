@@ -222,3 +222,6 @@ pub fn framing(t: Transport) -> Framing {
         Transport::Tcp | Transport::Tls => Framing::Stream,
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -122,7 +122,8 @@ pub async fn start(
             cfg.upstream.address
         )));
     };
-    node.with_engine(|e| e.set_upstream(first.addrs.iter().map(|a| a.ip()).collect()));
+    node.engine()
+        .set_upstream(first.addrs.iter().map(|a| a.ip()).collect());
     let mut router = Router::new(
         router_config(&cfg, &bound, upstream_addr, keys),
         upstream_flow(&cfg, upstream_addr),

@@ -149,8 +149,9 @@ impl Ledger {
         &self.cfg
     }
 
-    /// The PBX's addresses (after name resolution): requests from them are trusted.
-    pub fn set_upstream(&mut self, ips: Vec<IpAddr>) {
+    /// The PBX's addresses (after name resolution): never blocked. Set through
+    /// [`super::Engine::set_upstream`], which keeps the packet path's copy in step.
+    pub(super) fn set_upstream(&mut self, ips: Vec<IpAddr>) {
         self.upstream = ips.into_iter().map(canonical_ip).collect();
     }
 

@@ -192,9 +192,11 @@ pub async fn follow_upstream(
                     next.set_upstreams(upstream_flow(&cfg, a), &r.addrs);
                     shared.router.store(Arc::new(next));
                 }
+                // The engine keeps a lock-free copy beside the ledger's: both are updated.
                 shared
                     .node
-                    .with_engine(|e| e.set_upstream(r.addrs.iter().map(|a| a.ip()).collect()));
+                    .engine()
+                    .set_upstream(r.addrs.iter().map(|a| a.ip()).collect());
             }
             Err(e) => {
                 tracing::warn!(error = %e, "upstream re-resolution failed; keeping the previous address");

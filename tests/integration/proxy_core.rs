@@ -624,3 +624,16 @@ async fn tcp_upstream_connects_in_the_background_once() {
     );
     proxy.stop().await;
 }
+
+/// The running node's engine knows the PBX as the upstream in both places it keeps it: the
+/// ledger (never blocked) and the packet path's lock-free copy (never scored as a phone).
+#[tokio::test]
+async fn the_engine_knows_the_pbx_as_upstream() {
+    let pbx = Ua::bind("127.0.0.1").await;
+    let proxy = start(pbx.addr, |_| {}).await;
+    let node = proxy.node();
+    assert!(node.engine().is_upstream(pbx.addr.ip()));
+    assert!(node.inspect(|l| l.is_upstream(pbx.addr.ip())));
+    assert!(!node.engine().is_upstream("127.0.0.2".parse().unwrap()));
+    proxy.stop().await;
+}
