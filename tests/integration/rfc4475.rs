@@ -455,8 +455,12 @@ async fn run_case(
                 cseq,
                 "",
             );
+            let sent = Outcome::of(&node);
             phone.send(proxy, false, req.as_bytes()).await;
             let (seen, _) = recv_bytes(pbx).await;
+            // The receive loop counts the forward after sending it, on its own thread: wait
+            // for the count so it is not taken for the response's.
+            verdict(&node, sent).await;
             let fwd = parse(&seen, Framing::Datagram).map_err(|e| format!("{name}: {e}"))?;
             let lines = forwarded_via_lines(&fwd);
             let (ours, phones) = (lines[0].as_slice(), lines[1].as_slice());
