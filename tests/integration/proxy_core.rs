@@ -564,11 +564,11 @@ async fn in_dialog_spiral_is_not_a_loop_but_a_real_loop_is() {
 /// one connection the first of them opened.
 #[tokio::test]
 async fn tcp_upstream_connects_in_the_background_once() {
-    // A port nothing listens on yet (taken and released).
-    let pbx_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // The PBX's port, bound but not listening yet: connects are refused, and no other socket
+    // can take the port in the meantime.
+    let pbx_sock = tokio::net::TcpSocket::new_v4().unwrap();
+    pbx_sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let pbx_addr = pbx_sock.local_addr().unwrap();
     let proxy = start(pbx_addr, |c| {
         c.upstream.transport = sipwarden::config::TransportKind::Tcp;
     })
@@ -590,9 +590,7 @@ async fn tcp_upstream_connects_in_the_background_once() {
     phone.send(proxy.udp, &opt(1)).await;
     // Refused: the attempt fails and is counted as a drop, the listener stays responsive.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let listener = tokio::net::TcpListener::bind(pbx_addr)
-        .await
-        .expect("pbx listens");
+    let listener = pbx_sock.listen(16).expect("pbx listens");
     // Past the retry pause, two requests back to back.
     tokio::time::sleep(sipwarden::net::tcp::UPSTREAM_RETRY + Duration::from_millis(200)).await;
     phone.send(proxy.udp, &opt(2)).await;
