@@ -72,7 +72,7 @@ impl Node {
     /// Swap in a validated config; the engine keeps its state.
     pub fn reconfigure(&self, cfg: Config) {
         let now = self.now();
-        self.engine.reconfigure_shared(&cfg, now);
+        self.engine.reconfigure(&cfg, now);
         self.send_events();
         *self.config.write() = Arc::new(cfg);
     }

@@ -197,7 +197,7 @@ impl Ledger {
         let after = self.cfg.protection.aggregate_after as usize;
         if after == 0
             || self.lists.whitelist_covers(prefix)
-            || self.upstream.iter().any(|ip| prefix.contains(ip))
+            || self.upstream.load().iter().any(|ip| prefix.contains(ip))
         {
             return None;
         }

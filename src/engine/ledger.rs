@@ -25,7 +25,9 @@ pub struct Ledger {
     pub(super) cfg: Config,
     pub(super) table: BlockTable,
     pub(super) lists: Lists,
-    pub(super) upstream: Vec<IpAddr>,
+    /// The PBX's addresses: one list, shared with the packet path, which reads it without the
+    /// ledger's lock.
+    pub(super) upstream: std::sync::Arc<arc_swap::ArcSwap<Vec<IpAddr>>>,
     pub(super) strikes: LruCache<IpNet, Strike>,
     pub(super) events: Vec<Event>,
     /// The lists changed since the gate's policy was last published (restore batches many
@@ -46,7 +48,7 @@ impl Ledger {
             cfg: cfg.clone(),
             table: BlockTable::new(cfg.protection.max_blocks),
             lists: Lists::default(),
-            upstream: Vec::new(),
+            upstream: Default::default(),
             strikes: LruCache::new(nonzero(cap)),
             events: Vec::new(),
             lists_dirty: false,
@@ -149,15 +151,16 @@ impl Ledger {
         &self.cfg
     }
 
-    /// The PBX's addresses (after name resolution): never blocked. Set through
-    /// [`super::Engine::set_upstream`], which keeps the packet path's copy in step.
-    pub(super) fn set_upstream(&mut self, ips: Vec<IpAddr>) {
-        self.upstream = ips.into_iter().map(canonical_ip).collect();
+    /// The PBX's addresses (after name resolution): never blocked, and trusted by the packet
+    /// path, which reads the same list.
+    pub fn set_upstream(&mut self, ips: Vec<IpAddr>) {
+        let ips: Vec<IpAddr> = ips.into_iter().map(canonical_ip).collect();
+        self.upstream.store(std::sync::Arc::new(ips));
     }
 
     pub fn is_upstream(&self, ip: IpAddr) -> bool {
         let ip = canonical_ip(ip);
-        self.upstream.contains(&ip)
+        self.upstream.load().contains(&ip)
     }
 
     pub(super) fn observe(&self) -> bool {

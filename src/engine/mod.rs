@@ -154,7 +154,8 @@ pub struct Ctx {
     ledger: Mutex<Ledger>,
     accounts: AccountWatch,
     feeds: Arc<ArcSwap<FeedList>>,
-    upstream: ArcSwap<Vec<IpAddr>>,
+    /// The ledger's list of the PBX's addresses (the same `Arc`).
+    upstream: Arc<ArcSwap<Vec<IpAddr>>>,
     gate: Arc<Gate>,
     /// The ledger queued events the caller has not taken yet: read on every entry, written
     /// only when a block, alert or list change is made.
@@ -246,7 +247,7 @@ impl Engine {
             ctx: Ctx {
                 accounts: AccountWatch::new(cfg.protection.tracked_sources),
                 feeds,
-                upstream: ArcSwap::from_pointee(Vec::new()),
+                upstream: ledger.upstream.clone(),
                 gate,
                 pending: AtomicBool::new(false),
                 #[cfg(test)]
@@ -334,12 +335,9 @@ impl Engine {
     /// sender's, or for the PBX's answer the phone's); the ledger's only to make a block,
     /// and for the fraud guard's methods when it is on.
     pub fn inspect(&self, now: Millis, s: Seen<'_, '_>) -> Verdict {
-        let fraud = self.cfg.load().fraud.enabled;
         match (s.trust, s.what) {
             (Trust::Upstream, What::Request { msg, .. }) => {
-                if fraud {
-                    self.ctx.ledger(|l| l.on_upstream_request(msg));
-                }
+                self.on_upstream_request(msg);
                 Verdict::Forward
             }
             (Trust::Whitelisted, What::Request { .. }) | (_, What::Unparsed { .. })
@@ -578,12 +576,7 @@ impl Engine {
 
     /// Apply a reloaded config: thresholds, lists from the file and scanner patterns change;
     /// blocks, strikes, counters and run-time list entries stay.
-    pub fn reconfigure(&mut self, cfg: &Config, now: Millis) {
-        self.reconfigure_shared(cfg, now);
-    }
-
-    /// [`Engine::reconfigure`] through a shared reference (the running node's engine).
-    pub fn reconfigure_shared(&self, cfg: &Config, now: Millis) {
+    pub fn reconfigure(&self, cfg: &Config, now: Millis) {
         self.ctx.ledger(|l| l.reconfigure(cfg, now));
         self.ctx.accounts.resize(cfg.protection.tracked_sources);
         let shared = Arc::new(cfg.clone());
@@ -597,8 +590,6 @@ impl Engine {
 
     /// The PBX's addresses (after name resolution): requests from them are trusted.
     pub fn set_upstream(&self, ips: Vec<IpAddr>) {
-        let ips: Vec<IpAddr> = ips.into_iter().map(canonical_ip).collect();
-        self.ctx.upstream.store(Arc::new(ips.clone()));
         self.ctx.ledger(|l| l.set_upstream(ips));
     }
 
