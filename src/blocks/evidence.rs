@@ -66,21 +66,7 @@ impl Packet {
         first_line: &[u8],
         call_id: &[u8],
     ) -> Packet {
-        let first_line = first_line.strip_suffix(b"\r\n").unwrap_or(first_line);
-        let (from, to) = match dir {
-            Dir::In => (peer, local),
-            Dir::Out => (local, peer),
-        };
-        Packet {
-            at,
-            dir,
-            from,
-            to,
-            transport: transport.as_str().to_string(),
-            pbx,
-            first_line: printable(first_line, FIRST_LINE_CHARS),
-            call_id: printable(call_id, CALL_ID_CHARS),
-        }
+        Captured::new(at, dir, transport, local, peer, pbx, first_line, call_id).packet()
     }
 
     /// The far end: the source or the PBX.
@@ -168,7 +154,7 @@ fn clip_into<const N: usize>(src: &[u8]) -> ([u8; N], u8) {
 }
 
 impl Captured {
-    /// As [`Packet::new`], without cleaning the text yet.
+    /// A packet from its raw start line and Call-ID, kept raw (clipped, not yet cleaned).
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         at: Millis,
