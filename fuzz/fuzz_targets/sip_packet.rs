@@ -24,8 +24,9 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use libfuzzer_sys::fuzz_target;
+use sipwarden::blocks::GateVerdict;
 use sipwarden::config::{Config, IncomingMode, NatDetection};
-use sipwarden::engine::{Engine, Verdict};
+use sipwarden::engine::{Engine, Seen, Trust, Verdict, What};
 use sipwarden::proxy::{
     credentials_fingerprint, flow, Action, Advertised, Flow, Inbound, Keys, Router, RouterConfig,
 };
@@ -337,7 +338,7 @@ fuzz_target!(|data: &[u8]| {
     };
     let src = if from_upstream { PBX } else { PHONE };
     let inb = Inbound { transport, src };
-    let mut engine = engine();
+    let engine = engine();
     let upstream = match transport {
         Transport::Ws | Transport::Wss => Transport::Udp,
         t => t,
@@ -345,9 +346,22 @@ fuzz_target!(|data: &[u8]| {
     let router = router(incoming, nat, upstream);
     assert_eq!(router.is_upstream(&inb), from_upstream);
     assert!(!router.is_own_socket(&inb));
-    if !from_upstream {
-        let _ = engine.precheck(NOW, src);
-    }
+    // As the pipeline runs it: the gate first, then one engine entry after parse and route.
+    let trust = if from_upstream {
+        Trust::Upstream
+    } else {
+        match engine.gate().check(NOW, src) {
+            GateVerdict::Blocked { .. } => return,
+            GateVerdict::Whitelisted => Trust::Whitelisted,
+            GateVerdict::Inspect => Trust::Inspect,
+        }
+    };
+    let seen = |what| Seen {
+        transport,
+        src,
+        trust,
+        what,
+    };
 
     if let Ok(d) = parse(bytes, Framing::Datagram) {
         check_framing(&d);
@@ -363,29 +377,34 @@ fuzz_target!(|data: &[u8]| {
     let msg = match parse(bytes, framing) {
         Ok(m) => m,
         Err(err) => {
-            engine.on_malformed(NOW, src, err, bytes);
+            engine.inspect(NOW, seen(What::Unparsed { err, bytes }));
             return;
         }
     };
     let (mut edits, mut out) = (Edits::new(), Vec::new());
     if msg.is_request() {
-        if !from_upstream {
-            let our_dialog = router.is_our_dialog(&msg);
-            match engine.on_request(NOW, src, &msg, our_dialog) {
-                Verdict::Forward => {}
-                Verdict::Drop(_) => return,
-                Verdict::Reply { code, reason, .. } => {
-                    if let Action::Reply { to } =
-                        router.reply(&inb, &msg, code, reason, "", &mut out)
-                    {
-                        assert_eq!(to.addr, src);
-                        check_reply(&msg, &out);
-                    }
-                    return;
+        let our_dialog = trust == Trust::Inspect && router.is_our_dialog(&msg);
+        let action = router.route_request(&inb, &msg, from_upstream, &mut edits, &mut out);
+        let forged = action == Action::Drop(sipwarden::stats::DropReason::Forged);
+        match engine.inspect(
+            NOW,
+            seen(What::Request {
+                msg: &msg,
+                our_dialog,
+                forged,
+            }),
+        ) {
+            Verdict::Forward => {}
+            Verdict::Drop(_) => return,
+            Verdict::Reply { code, reason, .. } => {
+                if let Action::Reply { to } = router.reply(&inb, &msg, code, reason, "", &mut out) {
+                    assert_eq!(to.addr, src);
+                    check_reply(&msg, &out);
                 }
+                return;
             }
         }
-        match router.route_request(&inb, &msg, from_upstream, &mut edits, &mut out) {
+        match action {
             Action::Forward { to, .. } => {
                 assert!(!router.is_self(to), "forwarded to ourselves: {to:?}");
                 check_forwarded_request(&msg, &out, from_upstream);
@@ -404,7 +423,7 @@ fuzz_target!(|data: &[u8]| {
                     );
                 }
                 if round_trip && transport == Transport::Udp {
-                    round_trip_answer(&router, &msg, &out, &mut engine);
+                    round_trip_answer(&router, &msg, &out, &engine);
                 }
             }
             Action::Reply { to } | Action::FlowFailed { to } => {
@@ -414,25 +433,32 @@ fuzz_target!(|data: &[u8]| {
             Action::Drop(_) => {}
         }
     } else {
-        if !from_upstream && sipwarden::engine::anomaly::check_response(&msg).is_some() {
-            return;
-        }
         let (action, info) = router.route_response(&inb, &msg, from_upstream, &mut edits, &mut out);
-        if let Action::Forward { to, .. } = action {
+        assert!(info.is_none() || from_upstream);
+        let to = match action {
+            Action::Forward { to, .. } => Some((to.transport, to.addr)),
+            _ => None,
+        };
+        let verdict = engine.inspect(
+            NOW,
+            seen(What::Response {
+                msg: &msg,
+                answer: info.map(|i| (i.phone, i.attempt)),
+                to,
+                forged: action == Action::Drop(sipwarden::stats::DropReason::Forged),
+            }),
+        );
+        if let (Action::Forward { to, .. }, Verdict::Forward) = (action, verdict) {
             assert!(!router.is_self(to), "response sent to ourselves");
             check_forwarded_response(&msg, &out);
             assert!(!to.addr.ip().is_unspecified() && to.addr.port() != 0);
-        }
-        if let Some(info) = info {
-            assert!(from_upstream);
-            engine.on_answer(NOW, info.phone, &msg, info.attempt);
         }
     }
 });
 
 /// The PBX answers what it received from us: the answer must verify and go back to exactly
 /// the phone, with the request's credentials fingerprint.
-fn round_trip_answer(router: &Router, req: &Message<'_>, fwd_bytes: &[u8], engine: &mut Engine) {
+fn round_trip_answer(router: &Router, req: &Message<'_>, fwd_bytes: &[u8], engine: &Engine) {
     let Ok(fwd) = parse(fwd_bytes, Framing::Datagram) else {
         return;
     };
@@ -471,5 +497,16 @@ fn round_trip_answer(router: &Router, req: &Message<'_>, fwd_bytes: &[u8], engin
         credentials_fingerprint(req),
         "attempt fingerprint"
     );
-    engine.on_answer(NOW, info.phone, &resp, info.attempt);
+    let seen = Seen {
+        transport: Transport::Udp,
+        src: PBX,
+        trust: Trust::Upstream,
+        what: What::Response {
+            msg: &resp,
+            answer: Some((info.phone, info.attempt)),
+            to: Some((Transport::Udp, PHONE)),
+            forged: false,
+        },
+    };
+    assert_eq!(engine.inspect(NOW, seen), Verdict::Forward);
 }
