@@ -362,14 +362,10 @@ impl Engine {
                     forged,
                 },
             ) => {
-                let net = self.net(s.src);
-                if let Some(v) = self.feed_check(now, s.src) {
-                    return v;
-                }
-                let mut d = self.shard(net);
-                if !d.within_rate(&self.ctx, now, net) {
-                    return Verdict::Drop(DropReason::Blocked);
-                }
+                let (net, mut d) = match self.admit(now, s.src) {
+                    Ok(a) => a,
+                    Err(v) => return v,
+                };
                 if forged {
                     d.on_anomaly(&self.ctx, now, net, Anomaly::ForgedResponse, msg.buf);
                     return Verdict::Drop(DropReason::Forged);
@@ -386,14 +382,10 @@ impl Engine {
                 },
             ) => {
                 if trust == Trust::Inspect {
-                    let net = self.net(s.src);
-                    if let Some(v) = self.feed_check(now, s.src) {
-                        return v;
-                    }
-                    let mut d = self.shard(net);
-                    if !d.within_rate(&self.ctx, now, net) {
-                        return Verdict::Drop(DropReason::Blocked);
-                    }
+                    let (net, mut d) = match self.admit(now, s.src) {
+                        Ok(a) => a,
+                        Err(v) => return v,
+                    };
                     if let Some(a) = anomaly::check_response(msg) {
                         d.on_anomaly(&self.ctx, now, net, a, msg.buf);
                         return Verdict::Drop(DropReason::Anomaly);
@@ -414,6 +406,24 @@ impl Engine {
                 Verdict::Forward
             }
         }
+    }
+
+    /// What every parsed message from a sender the gate let through meets first: the threat
+    /// feeds, then the packet rate; then its detector shard, locked, for the rest.
+    fn admit(
+        &self,
+        now: Millis,
+        src: SocketAddr,
+    ) -> Result<(IpNet, MutexGuard<'_, Detectors>), Verdict> {
+        if let Some(v) = self.feed_check(now, src) {
+            return Err(v);
+        }
+        let net = self.net(src);
+        let mut d = self.shard(net);
+        if !d.within_rate(&self.ctx, now, net) {
+            return Err(Verdict::Drop(DropReason::Blocked));
+        }
+        Ok((net, d))
     }
 
     /// A threat feed lists `src`: its first packet makes a FEED block (the ledger's lock),
